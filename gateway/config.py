@@ -1,0 +1,179 @@
+"""The one settings model: YAML config file, environment variables and CLI flags.
+
+Precedence, highest first: CLI flags, environment (`GATEWAY_...`, nested
+fields joined by `__`, e.g. `GATEWAY_SERVER__PORT=9000`), the config file,
+then the defaults below. Nothing here is instantiated at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.domain import Task
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LocalBackendSpec(_Strict):
+    """A model run in this process with transformers and torch."""
+
+    kind: Literal["local"] = "local"
+    source: str = Field(
+        description=(
+            "Where the weights are: a Hugging Face Hub id (`org/name`), a local folder, a path to a "
+            "`.gguf` file, or `pkg:<python package>/<path inside it>` for weights shipped in an "
+            "installed Python package."
+        )
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `source` when `source` is a folder.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    device_map: str | None = Field(
+        None, description="Passed to accelerate (e.g. `auto`) to spread a large model over several GPUs."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="`auto` picks bfloat16 where the hardware runs it fast, float32 otherwise."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless set.")
+    max_batch_size: int = Field(16, ge=1, description="Most requests run together in one batch.")
+    max_queue: int = Field(64, ge=1, description="Most requests waiting for a batch slot; more get 429.")
+    max_wait_ms: float = Field(5.0, ge=0, description="Encoder tasks: how long to wait to fill a batch.")
+    max_input_tokens: int | None = Field(None, ge=1, description="Longest prompt accepted (default: model limit).")
+    default_max_tokens: int = Field(
+        512, ge=1, description="Tokens generated when a request does not say (capped by the context length)."
+    )
+    pooling: Literal["auto", "mean", "cls", "max", "last"] = Field(
+        "auto", description="Embeddings: pooling; `auto` reads the sentence-transformers config."
+    )
+    normalize: bool | None = Field(
+        None, description="Embeddings: L2-normalise; unset reads the sentence-transformers config."
+    )
+
+
+class FakeBackendSpec(_Strict):
+    """A deterministic backend with no model, for tests and dry runs."""
+
+    kind: Literal["fake"] = "fake"
+    delay_ms: float = Field(0.0, ge=0, description="Sleep between streamed tokens.")
+    dimensions: int = Field(8, ge=1, description="Embedding size.")
+
+
+BackendSpec = Annotated[LocalBackendSpec | FakeBackendSpec, Field(discriminator="kind")]
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="Public model name clients use.")
+    aliases: list[str] = Field(default_factory=list, description="Other names for the same model.")
+    task: Task | None = Field(
+        None, description="What the model does; inferred from its config when unset (as `pipeline` does)."
+    )
+    backend: BackendSpec
+    preload: bool = Field(True, description="Load at start-up (and gate /ready on it); false loads on first use.")
+    default: bool = Field(
+        False, description="Serve requests that name no known model (TGI-style routes, `model: tgi`)."
+    )
+
+
+class ServerSettings(_Strict):
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Bearer tokens accepted; empty means no authentication."
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    sse_ping_seconds: float = Field(
+        0.0, ge=0, description="Interval of SSE comment pings on idle streams; 0 disables them."
+    )
+    workers_per_model: int = Field(1, ge=1, description="Compute threads per local model.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    models: list[ModelSpec] = Field(default_factory=list, description="The models this gateway serves.")
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gateway",
+        description="Where converted checkpoints (e.g. from GGUF) are kept between restarts.",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        seen: set[str] = set()
+        for spec in models:
+            for name in (spec.name, *spec.aliases):
+                if name in seen:
+                    raise ValueError(f"model name or alias '{name}' is used twice")
+                seen.add(name)
+        return models
+
+    @model_validator(mode="after")
+    def _one_default_per_task(self) -> Settings:
+        defaults = [m.name for m in self.models if m.default]
+        if len(defaults) > 1:
+            raise ValueError(f"only one model may be `default: true`, got {defaults}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings merges file, environment and CLI itself, so that the environment
+        # overrides the file field by field; the merged result arrives as init kwargs.
+        return (init_settings,)
+
+
+def default_config_text() -> str:
+    return resources.files("gateway").joinpath("default_config.yaml").read_text()
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_overrides() -> dict[str, Any]:
+    """`GATEWAY_...` environment values as a nested dict."""
+    return EnvSettingsSource(Settings)()
+
+
+def load_settings(config_file: str | Path | None = None, **cli: Any) -> Settings:
+    """Build settings from a YAML file (or the embedded default), env and CLI overrides.
+
+    `cli` keys are dotted paths (`server.port`), values of None are skipped.
+    """
+    text = Path(config_file).read_text() if config_file else default_config_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError("the config file must hold a mapping at its top level")
+    data = _deep_merge(data, _env_overrides())
+    for dotted, value in cli.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return Settings(**data)

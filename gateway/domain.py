@@ -1,0 +1,147 @@
+"""Domain types shared by the HTTP layer and the backends.
+
+Nothing here knows about HTTP or about any wire format: routes translate wire
+schemas into these, backends consume and produce them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Task(str, enum.Enum):
+    """What a model does; the names follow `transformers.pipeline` tasks."""
+
+    TEXT_GENERATION = "text-generation"
+    FEATURE_EXTRACTION = "feature-extraction"
+    TEXT2TEXT_GENERATION = "text2text-generation"
+    SUMMARIZATION = "summarization"
+    TRANSLATION = "translation"
+    TEXT_CLASSIFICATION = "text-classification"
+    TOKEN_CLASSIFICATION = "token-classification"
+    ZERO_SHOT_CLASSIFICATION = "zero-shot-classification"
+    FILL_MASK = "fill-mask"
+    QUESTION_ANSWERING = "question-answering"
+    SENTENCE_SIMILARITY = "sentence-similarity"
+    IMAGE_CLASSIFICATION = "image-classification"
+
+
+class ModelState(str, enum.Enum):
+    PENDING = "pending"  # lazily loaded, not asked for yet
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # end-of-sequence token or a stop sequence
+    LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. `temperature == 0` means greedy."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    n: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Either `messages` (chat, templated by the backend) or `prompt` (raw text or token ids)."""
+
+    sampling: SamplingParams
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | list[int] | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """A piece of one choice's output as it is produced.
+
+    `text` may be empty (a token still waiting for the rest of a UTF-8
+    character, or held back as a possible stop-sequence prefix). The last
+    delta of a choice carries `finish_reason`.
+    """
+
+    index: int
+    text: str
+    token_id: int | None = None
+    logprob: float | None = None
+    special: bool = False
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class StreamEnd:
+    """Closes a generation stream: the usage of the whole request."""
+
+    usage: Usage
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    finish_reason: FinishReason
+    tokens: list[TokenDelta] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    choices: list[Choice]
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    inputs: tuple[str, ...] | tuple[list[int], ...]
+    normalize: bool | None = None  # None: what the model's configuration declares
+    truncate: bool = True
+    dimensions: int | None = None
+
+
+@dataclass
+class EmbeddingResult:
+    vectors: list[list[float]]
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """A Hugging Face per-task call: `inputs` and `parameters` as the task defines them."""
+
+    task: Task
+    inputs: Any
+    parameters: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,67 @@
+"""Incremental detokenisation with stop sequences.
+
+Decoding one token at a time is wrong for byte-level tokenizers (a character
+can span tokens) and for SentencePiece (leading spaces depend on context), so
+each step decodes a short window of recent tokens and emits only the new text.
+Text that could be the start of a stop sequence is held back until it is known
+not to be one, so a stop sequence never reaches the client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TextAssembler:
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._stop = tuple(s for s in stop if s)
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.text = ""  # everything decoded so far, up to a stop sequence
+        self._emitted = 0
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that is now safe to send (maybe empty)."""
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        after = self._decode(self._ids[self._prefix_offset :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+        return self._release()
+
+    def _release(self) -> str:
+        if self._stop:
+            window_start = max(0, self._emitted - max(len(s) for s in self._stop))
+            hits = [i for i in (self.text.find(s, window_start) for s in self._stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                return self.flush()
+        safe = len(self.text) - self._held_back()
+        delta = self.text[self._emitted : safe]
+        self._emitted = max(self._emitted, safe)
+        return delta
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that starts some stop sequence."""
+        longest = 0
+        for stop in self._stop:
+            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def flush(self) -> str:
+        """Everything not yet sent; call when the sequence ends."""
+        delta = self.text[self._emitted :]
+        self._emitted = len(self.text)
+        return delta

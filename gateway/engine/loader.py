@@ -1,0 +1,144 @@
+"""Turn a LocalBackendSpec into a loaded (tokenizer, model) on the right device and dtype."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gateway.config import LocalBackendSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A hub id or local folder, plus the GGUF file inside it when there is one."""
+
+    path: str
+    gguf_file: str | None
+    is_local: bool
+
+
+def resolve_source(spec: LocalBackendSpec) -> ResolvedSource:
+    source = spec.source
+    if source.startswith("pkg:"):
+        package, _, inner = source[4:].partition("/")
+        # find_spec locates the package without importing it: the model packages'
+        # own __init__ imports dependencies we deliberately do not install.
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(
+                f"Python package '{package}' is not installed (needed for model source '{source}')"
+            )
+        source = str(Path(list(found.submodule_search_locations)[0]) / inner)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return ResolvedSource(str(path.parent), path.name, True)
+    if path.exists():
+        return ResolvedSource(str(path), spec.gguf_file, True)
+    if source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder not found: {path}")
+    return ResolvedSource(source, spec.gguf_file, False)  # a Hub id
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{requested}' requested but CUDA is not available")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def _gguf_cache_dir(cache_root: Path, gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(source: ResolvedSource, target: Path, auto_cls: Any) -> None:
+    """Dequantise a GGUF once and keep a plain checkpoint, so restarts load in well under a second."""
+    from transformers import AutoTokenizer
+
+    log.info("converting %s/%s (first start only)", source.path, source.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    model = auto_cls.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    # The weights are dequantised already; drop the GGUF quantizer marker so the
+    # model can be saved, and name the architecture, which GGUF configs leave out.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def checkpoint_path(spec: LocalBackendSpec, cache_root: Path, auto_cls: Any) -> tuple[str, dict[str, Any]]:
+    """Where `from_pretrained` should read from, and the kwargs that go with it."""
+    source = resolve_source(spec)
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    if source.gguf_file is None:
+        return source.path, kwargs
+    if not source.is_local:
+        return source.path, {**kwargs, "gguf_file": source.gguf_file}
+    target = _gguf_cache_dir(cache_root, Path(source.path) / source.gguf_file)
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _convert_gguf(source, target, auto_cls)
+        except OSError as exc:  # a read-only cache still serves, just slower to start
+            log.warning("could not cache converted GGUF (%s); loading it directly", exc)
+            return source.path, {**kwargs, "gguf_file": source.gguf_file}
+    return str(target), kwargs
+
+
+def load_model(spec: LocalBackendSpec, cache_root: Path, auto_cls: Any) -> tuple[Any, Any, torch.device, torch.dtype]:
+    """Load tokenizer and model for `spec` with `auto_cls` (e.g. AutoModelForCausalLM)."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = checkpoint_path(spec, cache_root, auto_cls)
+    device = pick_device(spec.device)
+    dtype = pick_dtype(spec.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model_kwargs = dict(kwargs, dtype=dtype)
+    if spec.device_map:
+        model_kwargs["device_map"] = spec.device_map  # accelerate places the layers
+    model = auto_cls.from_pretrained(path, **model_kwargs)
+    if not spec.device_map:
+        model = model.to(device)
+    model.eval()
+    return tokenizer, model, device, dtype

@@ -1,0 +1,77 @@
+"""Every Prometheus metric the gateway exports, declared in one place.
+
+Each app owns its registry (two apps in one process, as in tests, do not
+collide). Labels are bounded: routes are route templates, models are
+configured names or "unknown".
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 6, 12, 30)
+_SMALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "gateway_requests", "HTTP requests by route, model and status code.", ["route", "model", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request received to response complete.",
+            ["route", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time from request received to the first generated token.",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.generated_tokens = Counter("gateway_generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.model_state = Gauge(
+            "gateway_model_state", "1 for the state each model is in.", ["model", "state"], registry=r
+        )
+        # Local engine (filled by the engines).
+        self.queue_depth = Gauge("gateway_queue_depth", "Requests waiting for a batch slot.", ["model"], registry=r)
+        self.running_requests = Gauge(
+            "gateway_running_requests", "Requests in the running batch.", ["model"], registry=r
+        )
+        self.queue_time = Histogram(
+            "gateway_queue_time_seconds", "Time a request waited before compute.", ["model"],
+            buckets=_SMALL_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "gateway_batch_size", "Sequences per forward pass.", ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+        )
+        # Upstream deployments.
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests", "Requests sent to upstream deployments.", ["deployment", "outcome"], registry=r
+        )
+        self.upstream_retries = Counter("gateway_upstream_retries", "Retries per deployment.", ["deployment"], registry=r)
+        self.upstream_fallbacks = Counter(
+            "gateway_upstream_fallbacks", "Requests moved to the next deployment.", ["model"], registry=r
+        )
+        self.upstream_cooldown = Gauge(
+            "gateway_upstream_cooldown", "1 while a deployment is cooled down.", ["deployment"], registry=r
+        )
+        self.upstream_latency = Histogram(
+            "gateway_upstream_duration_seconds", "Upstream response time.", ["deployment"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_ttfb = Histogram(
+            "gateway_upstream_time_to_first_byte_seconds", "Upstream time to first byte.", ["deployment"],
+            buckets=_SMALL_BUCKETS, registry=r,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

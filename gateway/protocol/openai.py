@@ -1,0 +1,194 @@
+"""OpenAI wire schemas (requests) and their translation into domain types.
+
+Extra-field policy: a field this server cannot honour is a 400 naming it. The
+only fields accepted without effect are the ones that never change the output
+(`NO_EFFECT_FIELDS`); they are reported back in the `x-gateway-ignored-params`
+response header. Fields equal to their neutral default (`logprobs: false`,
+`tools: []`, ...) are accepted, since they ask for nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway.domain import ChatMessage, EmbeddingRequest, GenerationRequest, SamplingParams
+from gateway.errors import InvalidRequest, UnsupportedParameter
+
+NO_EFFECT_FIELDS = frozenset(
+    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
+)
+# Fields the server knows but cannot honour, with the value that asks for nothing.
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+
+
+class _WireModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        """Check the extra-field policy; return the no-effect fields that were sent."""
+        ignored = []
+        for name, value in (self.model_extra or {}).items():
+            if name in NO_EFFECT_FIELDS:
+                ignored.append(name)
+            elif name in NEUTRAL_VALUES:
+                if value not in NEUTRAL_VALUES[name]:
+                    raise UnsupportedParameter(name)
+            else:
+                raise UnsupportedParameter(name, "is not a known parameter of this endpoint")
+        return ignored
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(_WireModel):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # Extensions many OpenAI-compatible servers take through `extra_body`.
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stop
+
+    def sampling(self, max_tokens: int | None) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            stop=stop,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            n=self.n,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def to_domain(self, index: int) -> ChatMessage:
+        if isinstance(self.content, list):
+            for part in self.content:
+                if part.type != "text":
+                    raise UnsupportedParameter(f"messages[{index}].content[].type={part.type}")
+            content = "".join(part.text or "" for part in self.content)
+        else:
+            content = self.content or ""
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role=role, content=content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def to_domain(self, request_id: str) -> GenerationRequest:
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            if self.max_tokens != self.max_completion_tokens:
+                raise InvalidRequest(
+                    "Give max_completion_tokens or max_tokens, not both with different values.",
+                    param="max_completion_tokens",
+                )
+        limit = self.max_completion_tokens or self.max_tokens
+        messages = tuple(m.to_domain(i) for i, m in enumerate(self.messages))
+        return GenerationRequest(sampling=self.sampling(limit), messages=messages, request_id=request_id)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for this endpoint
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        if not p:
+            raise InvalidRequest("The prompt is empty.", param="prompt")
+        return list(p)  # type: ignore[arg-type]
+
+    def to_domain(self, request_id: str) -> list[GenerationRequest]:
+        sampling = self.sampling(self.max_tokens)
+        return [GenerationRequest(sampling=sampling, prompt=p, request_id=request_id) for p in self.prompts()]
+
+
+class EmbeddingsRequest(_WireModel):
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+    def to_domain(self) -> EmbeddingRequest:
+        data = self.input
+        if isinstance(data, str):
+            inputs: tuple[Any, ...] = (data,)
+        elif data and all(isinstance(x, int) for x in data):
+            inputs = (list(data),)
+        else:
+            inputs = tuple(data)
+        if not inputs or any(isinstance(x, str) and not x for x in inputs):
+            raise InvalidRequest("Input must be a non-empty string or a list of non-empty strings.", param="input")
+        if len(inputs) > 2048:
+            raise InvalidRequest("At most 2048 inputs per request.", param="input")
+        return EmbeddingRequest(inputs=inputs, dimensions=self.dimensions)
+
+
+def encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        import numpy as np
+
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector

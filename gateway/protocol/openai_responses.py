@@ -1,0 +1,108 @@
+"""OpenAI response and stream-chunk bodies, built as plain dicts (cheap to serialise)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.domain import GenerationResult, TokenDelta, Usage
+from gateway.errors import GatewayError
+
+
+def usage_body(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def _reason(delta: TokenDelta) -> str | None:
+    return delta.finish_reason.value if delta.finish_reason is not None else None
+
+
+def chat_completion(result: GenerationResult, *, id: str, model: str, created: int) -> dict[str, Any]:
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason.value if c.finish_reason else None,
+                "logprobs": None,
+            }
+            for c in result.choices
+        ],
+        "usage": usage_body(result.usage),
+    }
+
+
+def chat_chunk(*, id: str, model: str, created: int, choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+    if usage is not None:
+        chunk["usage"] = usage_body(usage)
+    return chunk
+
+
+def chat_delta_choice(delta: TokenDelta, *, first: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"content": delta.text}
+    if first:
+        body["role"] = "assistant"
+    return {"index": delta.index, "delta": body, "finish_reason": _reason(delta), "logprobs": None}
+
+
+def completion(results: list[GenerationResult], *, id: str, model: str, created: int) -> dict[str, Any]:
+    """One text_completion for several prompts: choices are numbered prompt by prompt."""
+    choices = []
+    usage = Usage()
+    for result in results:
+        for c in result.choices:
+            choices.append(
+                {
+                    "index": len(choices),
+                    "text": c.text,
+                    "finish_reason": c.finish_reason.value if c.finish_reason else None,
+                    "logprobs": None,
+                }
+            )
+        usage.prompt_tokens += result.usage.prompt_tokens
+        usage.completion_tokens += result.usage.completion_tokens
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": usage_body(usage),
+    }
+
+
+def completion_chunk(*, id: str, model: str, created: int, delta: TokenDelta | None, usage: Usage | None = None) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": []
+        if delta is None
+        else [{"index": delta.index, "text": delta.text, "finish_reason": _reason(delta), "logprobs": None}],
+    }
+    if usage is not None:
+        chunk["usage"] = usage_body(usage)
+    return chunk
+
+
+def error_body(exc: GatewayError) -> dict[str, Any]:
+    return {"error": {"message": exc.message, "type": exc.openai_type, "param": exc.param, "code": exc.code}}

@@ -1,0 +1,65 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import ORJSONResponse
+from starlette.responses import Response
+
+from gateway.backends.base import GenerationEvent
+from gateway.domain import StreamEnd, Task
+from gateway.protocol import openai_responses as wire
+from gateway.protocol.openai import ChatCompletionRequest
+from gateway.services.generation import resolve_backend, run_generation, stream_generation
+from gateway.state import StateDep
+from gateway.streaming import primed, sse_response
+
+router = APIRouter(tags=["openai"])
+
+
+def ignored_header(ignored: list[str]) -> dict[str, str]:
+    return {"x-gateway-ignored-params": ",".join(ignored)} if ignored else {}
+
+
+async def chat_chunks(
+    events: AsyncIterator[GenerationEvent], *, id: str, model: str, created: int, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    started: set[int] = set()
+    async for event in events:
+        if isinstance(event, StreamEnd):
+            if include_usage:
+                yield wire.chat_chunk(id=id, model=model, created=created, choices=[], usage=event.usage)
+            continue
+        if not event.text and event.finish_reason is None and event.index in started:
+            continue  # nothing to say yet (held-back or partial character)
+        choice = wire.chat_delta_choice(event, first=event.index not in started)
+        started.add(event.index)
+        yield wire.chat_chunk(id=id, model=model, created=created, choices=[choice])
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: StateDep) -> Response:
+    ignored = body.ignored_fields()
+    entry, backend = await resolve_backend(state, request, body.model, Task.TEXT_GENERATION)
+    generation = body.to_domain(request.state.request_id)
+    id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
+    if not body.stream:
+        result = await run_generation(state, entry, backend, generation)
+        return ORJSONResponse(
+            wire.chat_completion(result, id=id, model=model, created=created), headers=ignored_header(ignored)
+        )
+    events = await primed(stream_generation(state, entry, backend, generation))
+    chunks = chat_chunks(events, id=id, model=model, created=created, include_usage=body.include_usage)
+    return sse_response(
+        chunks,
+        error_event=wire.error_body,
+        ping_seconds=state.settings.server.sse_ping_seconds,
+        headers=ignored_header(ignored),
+    )
+
+
+router.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"], response_model=None)

@@ -1,0 +1,64 @@
+"""POST /v1/completions (the legacy text completion API)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import ORJSONResponse
+from starlette.responses import Response
+
+from gateway.domain import StreamEnd, Task, Usage
+from gateway.protocol import openai_responses as wire
+from gateway.protocol.openai import CompletionRequest
+from gateway.routes.openai_chat import ignored_header
+from gateway.services.generation import resolve_backend, run_generation, stream_generation
+from gateway.state import StateDep
+from gateway.streaming import primed, sse_response
+
+router = APIRouter(tags=["openai"])
+
+
+async def create_completion(body: CompletionRequest, request: Request, state: StateDep) -> Response:
+    ignored = body.ignored_fields()
+    entry, backend = await resolve_backend(state, request, body.model, Task.TEXT_GENERATION)
+    generations = body.to_domain(request.state.request_id)
+    id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
+    if not body.stream:
+        results = await asyncio.gather(*(run_generation(state, entry, backend, g) for g in generations))
+        return ORJSONResponse(
+            wire.completion(list(results), id=id, model=model, created=created), headers=ignored_header(ignored)
+        )
+
+    # Prompts stream one after the other; choice indexes continue across prompts.
+    first = await primed(stream_generation(state, entry, backend, generations[0]))
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        total = Usage()
+        for number, generation in enumerate(generations):
+            events = first if number == 0 else stream_generation(state, entry, backend, generation)
+            offset = number * body.n
+            async for event in events:
+                if isinstance(event, StreamEnd):
+                    total.prompt_tokens += event.usage.prompt_tokens
+                    total.completion_tokens += event.usage.completion_tokens
+                elif event.text or event.finish_reason is not None:
+                    delta = replace(event, index=event.index + offset)
+                    yield wire.completion_chunk(id=id, model=model, created=created, delta=delta)
+        if body.include_usage:
+            yield wire.completion_chunk(id=id, model=model, created=created, delta=None, usage=total)
+
+    return sse_response(
+        chunks(),
+        error_event=wire.error_body,
+        ping_seconds=state.settings.server.sse_ping_seconds,
+        headers=ignored_header(ignored),
+    )
+
+
+router.add_api_route("/v1/completions", create_completion, methods=["POST"], response_model=None)

@@ -1,0 +1,32 @@
+"""POST /v1/embeddings."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import ORJSONResponse
+
+from gateway.domain import Task
+from gateway.protocol.openai import EmbeddingsRequest, encode_embedding
+from gateway.routes.openai_chat import ignored_header
+from gateway.services.generation import resolve_backend
+from gateway.state import StateDep
+
+router = APIRouter(tags=["openai"])
+
+
+async def create_embeddings(body: EmbeddingsRequest, request: Request, state: StateDep) -> ORJSONResponse:
+    ignored = body.ignored_fields()
+    entry, backend = await resolve_backend(state, request, body.model, Task.FEATURE_EXTRACTION)
+    result = await backend.embed(body.to_domain())
+    state.metrics.prompt_tokens.labels(entry.spec.name).inc(result.usage.prompt_tokens)
+    data = [
+        {"object": "embedding", "index": i, "embedding": encode_embedding(vector, body.encoding_format)}
+        for i, vector in enumerate(result.vectors)
+    ]
+    usage = {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.prompt_tokens}
+    return ORJSONResponse(
+        {"object": "list", "model": body.model, "data": data, "usage": usage}, headers=ignored_header(ignored)
+    )
+
+
+router.add_api_route("/v1/embeddings", create_embeddings, methods=["POST"])

@@ -1,0 +1,44 @@
+"""Operational routes: liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import ORJSONResponse
+from starlette.responses import Response
+
+from gateway.domain import ModelState
+from gateway.state import StateDep
+
+router = APIRouter(tags=["ops"])
+
+
+async def health() -> dict[str, str]:
+    """The process is alive and its event loop answers."""
+    return {"status": "ok"}
+
+
+async def ready(state: StateDep) -> ORJSONResponse:
+    """Every model marked `preload` is loaded."""
+    models = {e.spec.name: e.backend.state.value for e in state.registry.entries}
+    is_ready = state.registry.ready()
+    return ORJSONResponse(
+        {"status": "ready" if is_ready else "loading", "models": models}, status_code=200 if is_ready else 503
+    )
+
+
+async def metrics(state: StateDep) -> Response:
+    m = state.metrics
+    for entry in state.registry.entries:
+        for s in ModelState:
+            m.model_state.labels(entry.spec.name, s.value).set(1 if entry.backend.state == s else 0)
+        engine = getattr(entry.backend, "engine", None)
+        if engine is not None:
+            m.queue_depth.labels(entry.spec.name).set(engine.queue_depth())
+            m.running_requests.labels(entry.spec.name).set(engine.running)
+    body, content_type = m.render()
+    return Response(body, media_type=content_type)
+
+
+router.add_api_route("/health", health, methods=["GET"])
+router.add_api_route("/ready", ready, methods=["GET"])
+router.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)

@@ -1,0 +1,71 @@
+"""Model resolution and metered generation shared by every API family."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from gateway.backends.base import Backend, GenerationEvent
+from gateway.backends.registry import Entry
+from gateway.domain import GenerationRequest, GenerationResult, StreamEnd, Task
+from gateway.errors import ModelNotFound
+from gateway.state import AppState
+
+# Names clients send when they mean "whatever this endpoint serves": the HF
+# client's chat_completion sends "dummy", TGI-style OpenAI examples send "tgi".
+PLACEHOLDER_NAMES = frozenset({"tgi", "dummy", "default"})
+
+
+def resolve_entry(state: AppState, request: Request, name: str, task: Task | None = None) -> Entry:
+    registry = state.registry
+    try:
+        entry = registry.lookup(name)
+    except ModelNotFound:
+        default = registry.default_for(task) if name in PLACEHOLDER_NAMES else None
+        if default is None:
+            raise
+        entry = default
+    request.state.model = entry.spec.name
+    return entry
+
+
+async def resolve_backend(
+    state: AppState, request: Request, name: str, task: Task | None = None, *, wait: bool = True
+) -> tuple[Entry, Backend]:
+    entry = resolve_entry(state, request, name, task)
+    backend = await state.registry.ensure_loaded(entry, wait=wait)
+    return entry, backend
+
+
+async def metered(
+    state: AppState, model: str, events: AsyncIterator[GenerationEvent], started: float
+) -> AsyncIterator[GenerationEvent]:
+    """Pass events through, recording time to first token and token counts."""
+    metrics = state.metrics
+    first = True
+    async for event in events:
+        if first and not isinstance(event, StreamEnd):
+            metrics.time_to_first_token.labels(model).observe(time.perf_counter() - started)
+            first = False
+        if isinstance(event, StreamEnd):
+            metrics.prompt_tokens.labels(model).inc(event.usage.prompt_tokens)
+            metrics.generated_tokens.labels(model).inc(event.usage.completion_tokens)
+        yield event
+
+
+def stream_generation(
+    state: AppState, entry: Entry, backend: Backend, request: GenerationRequest
+) -> AsyncIterator[GenerationEvent]:
+    return metered(state, entry.spec.name, backend.generate_stream(request), time.perf_counter())
+
+
+async def run_generation(
+    state: AppState, entry: Entry, backend: Backend, request: GenerationRequest
+) -> GenerationResult:
+    result = await backend.generate(request)
+    model = entry.spec.name
+    state.metrics.prompt_tokens.labels(model).inc(result.usage.prompt_tokens)
+    state.metrics.generated_tokens.labels(model).inc(result.usage.completion_tokens)
+    return result

@@ -1,0 +1,28 @@
+"""Typed application state and the FastAPI dependencies that read it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gateway.backends.registry import Registry
+from gateway.config import Settings
+from gateway.metrics import Metrics
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    registry: Registry
+    metrics: Metrics
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
