@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
+from gateway.json_response import FastJSONResponse
 
 from gateway import __version__
 from gateway.backends.registry import BackendFactory, Registry, default_backend_factory
@@ -38,7 +38,7 @@ def create_app(settings: Settings, *, backend_factory: BackendFactory = default_
         title="gateway",
         version=__version__,
         lifespan=lifespan,
-        default_response_class=ORJSONResponse,
+        default_response_class=FastJSONResponse,
     )
     app.state.gateway = state
     install_error_handlers(app)

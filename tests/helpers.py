@@ -71,8 +71,12 @@ def wait_ready(url: str, timeout: float = 300, proc: subprocess.Popen[bytes] | N
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            resp = httpx.get(f"{url}/ready", timeout=2)
+            if resp.status_code == 200:
                 return
+            failed = [m for m, state in resp.json().get("models", {}).items() if state == "failed"]
+            if failed:
+                raise RuntimeError(f"models failed to load: {failed}")
         time.sleep(0.25)
     raise TimeoutError(f"{url} not ready after {timeout}s")
 

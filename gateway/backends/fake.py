@@ -78,7 +78,7 @@ class FakeBackend(Backend):
                 finish = None
                 if assembler.stopped:
                     finish = FinishReason.STOP
-                elif params.greedy and step == len(words) - 1 and step + 1 < max_tokens:
+                elif params.greedy and step == len(words) - 1:
                     text, finish = text + assembler.flush(), FinishReason.STOP  # echoed the whole prompt
                 elif step + 1 == max_tokens:
                     text, finish = text + assembler.flush(), FinishReason.LENGTH

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,8 @@ from gateway.domain import (
     Usage,
 )
 from gateway.errors import InvalidRequest, TaskNotSupported
+
+_IMPORT_LOCK = threading.Lock()
 
 EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
 
@@ -54,9 +57,10 @@ class LocalBackend(Backend):
         await asyncio.get_running_loop().run_in_executor(self._compute, self._load_sync)
 
     def _load_sync(self) -> None:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        with _IMPORT_LOCK:  # transformers' lazy imports are not safe from two threads at once
+            from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: F401
 
-        from gateway.engine.loader import checkpoint_path, load_model
+            from gateway.engine.loader import checkpoint_path, load_model
 
         if self.task is None:
             path, kwargs = checkpoint_path(self.local, self.cache_dir, AutoModelForCausalLM)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+from gateway.json_response import FastJSONResponse
 from starlette.responses import Response
 
 from gateway.backends.base import GenerationEvent
@@ -49,7 +49,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
     if not body.stream:
         result = await run_generation(state, entry, backend, generation)
-        return ORJSONResponse(
+        return FastJSONResponse(
             wire.chat_completion(result, id=id, model=model, created=created), headers=ignored_header(ignored)
         )
     events = await primed(stream_generation(state, entry, backend, generation))

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+from gateway.json_response import FastJSONResponse
 from starlette.responses import Response
 
 from gateway.domain import StreamEnd, Task, Usage
@@ -31,7 +31,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
     if not body.stream:
         results = await asyncio.gather(*(run_generation(state, entry, backend, g) for g in generations))
-        return ORJSONResponse(
+        return FastJSONResponse(
             wire.completion(list(results), id=id, model=model, created=created), headers=ignored_header(ignored)
         )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+from gateway.json_response import FastJSONResponse
 
 from gateway.domain import Task
 from gateway.protocol.openai import EmbeddingsRequest, encode_embedding
@@ -14,7 +14,7 @@ from gateway.state import StateDep
 router = APIRouter(tags=["openai"])
 
 
-async def create_embeddings(body: EmbeddingsRequest, request: Request, state: StateDep) -> ORJSONResponse:
+async def create_embeddings(body: EmbeddingsRequest, request: Request, state: StateDep) -> FastJSONResponse:
     ignored = body.ignored_fields()
     entry, backend = await resolve_backend(state, request, body.model, Task.FEATURE_EXTRACTION)
     result = await backend.embed(body.to_domain())
@@ -24,7 +24,7 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request, state: St
         for i, vector in enumerate(result.vectors)
     ]
     usage = {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.prompt_tokens}
-    return ORJSONResponse(
+    return FastJSONResponse(
         {"object": "list", "model": body.model, "data": data, "usage": usage}, headers=ignored_header(ignored)
     )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import ORJSONResponse
+from gateway.json_response import FastJSONResponse
 from starlette.responses import Response
 
 from gateway.domain import ModelState
@@ -17,11 +17,11 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def ready(state: StateDep) -> ORJSONResponse:
+async def ready(state: StateDep) -> FastJSONResponse:
     """Every model marked `preload` is loaded."""
     models = {e.spec.name: e.backend.state.value for e in state.registry.entries}
     is_ready = state.registry.ready()
-    return ORJSONResponse(
+    return FastJSONResponse(
         {"status": "ready" if is_ready else "loading", "models": models}, status_code=200 if is_ready else 503
     )
 

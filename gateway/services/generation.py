@@ -10,12 +10,17 @@ from fastapi import Request
 from gateway.backends.base import Backend, GenerationEvent
 from gateway.backends.registry import Entry
 from gateway.domain import GenerationRequest, GenerationResult, StreamEnd, Task
-from gateway.errors import ModelNotFound
+from gateway.errors import ModelNotFound, TaskNotSupported
 from gateway.state import AppState
 
 # Names clients send when they mean "whatever this endpoint serves": the HF
 # client's chat_completion sends "dummy", TGI-style OpenAI examples send "tgi".
 PLACEHOLDER_NAMES = frozenset({"tgi", "dummy", "default"})
+
+# Which model tasks can answer a request for a task.
+COMPATIBLE_TASKS = {
+    Task.FEATURE_EXTRACTION: {Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY},
+}
 
 
 def resolve_entry(state: AppState, request: Request, name: str, task: Task | None = None) -> Entry:
@@ -36,6 +41,10 @@ async def resolve_backend(
 ) -> tuple[Entry, Backend]:
     entry = resolve_entry(state, request, name, task)
     backend = await state.registry.ensure_loaded(entry, wait=wait)
+    if task is not None and entry.task is not None and entry.task not in COMPATIBLE_TASKS.get(task, {task}):
+        raise TaskNotSupported(
+            f"Model '{entry.spec.name}' serves {entry.task.value}, not {task.value}.", param="model"
+        )
     return entry, backend
 
 

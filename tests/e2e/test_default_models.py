@@ -1,0 +1,122 @@
+"""End to end: the real `gateway serve` process with the embedded default configuration."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tests.helpers import gateway_process
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CHAT = "smollm2-135m-instruct"
+EMBED = "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with gateway_process(tmp_path=tmp_path_factory.mktemp("serve")) as url:
+        yield url
+
+
+@pytest.fixture()
+def client(server_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_capital_of_france(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0
+    )
+    assert "Paris" in (resp.choices[0].message.content or "")
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_streamed_answer_matches(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_food_sentences_are_closer(client: openai.OpenAI) -> None:
+    sentences = ["I love eating pizza with cheese.", "Pasta with tomato sauce is my favourite meal.", "The stock market fell sharply today."]
+    data = client.embeddings.create(model=EMBED, input=sentences).data  # base64 on the wire
+    vectors = np.array([d.embedding for d in data])
+    assert vectors.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)  # Normalize module declared
+    sim = vectors @ vectors.T
+    assert sim[0, 1] > sim[0, 2] + 0.1 and sim[0, 1] > sim[1, 2] + 0.1
+
+
+def _running(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    match = re.search(rf'gateway_running_requests\{{model="{CHAT}"\}} ([0-9.]+)', text)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_health_answers_while_generating_and_disconnect_stops_generation(server_url: str) -> None:
+    body = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{server_url}/v1/chat/completions", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        for _ in range(6):  # a few tokens in: generation is busy on the compute thread
+            next(lines)
+        started = time.perf_counter()
+        health = httpx.get(f"{server_url}/health", timeout=5)
+        assert health.status_code == 200 and time.perf_counter() - started < 0.5
+        assert _running(server_url) == 1
+    # the client went away: the slot must be freed long before 400 tokens could be produced
+    deadline = time.monotonic() + 3
+    while _running(server_url) != 0:
+        assert time.monotonic() < deadline, "generation kept running after the client left"
+        time.sleep(0.05)
+
+
+def test_metrics_exported(server_url: str, client: openai.OpenAI) -> None:
+    client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    text = httpx.get(f"{server_url}/metrics").text
+    for name in (
+        'gateway_requests_total{model="smollm2-135m-instruct",route="/v1/chat/completions",status="200"}',
+        "gateway_request_duration_seconds_bucket",
+        "gateway_time_to_first_token_seconds_bucket",
+        f'gateway_prompt_tokens_total{{model="{CHAT}"}}',
+        f'gateway_generation_tokens_total{{model="{CHAT}"}}',
+    ):
+        assert name in text, name
+
+
+def test_concurrent_requests_all_complete(client: openai.OpenAI) -> None:
+    results: list[str] = []
+
+    def ask() -> None:
+        r = client.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=12
+        )
+        results.append(r.choices[0].message.content or "")
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 4 and len(set(results)) == 1

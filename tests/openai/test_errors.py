@@ -1,0 +1,186 @@
+"""Errors reach the openai SDK as the right exception class, in the OpenAI envelope."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+
+from gateway.backends.base import Backend, ModelInfo
+from gateway.backends.fake import FakeBackend
+from gateway.backends.registry import default_backend_factory
+from gateway.config import ModelSpec, Settings
+from gateway.domain import FinishReason, GenerationRequest, Task, TokenDelta
+from gateway.errors import BackendFailure, Overloaded
+from tests.helpers import LiveServer, settings_for
+
+
+def client_for(server: LiveServer, **kw: object) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=kw.pop("api_key", "sk-test"), max_retries=0, **kw)  # type: ignore[arg-type]
+
+
+def test_unknown_model_is_404_listing_served_models(fake_server: LiveServer) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client_for(fake_server).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    err = info.value
+    assert err.status_code == 404 and err.code == "model_not_found" and err.param == "model"
+    assert "fake-chat" in err.message and "fake-embed" in err.message
+    assert err.request_id
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"n": 0}, "n"),
+        ({"messages": []}, "messages"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_invalid_values_are_400_naming_the_parameter(fake_server: LiveServer, kwargs: dict, param: str) -> None:
+    args = {"model": "fake-chat", "messages": [{"role": "user", "content": "x"}], **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client_for(fake_server).chat.completions.create(**args)
+    assert info.value.param == param and info.value.type == "invalid_request_error"
+
+
+def test_unsupported_parameters_are_400_and_no_effect_ones_reported(fake_server: LiveServer) -> None:
+    client = client_for(fake_server)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="fake-chat", messages=[{"role": "user", "content": "x"}], tools=tools)
+    assert info.value.param == "tools" and info.value.code == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="fake-chat", messages=[{"role": "user", "content": "x"}], extra_body={"frobnicate": 1}
+        )
+    assert info.value.param == "frobnicate"
+    raw = client.chat.completions.with_raw_response.create(
+        model="fake-chat", messages=[{"role": "user", "content": "x"}], user="u1", logprobs=False
+    )
+    assert raw.headers["x-gateway-ignored-params"] == "user"
+
+
+def test_malformed_json_is_400_in_envelope(fake_server: LiveServer) -> None:
+    resp = httpx.post(f"{fake_server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_embedding_model_cannot_chat(fake_server: LiveServer) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client_for(fake_server).chat.completions.create(model="fake-embed", messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "task_not_supported"
+
+
+def test_api_keys_enforced_with_401() -> None:
+    models = [{"name": "m", "task": "text-generation", "backend": {"kind": "fake"}}]
+    with LiveServer(settings_for(models, api_keys=["secret-1", "secret-2"])) as server:
+        with pytest.raises(openai.AuthenticationError):
+            client_for(server, api_key="wrong").models.list()
+        assert [m.id for m in client_for(server, api_key="secret-2").models.list()] == ["m"]
+        assert httpx.get(f"{server.url}/health").status_code == 200  # probes stay open
+
+
+class _ScriptedBackend(FakeBackend):
+    """Fails in the ways the tests ask for."""
+
+    mode = "ok"
+    closed = asyncio.Event
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator:  # type: ignore[override]
+        if self.mode == "overloaded":
+            raise Overloaded("busy", retry_after=3)
+        if self.mode == "crash":
+            raise BackendFailure("compute failed")
+        yield TokenDelta(0, "partial", 1)
+        if self.mode == "midstream":
+            raise BackendFailure("lost the device")
+        yield TokenDelta(0, " done", 2, finish_reason=FinishReason.STOP)
+
+
+@pytest.fixture(scope="module")
+def scripted() -> tuple[LiveServer, _ScriptedBackend]:
+    made: list[_ScriptedBackend] = []
+
+    def factory(spec: ModelSpec, settings: Settings) -> Backend:
+        if spec.name == "scripted":
+            made.append(_ScriptedBackend(spec))
+            return made[-1]
+        return default_backend_factory(spec, settings)
+
+    models = [{"name": "scripted", "task": "text-generation", "backend": {"kind": "fake"}}]
+    with LiveServer(settings_for(models), backend_factory=factory) as server:
+        server.wait_ready()
+        yield server, made[0]
+
+
+def test_overloaded_is_429_with_retry_after(scripted: tuple[LiveServer, _ScriptedBackend]) -> None:
+    server, backend = scripted
+    backend.mode = "overloaded"
+    with pytest.raises(openai.RateLimitError) as info:
+        client_for(server).chat.completions.create(model="scripted", messages=[{"role": "user", "content": "x"}], stream=True)
+    assert info.value.response.headers["retry-after"] == "3"
+
+
+def test_backend_failure_is_500(scripted: tuple[LiveServer, _ScriptedBackend]) -> None:
+    server, backend = scripted
+    backend.mode = "crash"
+    with pytest.raises(openai.InternalServerError) as info:
+        client_for(server).chat.completions.create(model="scripted", messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "backend_error"
+
+
+def test_failure_after_first_chunk_is_in_band(scripted: tuple[LiveServer, _ScriptedBackend]) -> None:
+    server, backend = scripted
+    backend.mode = "midstream"
+    stream = client_for(server).chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    seen = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            seen.append(chunk.choices[0].delta.content)
+    assert seen == ["partial"]
+    assert "lost the device" in info.value.message and info.value.code == "backend_error"
+    backend.mode = "ok"
+
+
+def test_lazy_model_loads_on_first_use() -> None:
+    models = [{"name": "lazy", "task": "text-generation", "preload": False, "backend": {"kind": "fake"}}]
+    with LiveServer(settings_for(models)) as server:
+        assert httpx.get(f"{server.url}/v1/models/lazy").json()["state"] == "pending"
+        resp = client_for(server).chat.completions.create(model="lazy", messages=[{"role": "user", "content": "hi"}], temperature=0)
+        assert resp.choices[0].message.content == "hi"
+        assert httpx.get(f"{server.url}/v1/models/lazy").json()["state"] == "ready"
+
+
+class _NeverLoads(FakeBackend):
+    async def _load(self) -> None:
+        raise OSError("weights missing")
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(task=Task.TEXT_GENERATION)
+
+
+def test_failed_model_is_reported_and_503() -> None:
+    def factory(spec: ModelSpec, settings: Settings) -> Backend:
+        return _NeverLoads(spec)
+
+    models = [{"name": "broken", "task": "text-generation", "backend": {"kind": "fake"}}]
+    with LiveServer(settings_for(models), backend_factory=factory) as server:
+        import time
+
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{server.url}/v1/models/broken").json()["state"] != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        card = httpx.get(f"{server.url}/v1/models/broken").json()
+        assert "weights missing" in card["error"]
+        assert httpx.get(f"{server.url}/ready").status_code == 503
+        with pytest.raises(openai.InternalServerError) as info:
+            client_for(server).chat.completions.create(model="broken", messages=[{"role": "user", "content": "x"}])
+        assert info.value.status_code == 503
