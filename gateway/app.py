@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from gateway.json_response import FastJSONResponse
 
 from gateway import __version__
 from gateway.backends.registry import BackendFactory, Registry, default_backend_factory
 from gateway.config import Settings
 from gateway.error_handlers import install_error_handlers
+from gateway.json_response import FastJSONResponse
 from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.routes import openai_chat, openai_completions, openai_embeddings, openai_models, ops

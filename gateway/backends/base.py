@@ -71,7 +71,8 @@ class Backend(abc.ABC):
     async def _load(self) -> None: ...
 
     async def close(self) -> None:
-        """Free resources; the backend is not used afterwards."""
+        """Free resources; the backend is not used afterwards. Nothing to free by default."""
+        return None
 
     @abc.abstractmethod
     def info(self) -> ModelInfo: ...

@@ -20,7 +20,7 @@ from gateway.domain import (
 )
 from gateway.errors import InvalidRequest, TaskNotSupported
 
-_IMPORT_LOCK = threading.Lock()
+_LOAD_LOCK = threading.Lock()
 
 EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
 
@@ -57,10 +57,15 @@ class LocalBackend(Backend):
         await asyncio.get_running_loop().run_in_executor(self._compute, self._load_sync)
 
     def _load_sync(self) -> None:
-        with _IMPORT_LOCK:  # transformers' lazy imports are not safe from two threads at once
-            from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: F401
+        # transformers' lazy imports and the weight-init patches it applies while loading are
+        # process-global, so two models loading on two threads corrupt each other: one at a time.
+        with _LOAD_LOCK:
+            self._load_locked()
 
-            from gateway.engine.loader import checkpoint_path, load_model
+    def _load_locked(self) -> None:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        from gateway.engine.loader import checkpoint_path, load_model
 
         if self.task is None:
             path, kwargs = checkpoint_path(self.local, self.cache_dir, AutoModelForCausalLM)
@@ -76,7 +81,6 @@ class LocalBackend(Backend):
             )
         elif self.task in EMBEDDING_TASKS:
             from gateway.engine.embedder import Embedder, read_pooling_config
-            from gateway.engine.loader import checkpoint_path
 
             self.tokenizer, self.model, self.device, self.dtype = load_model(self.local, self.cache_dir, AutoModel)
             path, _ = checkpoint_path(self.local, self.cache_dir, AutoModel)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from gateway.domain import FinishReason, SamplingParams, StreamEnd, TokenDelta, Usage
 from gateway.engine.detokenize import TextAssembler
@@ -119,8 +120,6 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def _run(self, job: GenerationJob) -> int:
-        from transformers import DynamicCache
-
         n = job.params.n
         samplers = [SequenceSampler(job.params, job.prompt_ids, self.vocab_size, seed_offset=i) for i in range(n)]
         texts = [TextAssembler(self.tokenizer, job.params.stop) for _ in range(n)]

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from gateway.json_response import FastJSONResponse
 from starlette.responses import Response
 
 from gateway.backends.base import GenerationEvent
 from gateway.domain import StreamEnd, Task
+from gateway.json_response import FastJSONResponse
 from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import ChatCompletionRequest
 from gateway.services.generation import resolve_backend, run_generation, stream_generation

@@ -10,10 +10,10 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
-from gateway.json_response import FastJSONResponse
 from starlette.responses import Response
 
 from gateway.domain import StreamEnd, Task, Usage
+from gateway.json_response import FastJSONResponse
 from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import CompletionRequest
 from gateway.routes.openai_chat import ignored_header

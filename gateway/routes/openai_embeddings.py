@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from gateway.json_response import FastJSONResponse
 
 from gateway.domain import Task
+from gateway.json_response import FastJSONResponse
 from gateway.protocol.openai import EmbeddingsRequest, encode_embedding
 from gateway.routes.openai_chat import ignored_header
 from gateway.services.generation import resolve_backend

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from gateway.json_response import FastJSONResponse
 from starlette.responses import Response
 
 from gateway.domain import ModelState
+from gateway.json_response import FastJSONResponse
 from gateway.state import StateDep
 
 router = APIRouter(tags=["ops"])

@@ -22,7 +22,7 @@ def test_float_and_base64_agree(client: openai.OpenAI, fake_server: LiveServer) 
     floats = client.embeddings.create(model="fake-embed", input=texts, encoding_format="float")
     default = client.embeddings.create(model="fake-embed", input=texts)  # SDK sends base64 and decodes it
     assert [d.index for d in floats.data] == [0, 1]
-    for a, b in zip(floats.data, default.data):
+    for a, b in zip(floats.data, default.data, strict=False):
         assert len(a.embedding) == 8
         np.testing.assert_allclose(a.embedding, b.embedding, rtol=1e-6)
     raw = httpx.post(
