@@ -56,6 +56,7 @@ class GatewayMiddleware:
         request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["received_at"] = started
         status_holder = [500]
         path: str = scope["path"]
 

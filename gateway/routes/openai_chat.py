@@ -15,7 +15,7 @@ from gateway.domain import StreamEnd, Task
 from gateway.json_response import FastJSONResponse
 from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import ChatCompletionRequest
-from gateway.services.generation import resolve_backend, run_generation, stream_generation
+from gateway.services.generation import resolve_backend, run_generation, stream_generation, until_disconnect
 from gateway.state import StateDep
 from gateway.streaming import primed, sse_response
 
@@ -48,11 +48,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     generation = body.to_domain(request.state.request_id)
     id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
     if not body.stream:
-        result = await run_generation(state, entry, backend, generation)
+        result = await until_disconnect(request, run_generation(state, entry, backend, generation))
         return FastJSONResponse(
             wire.chat_completion(result, id=id, model=model, created=created), headers=ignored_header(ignored)
         )
-    events = await primed(stream_generation(state, entry, backend, generation))
+    events = await primed(stream_generation(state, entry, backend, generation, request.state.received_at))
     chunks = chat_chunks(events, id=id, model=model, created=created, include_usage=body.include_usage)
     return sse_response(
         chunks,

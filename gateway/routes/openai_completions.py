@@ -17,7 +17,7 @@ from gateway.json_response import FastJSONResponse
 from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import CompletionRequest
 from gateway.routes.openai_chat import ignored_header
-from gateway.services.generation import resolve_backend, run_generation, stream_generation
+from gateway.services.generation import resolve_backend, run_generation, stream_generation, until_disconnect
 from gateway.state import StateDep
 from gateway.streaming import primed, sse_response
 
@@ -30,13 +30,14 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     generations = body.to_domain(request.state.request_id)
     id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
     if not body.stream:
-        results = await asyncio.gather(*(run_generation(state, entry, backend, g) for g in generations))
+        work = asyncio.gather(*(run_generation(state, entry, backend, g) for g in generations))
+        results = await until_disconnect(request, work)
         return FastJSONResponse(
             wire.completion(list(results), id=id, model=model, created=created), headers=ignored_header(ignored)
         )
 
     # Prompts stream one after the other; choice indexes continue across prompts.
-    first = await primed(stream_generation(state, entry, backend, generations[0]))
+    first = await primed(stream_generation(state, entry, backend, generations[0], request.state.received_at))
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
         total = Usage()

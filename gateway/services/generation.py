@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 from fastapi import Request
 
@@ -12,6 +14,8 @@ from gateway.backends.registry import Entry
 from gateway.domain import GenerationRequest, GenerationResult, StreamEnd, Task
 from gateway.errors import ModelNotFound, TaskNotSupported
 from gateway.state import AppState
+
+T = TypeVar("T")
 
 # Names clients send when they mean "whatever this endpoint serves": the HF
 # client's chat_completion sends "dummy", TGI-style OpenAI examples send "tgi".
@@ -65,9 +69,30 @@ async def metered(
 
 
 def stream_generation(
-    state: AppState, entry: Entry, backend: Backend, request: GenerationRequest
+    state: AppState, entry: Entry, backend: Backend, request: GenerationRequest, received_at: float | None = None
 ) -> AsyncIterator[GenerationEvent]:
-    return metered(state, entry.spec.name, backend.generate_stream(request), time.perf_counter())
+    """The backend's event stream, metered from `received_at` (when the request arrived)."""
+    started = time.perf_counter() if received_at is None else received_at
+    return metered(state, entry.spec.name, backend.generate_stream(request), started)
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client disconnects first.
+
+    Starlette does not cancel a non-streaming handler whose client went away, so
+    a long generation would run to the end for nobody. Once the body has been
+    read, the next ASGI receive() only returns when the client disconnects.
+    """
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(request.receive())
+    try:
+        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+            raise asyncio.CancelledError("client disconnected")
+        return task.result()
+    finally:
+        listener.cancel()
 
 
 async def run_generation(

@@ -120,3 +120,32 @@ def test_concurrent_requests_all_complete(client: openai.OpenAI) -> None:
     for t in threads:
         t.join(60)
     assert len(results) == 4 and len(set(results)) == 1
+
+
+def test_non_streaming_request_stops_when_client_leaves(server_url: str) -> None:
+    body = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+        "max_tokens": 400,
+        "temperature": 0,
+    }
+    outcome: list[BaseException] = []
+
+    def give_up_after_a_while() -> None:
+        try:
+            httpx.post(f"{server_url}/v1/chat/completions", json=body, timeout=httpx.Timeout(2.0, connect=5))
+        except httpx.ReadTimeout as exc:
+            outcome.append(exc)
+
+    client = threading.Thread(target=give_up_after_a_while)
+    client.start()
+    deadline = time.monotonic() + 5
+    while _running(server_url) != 1:  # the generation is under way
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    client.join(10)
+    assert outcome, "the request was expected to outlast the client's patience"
+    deadline = time.monotonic() + 3
+    while _running(server_url) != 0:
+        assert time.monotonic() < deadline, "generation kept running after the client left"
+        time.sleep(0.05)
