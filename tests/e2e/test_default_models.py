@@ -69,6 +69,14 @@ def _running(url: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def _assert_slot_freed(url: str) -> None:
+    """The client went away: its slot must be freed long before 400 tokens could be produced."""
+    deadline = time.monotonic() + 3
+    while _running(url) != 0:
+        assert time.monotonic() < deadline, "generation kept running after the client left"
+        time.sleep(0.05)
+
+
 def test_health_answers_while_generating_and_disconnect_stops_generation(server_url: str) -> None:
     body = {
         "model": CHAT,
@@ -85,11 +93,7 @@ def test_health_answers_while_generating_and_disconnect_stops_generation(server_
         health = httpx.get(f"{server_url}/health", timeout=5)
         assert health.status_code == 200 and time.perf_counter() - started < 0.5
         assert _running(server_url) == 1
-    # the client went away: the slot must be freed long before 400 tokens could be produced
-    deadline = time.monotonic() + 3
-    while _running(server_url) != 0:
-        assert time.monotonic() < deadline, "generation kept running after the client left"
-        time.sleep(0.05)
+    _assert_slot_freed(server_url)
 
 
 def test_metrics_exported(server_url: str, client: openai.OpenAI) -> None:
@@ -145,7 +149,4 @@ def test_non_streaming_request_stops_when_client_leaves(server_url: str) -> None
         time.sleep(0.05)
     client.join(10)
     assert outcome, "the request was expected to outlast the client's patience"
-    deadline = time.monotonic() + 3
-    while _running(server_url) != 0:
-        assert time.monotonic() < deadline, "generation kept running after the client left"
-        time.sleep(0.05)
+    _assert_slot_freed(server_url)
