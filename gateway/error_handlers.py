@@ -76,11 +76,7 @@ def install_error_handlers(app: FastAPI) -> None:
         err.hf_error_type = "not_found" if exc.status_code == 404 else "validation"
         return error_response(err, request.url.path)
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(GatewayError("Internal server error."), request.url.path)
-
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
+    # Unexpected exceptions are answered by GatewayMiddleware, which keeps the connection usable.

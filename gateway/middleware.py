@@ -7,6 +7,7 @@ counter and latency histogram.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
 import time
@@ -16,8 +17,10 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.error_handlers import error_response
-from gateway.errors import InvalidRequest, Unauthorized
+from gateway.errors import GatewayError, InvalidRequest, Unauthorized
 from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -60,8 +63,11 @@ class GatewayMiddleware:
         status_holder = [500]
         path: str = scope["path"]
 
+        started_response = [False]
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                started_response[0] = True
                 status_holder[0] = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
@@ -76,7 +82,15 @@ class GatewayMiddleware:
                 too_large = _BodyTooLarge(f"Request body exceeds {self.max_body_bytes} bytes.")
                 await error_response(too_large, path)(scope, receive, send_with_id)
                 return
-            await self.app(scope, self._capped(receive), send_with_id)
+            try:
+                await self.app(scope, self._capped(receive), send_with_id)
+            except Exception:
+                # Caught here rather than by an exception handler: Starlette re-raises after a
+                # handler for Exception answers, and uvicorn then drops the keep-alive connection.
+                log.exception("unhandled error on %s", path)
+                if started_response[0]:
+                    return  # nothing more can be said once the response has begun
+                await error_response(GatewayError("Internal server error."), path)(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"

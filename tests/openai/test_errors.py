@@ -184,3 +184,19 @@ def test_failed_model_is_reported_and_503() -> None:
         with pytest.raises(openai.InternalServerError) as info:
             client_for(server).chat.completions.create(model="broken", messages=[{"role": "user", "content": "x"}])
         assert info.value.status_code == 503
+
+
+class _Buggy(FakeBackend):
+    async def embed(self, request):  # type: ignore[no-untyped-def, override]
+        raise ZeroDivisionError("a bug, not a GatewayError")
+
+
+def test_unexpected_error_is_500_envelope_and_connection_survives() -> None:
+    models = [{"name": "buggy", "task": "feature-extraction", "backend": {"kind": "fake"}}]
+    with LiveServer(settings_for(models), backend_factory=lambda spec, settings: _Buggy(spec)) as server:
+        with httpx.Client(base_url=server.url) as http:  # one keep-alive connection
+            for _ in range(2):
+                resp = http.post("/v1/embeddings", json={"model": "buggy", "input": "x"})
+                assert resp.status_code == 500
+                assert resp.json()["error"]["message"] == "Internal server error."  # no internals leaked
+            assert http.get("/health").status_code == 200
