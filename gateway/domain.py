@@ -36,8 +36,14 @@ class ModelState(str, enum.Enum):
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"  # end-of-sequence token or a stop sequence
-    LENGTH = "length"
+    STOP = "stop"  # a stop sequence was produced
+    EOS = "eos"  # the model produced its end-of-sequence token
+    LENGTH = "length"  # the token budget ran out
+
+    @property
+    def openai(self) -> str:
+        """OpenAI has no separate reason for end-of-sequence: both ends are "stop"."""
+        return "length" if self is FinishReason.LENGTH else "stop"
 
 
 @dataclass(frozen=True)

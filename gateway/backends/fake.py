@@ -79,7 +79,7 @@ class FakeBackend(Backend):
                 if assembler.stopped:
                     finish = FinishReason.STOP
                 elif params.greedy and step == len(words) - 1 and step + 1 < max_tokens:
-                    text, finish = text + assembler.flush(), FinishReason.STOP  # echoed the whole prompt
+                    text, finish = text + assembler.flush(), FinishReason.EOS  # echoed the whole prompt: "end of sequence"
                 elif step + 1 == max_tokens:
                     text, finish = text + assembler.flush(), FinishReason.LENGTH
                 yield TokenDelta(index, text, token, -0.5, False, finish)

@@ -140,7 +140,7 @@ class GenerationEngine:
                 next_ids.append(token)
                 finish = None
                 if token in self.eos_ids:
-                    text, finish, special = texts[i].flush(), FinishReason.STOP, True
+                    text, finish, special = texts[i].flush(), FinishReason.EOS, True
                 else:
                     text, special = texts[i].push(token), False
                     if texts[i].stopped:
