@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,11 @@ from gateway.domain import (
 from gateway.errors import InvalidRequest, TaskNotSupported
 
 EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
+
+# transformers imports its model code lazily, and those imports are not thread-safe:
+# several models loading at once on their own threads fail with ImportError. Loads are
+# serialised process-wide (they compete for the same CPU and disk anyway).
+_LOAD_LOCK = threading.Lock()
 
 
 # Architecture-name suffix -> task, as transformers.pipeline picks a head for each task.
@@ -53,7 +59,7 @@ def infer_task(config: Any) -> Task:
                 return Task.ZERO_SHOT_CLASSIFICATION
             return task
     if getattr(config, "is_encoder_decoder", False):
-        declared = {key.split("_")[0] for key in (config.task_specific_params or {})}
+        declared = {key.split("_")[0] for key in (getattr(config, "task_specific_params", None) or {})}
         if declared == {"summarization"}:
             return Task.SUMMARIZATION
         if declared == {"translation"}:
@@ -109,6 +115,10 @@ class LocalBackend(Backend):
         await asyncio.get_running_loop().run_in_executor(self._compute, self._load_sync)
 
     def _load_sync(self) -> None:
+        with _LOAD_LOCK:
+            self._load_locked()
+
+    def _load_locked(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from gateway.engine.loader import checkpoint_path, load_model

@@ -69,7 +69,8 @@ def run(tm: TaskModel, items: list[dict[str, str]], params: dict[str, Any]) -> l
         p_start = torch.softmax(out.start_logits[window].float().cpu().masked_fill(~keep, -1e4), -1)
         p_end = torch.softmax(out.end_logits[window].float().cpu().masked_fill(~keep, -1e4), -1)
         null_scores[item] = max(null_scores[item], float(p_start[0] * p_end[0]))
-        for score, start, end in _candidates(p_start, p_end, context, max_answer_len, top_k):
+        # several token spans can widen to the same words, so take more than top_k before de-duplicating
+        for score, start, end in _candidates(p_start, p_end, context, max_answer_len, top_k * 8):
             s, e = _span_chars(enc, window, start, end, align)
             found[item].append((score, s, e))
     results: list[Any] = []

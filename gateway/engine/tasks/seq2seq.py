@@ -17,6 +17,7 @@ def _generate(tm: TaskModel, texts: list[str], params: dict[str, Any], **extra: 
         texts,
         padding=True,
         truncation=False if truncation == "do_not_truncate" else truncation,
+        return_token_type_ids=False,  # encoder-decoders take none; generate() refuses unused inputs
         return_tensors="pt",
     ).to(tm.device)
     limit = getattr(tm.model.config, "max_position_embeddings", None)
@@ -35,7 +36,7 @@ def _generate(tm: TaskModel, texts: list[str], params: dict[str, Any], **extra: 
 
 def _prefixed(tm: TaskModel, key: str, items: list[str]) -> list[str]:
     """The task prefix some checkpoints (T5) declare in `task_specific_params`."""
-    prefix = ((tm.model.config.task_specific_params or {}).get(key) or {}).get("prefix", "")
+    prefix = ((getattr(tm.model.config, "task_specific_params", None) or {}).get(key) or {}).get("prefix", "")
     return [prefix + text for text in items]
 
 
@@ -62,7 +63,7 @@ def run_translation(tm: TaskModel, items: list[str], params: dict[str, Any]) -> 
             raise InvalidRequest(f"tgt_lang '{tgt}' is not a language code this model knows.", param="tgt_lang")
         extra["forced_bos_token_id"] = code
     else:
-        tasks = tm.model.config.task_specific_params or {}
+        tasks = getattr(tm.model.config, "task_specific_params", None) or {}
         key = f"translation_{src}_to_{tgt}"
         if key not in tasks:
             offered = sorted(k for k in tasks if k.startswith("translation_"))
