@@ -127,6 +127,10 @@ def build_gpt2(folder: Path) -> Path:
     corpus = [" ".join(WORDS)] * 3 + ["The future of AI is bright. Hello world! Tell me about Python."]
     bpe.train_from_iterator(corpus, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     config = GPT2Config(
         vocab_size=bpe.get_vocab_size(), n_positions=256, n_embd=32, n_layer=2, n_head=2,
