@@ -145,8 +145,8 @@ def test_unsupported_parameters_raise_validation_error(
 
 def test_prompt_too_long_is_a_validation_error(hf_server: LiveServer) -> None:
     with pytest.raises(ValidationError):
-        InferenceClient(base_url=hf_server.url).text_generation("hello " * 400, max_new_tokens=2)
-    r = requests.post(hf_server.url, json={"inputs": "hello " * 400, "stream": True})
+        InferenceClient(base_url=hf_server.url).text_generation("hello " * 700, max_new_tokens=2)
+    r = requests.post(hf_server.url, json={"inputs": "hello " * 700, "stream": True})
     assert r.status_code == 422 and r.headers["content-type"].startswith("application/json")
 
 
@@ -185,7 +185,7 @@ def test_health_and_info(hf_server: LiveServer) -> None:
     root = InferenceClient(base_url=hf_server.url, provider="hf-inference")
     assert root.health_check() is True
     info = root.get_endpoint_info()
-    assert info["model_id"] == "gpt2" and info["max_total_tokens"] == 256 and info["model_dtype"] == "float32"
+    assert info["model_id"] == "gpt2" and info["max_total_tokens"] == 512 and info["model_dtype"] == "float32"
     scoped = InferenceClient(base_url=f"{hf_server.url}/models/acme/sentiment", provider="hf-inference")
     assert scoped.health_check() is True
     assert scoped.get_endpoint_info()["model_pipeline_tag"] == "text-classification"

@@ -133,7 +133,7 @@ def build_gpt2(folder: Path) -> Path:
     )
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     config = GPT2Config(
-        vocab_size=bpe.get_vocab_size(), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+        vocab_size=bpe.get_vocab_size(), n_positions=512, n_embd=32, n_layer=2, n_head=2,
         bos_token_id=eos, eos_token_id=eos,
     )
     model = GPT2LMHeadModel(config)
