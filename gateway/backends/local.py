@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,9 @@ from gateway.domain import (
     TaskRequest,
     Usage,
 )
-from gateway.errors import InvalidRequest, TaskNotSupported
+from gateway.errors import BackendFailure, GatewayError, InvalidRequest, TaskNotSupported
+
+log = logging.getLogger(__name__)
 
 EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
 
@@ -260,7 +263,15 @@ class LocalBackend(Backend):
         if run is None or self.tasks is None or not self.serves(request.task):
             return await super().run_task(request)
         items, params = list(request.inputs), request.parameters
-        return await asyncio.get_running_loop().run_in_executor(self._compute, lambda: run(self.tasks, items, params))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._compute, lambda: run(self.tasks, items, params)
+            )
+        except GatewayError:
+            raise
+        except Exception as exc:  # logged here; the client gets a clean 500 in its API's shape
+            log.exception("%s failed in %s", request.task.value, self.name)
+            raise BackendFailure(f"The {request.task.value} computation failed ({type(exc).__name__}).") from exc
 
     # embeddings ------------------------------------------------------------
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:

@@ -299,7 +299,6 @@ def split_inputs(task: Task, inputs: Any) -> tuple[list[Any], bool]:
 
 
 def task_request(task: Task, call: HFCall) -> tuple[TaskRequest, bool]:
-    items, many = split_inputs(task, call.inputs)
     schema = PARAMS.get(task)
     if schema is None:
         raise InvalidRequest(f"The task '{task.value}' has no parameters schema.", param="task")
@@ -307,6 +306,7 @@ def task_request(task: Task, call: HFCall) -> tuple[TaskRequest, bool]:
         params = schema.model_validate(call.parameters).model_dump(exclude_none=True)
     except ValidationError as exc:
         raise _validation(exc, "parameters") from exc
+    items, many = split_inputs(task, call.inputs)
     if len(items) > 256:
         raise InvalidRequest("At most 256 inputs per request.", param="inputs")
     return TaskRequest(task=task, inputs=items, parameters=params), many

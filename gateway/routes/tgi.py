@@ -103,27 +103,33 @@ async def _stream(
         # Each token is sent once the next event arrives: the last one carries
         # generated_text and details, which need the usage that ends the stream.
         pending: TokenDelta | None = None
+        end: StreamEnd | None = None
         count, text = 0, ""
-        async for event in events:
-            if isinstance(event, StreamEnd):
+        try:
+            async for event in events:
+                if isinstance(event, StreamEnd):
+                    end = event
+                    break
                 if pending is not None:
-                    details = None
-                    if params.details:
-                        details = {
-                            "finish_reason": tgi.TGI_FINISH[pending.finish_reason] if pending.finish_reason else "length",
-                            "generated_tokens": count,
-                            "input_length": event.usage.prompt_tokens,
-                            "seed": seed,
-                        }
-                    yield tgi.stream_event(
-                        count, pending, generated_text=tgi.generated(prompt, text, params), details=details
-                    )
-                return
-            if pending is not None:
+                    yield tgi.stream_event(count, pending)
+                count += 1
+                text += event.text
+                pending = event
+        except Exception:
+            if pending is not None:  # the tokens made before a failure still reach the client
                 yield tgi.stream_event(count, pending)
-            count += 1
-            text += event.text
-            pending = event
+            raise
+        if pending is None:
+            return
+        details = None
+        if params.details:
+            details = {
+                "finish_reason": tgi.TGI_FINISH[pending.finish_reason] if pending.finish_reason else "length",
+                "generated_tokens": count,
+                "input_length": end.usage.prompt_tokens if end is not None else None,
+                "seed": seed,
+            }
+        yield tgi.stream_event(count, pending, generated_text=tgi.generated(prompt, text, params), details=details)
 
     return sse_response(
         chunks(), error_event=hf_error_body, done_marker=False, ping_seconds=state.settings.server.sse_ping_seconds

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from gateway.domain import Task
+from gateway.errors import InvalidRequest
 
 
 @dataclass
@@ -26,6 +27,24 @@ class TaskModel:
     device: torch.device
     image_processor: Any = None
     _pipelines: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_length(self) -> int:
+        """Longest input in tokens: the tokenizer's limit, capped by the model's positions."""
+        limits = [getattr(self.model.config, "max_position_embeddings", None)]
+        if self.tokenizer is not None and self.tokenizer.model_max_length < 1_000_000:
+            limits.append(self.tokenizer.model_max_length)
+        known = [n for n in limits if isinstance(n, int) and n > 0]
+        return min(known) if known else 512
+
+    def check_length(self, items: list[str], param: str = "inputs") -> None:
+        """Refuse inputs the model cannot read whole (the pipelines would fail on them)."""
+        lengths = [len(ids) for ids in self.tokenizer(list(items))["input_ids"]]
+        for number, n in enumerate(lengths):
+            if n > self.max_length:
+                raise InvalidRequest(
+                    f"Input {number} has {n} tokens; this model reads at most {self.max_length}.", param=param
+                )
 
     def pipeline(self, task: str) -> Any:
         """A `transformers.pipeline` over the already-loaded model, built once per task."""

@@ -41,7 +41,9 @@ def _ranked(model: Any, logits: torch.Tensor, params: dict[str, Any], default_to
 @torch.inference_mode()
 def run_text(tm: TaskModel, items: list[str], params: dict[str, Any]) -> list[list[dict]]:
     """One list of {label, score} per text, best first (all labels unless `top_k`)."""
-    batch = tm.tokenizer(items, padding=True, truncation=True, return_tensors="pt").to(tm.device)
+    batch = tm.tokenizer(
+        items, padding=True, truncation=True, max_length=tm.max_length, return_tensors="pt"
+    ).to(tm.device)
     return _ranked(tm.model, tm.model(**batch).logits, params, None)
 
 
@@ -75,6 +77,7 @@ def run_zero_shot(tm: TaskModel, items: list[str], params: dict[str, Any]) -> li
         raise InvalidRequest(
             "This model has no 'entailment' label, so it cannot do zero-shot classification.", param="model"
         )
+    tm.check_length(items)
     pipe = tm.pipeline("zero-shot-classification")
     kwargs: dict[str, Any] = {
         "candidate_labels": params["candidate_labels"],

@@ -44,7 +44,7 @@ def run(tm: TaskModel, items: list[dict[str, str]], params: dict[str, Any]) -> l
     max_answer_len = params.get("max_answer_len", 15)
     align = params.get("align_to_words", True)
     tokenizer = tm.tokenizer
-    max_len = min(params.get("max_seq_len", 384), tokenizer.model_max_length)
+    max_len = min(params.get("max_seq_len", 384), tm.max_length)
     stride = min(params.get("doc_stride", 128), max_len // 2)
     enc = tokenizer(
         [item["question"] for item in items],

@@ -13,18 +13,25 @@ from gateway.errors import InvalidRequest
 @torch.inference_mode()
 def _generate(tm: TaskModel, texts: list[str], params: dict[str, Any], **extra: Any) -> list[str]:
     truncation = params.get("truncation", "longest_first")
+    limit = tm.max_length
     enc = tm.tokenizer(
         texts,
         padding=True,
         truncation=False if truncation == "do_not_truncate" else truncation,
+        max_length=limit,
         return_token_type_ids=False,  # encoder-decoders take none; generate() refuses unused inputs
         return_tensors="pt",
     ).to(tm.device)
-    limit = getattr(tm.model.config, "max_position_embeddings", None)
-    if limit and enc["input_ids"].shape[1] > limit:
+    if enc["input_ids"].shape[1] > limit:
         raise InvalidRequest(
             f"The input has {enc['input_ids'].shape[1]} tokens; this model reads at most {limit}.", param="inputs"
         )
+    asked = params.get("generate_parameters", {})
+    for name in ("max_new_tokens", "max_length"):
+        if asked.get(name, 0) > limit:
+            raise InvalidRequest(
+                f"{name}={asked[name]} exceeds this model's {limit} positions.", param=f"generate_parameters.{name}"
+            )
     kwargs = {**params.get("generate_parameters", {}), **extra}
     seed = kwargs.pop("seed", None)
     if seed is not None:

@@ -19,6 +19,8 @@ def _plain(entity: dict[str, Any]) -> dict[str, Any]:
 
 def run(tm: TaskModel, items: list[str], params: dict[str, Any]) -> list[list[dict]]:
     """A list of entities per text: `entity_group` (or `entity` with no aggregation), score, word, start, end."""
+    if not params.get("stride"):
+        tm.check_length(items)  # with a stride, long texts are read in overlapping windows
     pipe = tm.pipeline("token-classification")
     kwargs: dict[str, Any] = {"aggregation_strategy": params.get("aggregation_strategy", "simple")}
     if params.get("ignore_labels") is not None:
