@@ -80,6 +80,7 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | list[int] | None = None
     request_id: str = ""
+    truncate: int | None = None  # keep only the last N prompt tokens (TGI's `truncate`)
 
 
 @dataclass(frozen=True)

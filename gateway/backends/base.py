@@ -26,7 +26,7 @@ from gateway.domain import (
     TokenDelta,
     Usage,
 )
-from gateway.errors import TaskNotSupported
+from gateway.errors import TaskNotSupported, UnsupportedParameter
 
 GenerationEvent = TokenDelta | StreamEnd
 
@@ -90,6 +90,11 @@ class Backend(abc.ABC):
         Closing the iterator early (client gone) must stop the work.
         """
         raise TaskNotSupported(f"Model '{self.name}' does not generate text.")
+
+    async def prompt_logprobs(self, request: GenerationRequest) -> list[TokenDelta]:
+        """The prompt's tokens as the model reads them, each with its log-probability given
+        the tokens before it (None for the first): TGI's `prefill` details."""
+        raise UnsupportedParameter("decoder_input_details", f"is not supported by model '{self.name}'")
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         raise TaskNotSupported(f"Model '{self.name}' does not compute embeddings.")

@@ -58,7 +58,7 @@ class FakeBackend(Backend):
             text = " ".join(str(t) for t in request.prompt)
         else:
             text = request.prompt or ""
-        words = text.split()
+        words = text.split()[-request.truncate :] if request.truncate else text.split()
         return [w if i == 0 else " " + w for i, w in enumerate(words)] or ["..."]
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:

@@ -18,6 +18,7 @@ from gateway.domain import (
     GenerationRequest,
     Task,
     TaskRequest,
+    TokenDelta,
     Usage,
 )
 from gateway.errors import BackendFailure, GatewayError, InvalidRequest, TaskNotSupported
@@ -231,8 +232,33 @@ class LocalBackend(Backend):
         if self.engine is None:
             raise TaskNotSupported(f"Model '{self.name}' does not generate text.")
         prompt_ids = self._prompt_ids(request)
+        if request.truncate:
+            prompt_ids = prompt_ids[-request.truncate :]
         max_tokens = self._budget(prompt_ids, request.sampling.max_tokens)
         return self.engine.stream(prompt_ids, request.sampling, max_tokens)
+
+    async def prompt_logprobs(self, request: GenerationRequest) -> list[TokenDelta]:
+        if self.engine is None:
+            return await super().prompt_logprobs(request)
+        ids = self._prompt_ids(request)
+        if request.truncate:
+            ids = ids[-request.truncate :]
+        self._budget(ids, 1)
+
+        def score() -> list[float]:
+            import torch
+
+            with torch.inference_mode():
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
+                logprobs = torch.log_softmax(logits[:-1], dim=-1)
+                return logprobs.gather(1, torch.tensor(ids[1:], device=logprobs.device)[:, None])[:, 0].tolist()
+
+        scores = await asyncio.get_running_loop().run_in_executor(self._compute, score)
+        special = set(self.tokenizer.all_special_ids)
+        return [
+            TokenDelta(0, self.tokenizer.decode([token]), token, None if i == 0 else scores[i - 1], token in special)
+            for i, token in enumerate(ids)
+        ]
 
     async def count_tokens(self, text: str) -> int | None:
         return len(self.tokenizer(text)["input_ids"]) if self.tokenizer is not None else None

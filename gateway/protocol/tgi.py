@@ -30,8 +30,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "typical_p": (None, 1.0),
     "grammar": (None,),
     "adapter_id": (None, ""),
-    "truncate": (None,),
-    "decoder_input_details": (None, False),
     "top_n_tokens": (None, 0),
 }
 
@@ -40,6 +38,8 @@ class TGIParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int | None = Field(None, ge=1)
+    truncate: int | None = Field(None, ge=1)
+    decoder_input_details: bool = False
     temperature: float | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, gt=0)
@@ -56,8 +56,6 @@ class TGIParameters(BaseModel):
     typical_p: float | None = None
     grammar: dict[str, Any] | None = None
     adapter_id: str | None = None
-    truncate: int | None = None
-    decoder_input_details: bool | None = None
     top_n_tokens: int | None = None
 
     @field_validator("stop", mode="before")
@@ -99,7 +97,7 @@ class TGIParameters(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
         )
-        return GenerationRequest(sampling=sampling, prompt=prompt, request_id=request_id)
+        return GenerationRequest(sampling=sampling, prompt=prompt, request_id=request_id, truncate=self.truncate)
 
 
 def parse_parameters(raw: Any) -> TGIParameters:
@@ -141,13 +139,13 @@ def generated(prompt: str, text: str, params: TGIParameters) -> str:
 
 
 def details_body(
-    tokens: list[TokenDelta], finish: FinishReason | None, seed: int | None
+    tokens: list[TokenDelta], finish: FinishReason | None, seed: int | None, prefill: list[TokenDelta]
 ) -> dict[str, Any]:
     return {
         "finish_reason": TGI_FINISH[finish] if finish is not None else "length",
         "generated_tokens": len(tokens),
         "seed": seed,
-        "prefill": [],
+        "prefill": [{"id": t.token_id, "text": t.text, "logprob": t.logprob} for t in prefill],
         "tokens": [token_body(t) for t in tokens],
         "top_tokens": None,
         "best_of_sequences": None,

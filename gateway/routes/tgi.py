@@ -76,6 +76,10 @@ async def text_generation(
     if stream:
         if many:
             raise InvalidRequest("Streaming takes a single prompt; send a string as 'inputs'.", param="inputs")
+        if params.decoder_input_details:
+            raise InvalidRequest(
+                "decoder_input_details is not available when streaming (as in TGI).", param="decoder_input_details"
+            )
         return await _stream(state, request, entry, backend, prompts[0], params)
 
     async def one(prompt: str) -> dict[str, Any]:
@@ -85,7 +89,8 @@ async def text_generation(
         body: dict[str, Any] = {"generated_text": tgi.generated(prompt, choice.text, params)}
         if params.details:
             seed = None if generation.sampling.greedy else generation.sampling.seed
-            body["details"] = tgi.details_body(choice.tokens, choice.finish_reason, seed)
+            prefill = await backend.prompt_logprobs(generation) if params.decoder_input_details else []
+            body["details"] = tgi.details_body(choice.tokens, choice.finish_reason, seed, prefill)
         return body
 
     results = list(await asyncio.gather(*(one(p) for p in prompts)))

@@ -191,3 +191,36 @@ def test_health_and_info(hf_server: LiveServer) -> None:
     assert scoped.get_endpoint_info()["model_pipeline_tag"] == "text-classification"
     r = requests.get(f"{hf_server.url}/models/no-such/info")
     assert r.status_code == 404 and r.json()["error_type"] == "not_found"
+
+
+def test_decoder_input_details_prefill_logprobs(hf_server: LiveServer, tiny: dict) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "The future of AI is"
+    out = InferenceClient(base_url=hf_server.url).text_generation(
+        prompt, max_new_tokens=2, details=True, decoder_input_details=True
+    )
+    prefill = out.details.prefill
+    tok = AutoTokenizer.from_pretrained(tiny["gpt2"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["gpt2"]).eval()
+    ids = tok(prompt)["input_ids"]
+    assert [p.id for p in prefill] == ids and "".join(p.text for p in prefill) == prompt
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    assert prefill[0].logprob is None
+    for i in range(1, len(ids)):
+        assert prefill[i].logprob == pytest.approx(float(logprobs[i - 1, ids[i]]), abs=1e-4)
+
+
+def test_truncate_keeps_the_last_prompt_tokens(hf_server: LiveServer) -> None:
+    client = InferenceClient(base_url=hf_server.url)
+    out = client.text_generation(
+        "The future of AI is", max_new_tokens=3, truncate=2, details=True, decoder_input_details=True
+    )
+    assert len(out.details.prefill) == 2
+    tail = "".join(p.text for p in out.details.prefill)
+    assert "The future of AI is".endswith(tail)
+    assert out.generated_text == client.text_generation(tail, max_new_tokens=3)
+    with pytest.raises(ValidationError, match="streaming"):
+        list(client.text_generation("Hello", max_new_tokens=2, stream=True, details=True, decoder_input_details=True))
