@@ -108,3 +108,10 @@ def test_error_inside_a_stream(failing_server: LiveServer) -> None:
     with requests.post(f"{failing_server.url}/generate_stream", json={"inputs": "hi"}, stream=True) as r:
         lines = [line for line in r.iter_lines(decode_unicode=True) if line]
     assert lines[-1].startswith("data:") and '"error_type":"generation"' in lines[-1]
+
+
+def test_the_model_kwargs_phrase_never_reaches_an_hf_client() -> None:
+    from gateway.error_handlers import hf_error_body
+
+    hazard = BackendFailure("The following `model_kwargs` are not used by the model: ['a']")
+    assert "model_kwargs" not in hf_error_body(hazard)["error"]

@@ -258,3 +258,33 @@ def test_async_client_tasks(hf_server: LiveServer) -> None:
         assert answer.answer in "My name is Clara"
 
     asyncio.run(main())
+
+
+def test_async_client_every_task_matches_the_sync_client(hf_server: LiveServer) -> None:
+    calls = {
+        "acme/sentiment": ("text_classification", ("I love it",), {}),
+        "ner": ("token_classification", ("My name is Sarah",), {"aggregation_strategy": "max"}),
+        "nli": ("zero_shot_classification", ("the game", ["sports", "politics"]), {}),
+        "mlm": ("fill_mask", ("life is [MASK] .",), {"top_k": 2}),
+        "qa": ("question_answering", (), {"question": "who?", "context": "My name is Clara"}),
+        "bart-summarizer": ("summarization", ("the game tonight",), {"generate_parameters": {"max_new_tokens": 3}}),
+        "bart-translator": ("translation", ("hello world",), {}),
+        "vit": ("image_classification", (png((0, 200, 0)),), {}),
+        "all-minilm-l6-v2": ("sentence_similarity", ("a cat", ["a dog", "the game"]), {}),
+    }
+
+    async def run_async() -> dict[str, object]:
+        out = {}
+        for model, (method, args, kwargs) in calls.items():
+            c = AsyncInferenceClient(base_url=f"{hf_server.url}/models/{model}")
+            out[model] = await getattr(c, method)(*args, **kwargs)
+        c = AsyncInferenceClient(base_url=f"{hf_server.url}/models/all-minilm-l6-v2")
+        out["features"] = (await c.feature_extraction("hello")).tolist()
+        return out
+
+    async_results = asyncio.run(run_async())
+    for model, (method, args, kwargs) in calls.items():
+        sync = getattr(client(hf_server, model), method)(*args, **kwargs)
+        assert async_results[model] == sync, model
+    features = client(hf_server, "all-minilm-l6-v2").feature_extraction("hello").tolist()
+    assert np.allclose(async_results["features"], features, atol=1e-5)
