@@ -115,3 +115,21 @@ def test_the_model_kwargs_phrase_never_reaches_an_hf_client() -> None:
 
     hazard = BackendFailure("The following `model_kwargs` are not used by the model: ['a']")
     assert "model_kwargs" not in hf_error_body(hazard)["error"]
+
+
+def test_inconsistent_generate_parameters_are_a_validation_error(hf_server: LiveServer) -> None:
+    r = requests.post(
+        f"{hf_server.url}/models/bart-summarizer",
+        json={"inputs": "hello", "parameters": {"generate_parameters": {"num_beams": 2, "num_beam_groups": 3}}},
+    )
+    _error(r, 422, "validation", "generate_parameters")
+
+
+def test_question_is_cut_to_max_question_len(hf_server: LiveServer) -> None:
+    context = "My name is Clara and I live in Berkeley"
+    long_question = "who " * 200 + "?"
+    body = {"inputs": {"question": long_question, "context": context}, "parameters": {"max_question_len": 4}}
+    r = requests.post(f"{hf_server.url}/models/qa", json=body)
+    assert r.status_code == 200 and context[r.json()["start"] : r.json()["end"]] == r.json()["answer"]
+    r = requests.post(f"{hf_server.url}/models/qa", json={"inputs": body["inputs"]})
+    _error(r, 422, "validation")  # without it, the question leaves no room for the context

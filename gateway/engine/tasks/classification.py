@@ -56,7 +56,7 @@ def run_image(tm: TaskModel, items: list[bytes], params: dict[str, Any]) -> list
     for number, data in enumerate(items):
         try:
             images.append(Image.open(io.BytesIO(data)).convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise InvalidRequest(f"Input {number} is not an image this server can read: {exc}.", param="inputs") from exc
     batch = tm.image_processor(images=images, return_tensors="pt").to(tm.device)
     batch = {k: v.to(tm.model.dtype) if v.is_floating_point() else v for k, v in batch.items()}

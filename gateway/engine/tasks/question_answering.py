@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from gateway.engine.tasks import TaskModel
+from gateway.errors import InvalidRequest
 
 
 def _span_chars(enc: Any, window: int, start: int, end: int, align_to_words: bool) -> tuple[int, int]:
@@ -46,8 +47,23 @@ def run(tm: TaskModel, items: list[dict[str, str]], params: dict[str, Any]) -> l
     tokenizer = tm.tokenizer
     max_len = min(params.get("max_seq_len", 384), tm.max_length)
     stride = min(params.get("doc_stride", 128), max_len // 2)
+    questions = [item["question"] for item in items]
+    if "max_question_len" in params:  # keep the first max_question_len tokens of each question
+        limit = params["max_question_len"]
+        questions = [
+            tokenizer.decode(tokenizer(q, add_special_tokens=False)["input_ids"][:limit]) for q in questions
+        ]
+    for number, q in enumerate(questions):
+        room = max_len - len(tokenizer(q)["input_ids"]) - 1
+        if room < 8:  # the context is read in windows next to the question: leave it some room
+            raise InvalidRequest(
+                f"Question {number} is too long for this model's {max_len}-token windows; "
+                "shorten it or set max_question_len.",
+                param="inputs.question",
+            )
+        stride = min(stride, room // 2)
     enc = tokenizer(
-        [item["question"] for item in items],
+        questions,
         [item["context"] for item in items],
         truncation="only_second",
         max_length=max_len,

@@ -36,7 +36,10 @@ def _generate(tm: TaskModel, texts: list[str], params: dict[str, Any], **extra: 
     seed = kwargs.pop("seed", None)
     if seed is not None:
         torch.manual_seed(seed)
-    output = tm.model.generate(**enc, **kwargs)
+    try:
+        output = tm.model.generate(**enc, **kwargs)
+    except ValueError as exc:  # generate() checks how its settings combine (e.g. beam groups vs beams)
+        raise InvalidRequest(f"Invalid generate_parameters: {exc}", param="generate_parameters") from exc
     clean = params.get("clean_up_tokenization_spaces", False)
     return tm.tokenizer.batch_decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=clean)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.engine.tasks import TaskModel
+from gateway.errors import InvalidRequest
 
 
 def _plain(entity: dict[str, Any]) -> dict[str, Any]:
@@ -19,8 +20,11 @@ def _plain(entity: dict[str, Any]) -> dict[str, Any]:
 
 def run(tm: TaskModel, items: list[str], params: dict[str, Any]) -> list[list[dict]]:
     """A list of entities per text: `entity_group` (or `entity` with no aggregation), score, word, start, end."""
-    if not params.get("stride"):
+    stride = params.get("stride")
+    if not stride:
         tm.check_length(items)  # with a stride, long texts are read in overlapping windows
+    elif stride >= tm.max_length - 2:
+        raise InvalidRequest(f"stride must be smaller than the model's {tm.max_length - 2} tokens.", param="stride")
     pipe = tm.pipeline("token-classification")
     kwargs: dict[str, Any] = {"aggregation_strategy": params.get("aggregation_strategy", "simple")}
     if params.get("ignore_labels") is not None:
