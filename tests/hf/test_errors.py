@@ -133,3 +133,20 @@ def test_question_is_cut_to_max_question_len(hf_server: LiveServer) -> None:
     assert r.status_code == 200 and context[r.json()["start"] : r.json()["end"]] == r.json()["answer"]
     r = requests.post(f"{hf_server.url}/models/qa", json={"inputs": body["inputs"]})
     _error(r, 422, "validation")  # without it, the question leaves no room for the context
+
+
+WEIRD_BODIES = [
+    b"{}", b"[]", b"null", b"42", b'{"inputs": null}', b'{"inputs": {}}', b'{"inputs": [[]]}', b'{"inputs": [1, 2]}',
+    b'{"inputs": "x", "parameters": []}', b'{"inputs": "x", "parameters": {"top_k": -1}}', b"\xff\xfe\x00garbage",
+    b'{"inputs": "x", "options": []}', b'{"inputs": "\xf0\x9f\x99\x82 [MASK]"}', b'{"inputs": {"question": 1, "context": 2}}',
+]
+MODELS = ["gpt2", "acme/sentiment", "nli", "ner", "mlm", "qa", "bart-summarizer", "vit", "all-minilm-l6-v2"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_no_input_makes_a_500(hf_server: LiveServer, model: str) -> None:
+    for body in WEIRD_BODIES:
+        r = requests.post(f"{hf_server.url}/models/{model}", data=body, timeout=60)
+        assert r.status_code < 500, (model, body, r.text)
+        if r.status_code >= 400:
+            assert isinstance(r.json(), dict) and r.json()["error"], (model, body)
