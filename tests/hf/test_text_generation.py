@@ -224,3 +224,17 @@ def test_truncate_keeps_the_last_prompt_tokens(hf_server: LiveServer) -> None:
     assert out.generated_text == client.text_generation(tail, max_new_tokens=3)
     with pytest.raises(ValidationError, match="streaming"):
         list(client.text_generation("Hello", max_new_tokens=2, stream=True, details=True, decoder_input_details=True))
+
+
+def test_end_of_sequence_finish_reason(fake_server: LiveServer) -> None:
+    """The fake model ends (EOS) once it has echoed the prompt: TGI says eos_token, OpenAI says stop."""
+    client = InferenceClient(base_url=f"{fake_server.url}/models/fake/chat")
+    out = client.text_generation("one two three", max_new_tokens=10, details=True)
+    assert out.generated_text == "one two three"
+    assert out.details.finish_reason == "eos_token" and out.details.generated_tokens == 3
+    events = list(client.text_generation("one two three", max_new_tokens=10, details=True, stream=True))
+    assert events[-1].details.finish_reason == "eos_token" and events[-1].details.input_length == 3
+    chat = OpenAI(base_url=f"{fake_server.url}/v1", api_key="x").chat.completions.create(
+        model="fake-chat", messages=[{"role": "user", "content": "one two"}], max_tokens=10, temperature=0
+    )
+    assert chat.choices[0].finish_reason == "stop"
