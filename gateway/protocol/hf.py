@@ -225,7 +225,7 @@ def parse_call(body: Any, task: Task | None) -> HFCall:
         raise InvalidRequest("'parameters' must be an object.", param="parameters")
     extra = {k: v for k, v in body.items() if k not in _TOP_LEVEL}
     if extra:
-        if task != Task.FEATURE_EXTRACTION:
+        if task not in (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY):  # embedding models serve both
             name = next(iter(extra))
             raise InvalidRequest(f"Unknown field '{name}' in the request body.", param=name)
         parameters = {**parameters, **extra}  # feature-extraction sends its parameters at the top level

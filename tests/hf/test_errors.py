@@ -150,3 +150,17 @@ def test_no_input_makes_a_500(hf_server: LiveServer, model: str) -> None:
         assert r.status_code < 500, (model, body, r.text)
         if r.status_code >= 400:
             assert isinstance(r.json(), dict) and r.json()["error"], (model, body)
+
+
+def test_api_keys_apply_to_hf_routes() -> None:
+    models = [{"name": "chat", "task": "text-generation", "default": True, "backend": {"kind": "fake"}},
+              {"name": "org/embed", "task": "feature-extraction", "backend": {"kind": "fake"}}]
+    with LiveServer(settings_for(models, api_keys=["sekret"])) as server:
+        server.wait_ready()
+        ok = InferenceClient(base_url=f"{server.url}/models/org/embed", api_key="sekret")
+        assert ok.feature_extraction("hello").shape == (1, 8)
+        assert InferenceClient(base_url=server.url, api_key="sekret").text_generation("a b", max_new_tokens=2) == "a b"
+        r = requests.post(f"{server.url}/models/org/embed", json={"inputs": "hello"})
+        _error(r, 401, "authentication")
+        r = requests.post(server.url, json={"inputs": "hello"}, headers={"Authorization": "Bearer wrong"})
+        _error(r, 401, "authentication")
