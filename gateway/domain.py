@@ -60,6 +60,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     n: int = 1
+    top_n: int = 0  # also report the n most likely tokens at each step (TGI's top_n_tokens)
 
     @property
     def greedy(self) -> bool:
@@ -98,6 +99,17 @@ class TokenDelta:
     logprob: float | None = None
     special: bool = False
     finish_reason: FinishReason | None = None
+    top: tuple[TopToken, ...] = ()  # the most likely tokens at this step, when asked (SamplingParams.top_n)
+
+
+@dataclass(frozen=True)
+class TopToken:
+    """One of the most likely tokens at a step, by the model's own distribution."""
+
+    token_id: int
+    text: str
+    logprob: float
+    special: bool = False
 
 
 @dataclass

@@ -16,6 +16,7 @@ from gateway.domain import FinishReason, GenerationRequest, SamplingParams, Toke
 from gateway.errors import InvalidRequest, UnsupportedParameter
 
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when a request does not say
+MAX_TOP_N_TOKENS = 5  # TGI's default --max-top-n-tokens
 
 TGI_FINISH = {
     FinishReason.LENGTH: "length",
@@ -30,7 +31,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "typical_p": (None, 1.0),
     "grammar": (None,),
     "adapter_id": (None, ""),
-    "top_n_tokens": (None, 0),
 }
 
 
@@ -40,6 +40,7 @@ class TGIParameters(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1)
     truncate: int | None = Field(None, ge=1)
     decoder_input_details: bool = False
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
     temperature: float | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, gt=0)
@@ -56,7 +57,6 @@ class TGIParameters(BaseModel):
     typical_p: float | None = None
     grammar: dict[str, Any] | None = None
     adapter_id: str | None = None
-    top_n_tokens: int | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -96,6 +96,7 @@ class TGIParameters(BaseModel):
             stop=tuple(self.stop or ()),
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
+            top_n=self.top_n_tokens or 0,
         )
         return GenerationRequest(sampling=sampling, prompt=prompt, request_id=request_id, truncate=self.truncate)
 
@@ -134,12 +135,20 @@ def token_body(delta: TokenDelta) -> dict[str, Any]:
     return {"id": delta.token_id, "text": delta.text, "logprob": delta.logprob, "special": delta.special}
 
 
+def top_body(delta: TokenDelta) -> list[dict[str, Any]]:
+    return [{"id": t.token_id, "text": t.text, "logprob": t.logprob, "special": t.special} for t in delta.top]
+
+
 def generated(prompt: str, text: str, params: TGIParameters) -> str:
     return prompt + text if params.return_full_text else text
 
 
 def details_body(
-    tokens: list[TokenDelta], finish: FinishReason | None, seed: int | None, prefill: list[TokenDelta]
+    tokens: list[TokenDelta],
+    finish: FinishReason | None,
+    seed: int | None,
+    prefill: list[TokenDelta],
+    top_n: int = 0,
 ) -> dict[str, Any]:
     return {
         "finish_reason": TGI_FINISH[finish] if finish is not None else "length",
@@ -147,7 +156,7 @@ def details_body(
         "seed": seed,
         "prefill": [{"id": t.token_id, "text": t.text, "logprob": t.logprob} for t in prefill],
         "tokens": [token_body(t) for t in tokens],
-        "top_tokens": None,
+        "top_tokens": [top_body(t) for t in tokens] if top_n else None,
         "best_of_sequences": None,
     }
 
@@ -160,5 +169,5 @@ def stream_event(
         "token": token_body(delta),
         "generated_text": generated_text,
         "details": details,
-        "top_tokens": None,
+        "top_tokens": top_body(delta) if delta.top else None,
     }

@@ -90,7 +90,9 @@ async def text_generation(
         if params.details:
             seed = None if generation.sampling.greedy else generation.sampling.seed
             prefill = await backend.prompt_logprobs(generation) if params.decoder_input_details else []
-            body["details"] = tgi.details_body(choice.tokens, choice.finish_reason, seed, prefill)
+            body["details"] = tgi.details_body(
+                choice.tokens, choice.finish_reason, seed, prefill, generation.sampling.top_n
+            )
         return body
 
     results = list(await asyncio.gather(*(one(p) for p in prompts)))

@@ -125,7 +125,7 @@ def test_generate_and_compat_shapes(hf_server: LiveServer) -> None:
         ({"best_of": 2}, "best_of"),
         ({"watermark": True}, "watermark"),
         ({"grammar": {"type": "json", "value": {}}}, "grammar"),
-        ({"top_n_tokens": 2}, "top_n_tokens"),
+        ({"top_n_tokens": 6}, "top_n_tokens"),
         ({"temperature": 0}, "temperature"),
         ({"max_new_tokenz": 2}, "max_new_tokenz"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -238,3 +238,18 @@ def test_end_of_sequence_finish_reason(fake_server: LiveServer) -> None:
         model="fake-chat", messages=[{"role": "user", "content": "one two"}], max_tokens=10, temperature=0
     )
     assert chat.choices[0].finish_reason == "stop"
+
+
+def test_top_n_tokens(hf_server: LiveServer) -> None:
+    client = InferenceClient(base_url=hf_server.url)
+    out = client.text_generation("Hello world", max_new_tokens=4, details=True, top_n_tokens=3)
+    tops = out.details.top_tokens
+    assert len(tops) == 4 and all(len(step) == 3 for step in tops)
+    for token, step in zip(out.details.tokens, tops, strict=True):  # the client leaves these as dicts
+        assert [t["logprob"] for t in step] == sorted((t["logprob"] for t in step), reverse=True)
+        # greedy with no penalties picks the most likely token, with the same log-probability
+        assert step[0]["id"] == token.id and step[0]["logprob"] == pytest.approx(token.logprob, abs=1e-5)
+    events = list(client.text_generation("Hello world", max_new_tokens=4, stream=True, details=True, top_n_tokens=2))
+    assert all(len(e.top_tokens) == 2 and e.top_tokens[0].id == e.token.id for e in events)
+    plain = client.text_generation("Hello world", max_new_tokens=4, details=True)
+    assert plain.details.top_tokens is None
