@@ -15,7 +15,7 @@ from gateway.error_handlers import install_error_handlers
 from gateway.json_response import FastJSONResponse
 from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
-from gateway.routes import openai_chat, openai_completions, openai_embeddings, openai_models, ops
+from gateway.routes import hf_tasks, openai_chat, openai_completions, openai_embeddings, openai_models, ops, tgi
 from gateway.state import AppState
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def create_app(settings: Settings, *, backend_factory: BackendFactory = default_
     )
     app.state.gateway = state
     install_error_handlers(app)
-    for module in (ops, openai_models, openai_chat, openai_completions, openai_embeddings):
+    for module in (ops, openai_models, openai_chat, openai_completions, openai_embeddings, tgi, hf_tasks):
         app.include_router(module.router)
     app.add_middleware(
         GatewayMiddleware,

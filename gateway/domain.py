@@ -36,8 +36,14 @@ class ModelState(str, enum.Enum):
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"  # end-of-sequence token or a stop sequence
-    LENGTH = "length"
+    STOP = "stop"  # a stop sequence was produced
+    EOS = "eos"  # the model produced its end-of-sequence token
+    LENGTH = "length"  # the token budget ran out
+
+    @property
+    def openai(self) -> str:
+        """OpenAI has no separate reason for end-of-sequence: both ends are "stop"."""
+        return "length" if self is FinishReason.LENGTH else "stop"
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     n: int = 1
+    top_n: int = 0  # also report the n most likely tokens at each step (TGI's top_n_tokens)
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +81,7 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | list[int] | None = None
     request_id: str = ""
+    truncate: int | None = None  # keep only the last N prompt tokens (TGI's `truncate`)
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,17 @@ class TokenDelta:
     logprob: float | None = None
     special: bool = False
     finish_reason: FinishReason | None = None
+    top: tuple[TopToken, ...] = ()  # the most likely tokens at this step, when asked (SamplingParams.top_n)
+
+
+@dataclass(frozen=True)
+class TopToken:
+    """One of the most likely tokens at a step, by the model's own distribution."""
+
+    token_id: int
+    text: str
+    logprob: float
+    special: bool = False
 
 
 @dataclass

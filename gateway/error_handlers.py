@@ -27,7 +27,10 @@ def is_openai_path(path: str) -> bool:
 
 
 def hf_error_body(exc: GatewayError) -> dict[str, Any]:
-    body: dict[str, Any] = {"error": exc.message, "error_type": exc.hf_error_type}
+    # huggingface_hub's text_generation retries itself, recursively, whenever an error names unused
+    # `model_kwargs` (it assumes a non-TGI server); that word must never reach an HF client.
+    message = exc.message.replace("model_kwargs", "model arguments")
+    body: dict[str, Any] = {"error": message, "error_type": exc.hf_error_type}
     estimated = getattr(exc, "estimated_time", None)
     if estimated is not None:
         body["estimated_time"] = estimated

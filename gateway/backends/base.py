@@ -26,7 +26,7 @@ from gateway.domain import (
     TokenDelta,
     Usage,
 )
-from gateway.errors import TaskNotSupported
+from gateway.errors import TaskNotSupported, UnsupportedParameter
 
 GenerationEvent = TokenDelta | StreamEnd
 
@@ -92,11 +92,39 @@ class Backend(abc.ABC):
         """
         raise TaskNotSupported(f"Model '{self.name}' does not generate text.")
 
+    async def prompt_logprobs(self, request: GenerationRequest) -> list[TokenDelta]:
+        """The prompt's tokens as the model reads them, each with its log-probability given
+        the tokens before it (None for the first): TGI's `prefill` details."""
+        raise UnsupportedParameter("decoder_input_details", f"is not supported by model '{self.name}'")
+
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         raise TaskNotSupported(f"Model '{self.name}' does not compute embeddings.")
 
-    async def run_task(self, request: TaskRequest) -> Any:
-        """A Hugging Face per-task call; returns the task's JSON-ready output."""
+    async def run_task(self, request: TaskRequest) -> list[Any]:
+        """A Hugging Face per-task call on a batch of inputs.
+
+        `request.inputs` is a list of items (validated by the wire layer), all sharing
+        `request.parameters`; returns one JSON-ready output per item, in order. The
+        embedding tasks are served here from `embed`, for every backend that embeds.
+        """
+        if request.task == Task.FEATURE_EXTRACTION:
+            result = await self.embed(
+                EmbeddingRequest(
+                    inputs=tuple(request.inputs),
+                    normalize=request.parameters.get("normalize"),
+                    truncate=request.parameters.get("truncate", True),
+                    dimensions=request.parameters.get("dimensions"),
+                )
+            )
+            return result.vectors
+        if request.task == Task.SENTENCE_SIMILARITY:
+            outputs = []
+            for item in request.inputs:
+                texts = (item["source_sentence"], *item["sentences"])
+                result = await self.embed(EmbeddingRequest(inputs=texts, normalize=True))
+                source, *others = result.vectors
+                outputs.append([sum(a * b for a, b in zip(source, o, strict=True)) for o in others])
+            return outputs
         raise TaskNotSupported(f"Model '{self.name}' does not serve the task '{request.task.value}'.")
 
     async def count_tokens(self, text: str) -> int | None:

@@ -58,7 +58,7 @@ class FakeBackend(Backend):
             text = " ".join(str(t) for t in request.prompt)
         else:
             text = request.prompt or ""
-        words = text.split()
+        words = text.split()[-request.truncate :] if request.truncate else text.split()
         return [w if i == 0 else " " + w for i, w in enumerate(words)] or ["..."]
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
@@ -79,7 +79,7 @@ class FakeBackend(Backend):
                 if assembler.stopped:
                     finish = FinishReason.STOP
                 elif params.greedy and step == len(words) - 1:
-                    text, finish = text + assembler.flush(), FinishReason.STOP  # echoed the whole prompt
+                    text, finish = text + assembler.flush(), FinishReason.EOS  # echoed the whole prompt
                 elif step + 1 == max_tokens:
                     text, finish = text + assembler.flush(), FinishReason.LENGTH
                 yield TokenDelta(index, text, token, -0.5, False, finish)

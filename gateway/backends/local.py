@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,24 +17,83 @@ from gateway.domain import (
     EmbeddingResult,
     GenerationRequest,
     Task,
+    TaskRequest,
+    TokenDelta,
     Usage,
 )
-from gateway.errors import InvalidRequest, TaskNotSupported
+from gateway.errors import BackendFailure, GatewayError, InvalidRequest, TaskNotSupported
 
-_LOAD_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
 
+# transformers' lazy imports and the weight-init patches it applies while loading are
+# process-global: two models loading on two threads corrupt each other. One at a time.
+_LOAD_LOCK = threading.Lock()
+
+
+# Architecture-name suffix -> task, as transformers.pipeline picks a head for each task.
+_HEAD_TASKS = (
+    ("ForCausalLM", Task.TEXT_GENERATION),
+    ("LMHeadModel", Task.TEXT_GENERATION),
+    ("ForSequenceClassification", Task.TEXT_CLASSIFICATION),
+    ("ForTokenClassification", Task.TOKEN_CLASSIFICATION),
+    ("ForMaskedLM", Task.FILL_MASK),
+    ("ForQuestionAnswering", Task.QUESTION_ANSWERING),
+    ("ForImageClassification", Task.IMAGE_CLASSIFICATION),
+)
+_SEQ2SEQ_TASKS = (Task.TEXT2TEXT_GENERATION, Task.SUMMARIZATION, Task.TRANSLATION)
+
 
 def infer_task(config: Any) -> Task:
-    """The task a checkpoint's architecture implies, following pipeline()'s defaults."""
+    """The task a checkpoint's architecture implies, following pipeline()'s defaults.
+
+    A sequence classifier with an 'entailment' label is an NLI model, which is what
+    zero-shot classification runs on; an encoder-decoder is text2text-generation unless its
+    `task_specific_params` name only summarization or only translation.
+    """
+    from gateway.engine.tasks.classification import entailment_index
+
     archs = config.architectures or []
     arch = archs[0] if archs else ""
-    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
-        return Task.TEXT_GENERATION
+    for suffix, task in _HEAD_TASKS:
+        if arch.endswith(suffix):
+            if task == Task.TEXT_CLASSIFICATION and entailment_index(config) is not None:
+                return Task.ZERO_SHOT_CLASSIFICATION
+            return task
     if getattr(config, "is_encoder_decoder", False):
+        declared = {key.split("_")[0] for key in (getattr(config, "task_specific_params", None) or {})}
+        if declared == {"summarization"}:
+            return Task.SUMMARIZATION
+        if declared == {"translation"}:
+            return Task.TRANSLATION
         return Task.TEXT2TEXT_GENERATION
     return Task.FEATURE_EXTRACTION
+
+
+def model_class(task: Task) -> Any:
+    """The transformers auto class whose head serves `task`."""
+    import transformers as tf
+
+    if task in _SEQ2SEQ_TASKS:
+        return tf.AutoModelForSeq2SeqLM
+    return {
+        Task.TEXT_GENERATION: tf.AutoModelForCausalLM,
+        Task.TEXT_CLASSIFICATION: tf.AutoModelForSequenceClassification,
+        Task.ZERO_SHOT_CLASSIFICATION: tf.AutoModelForSequenceClassification,
+        Task.TOKEN_CLASSIFICATION: tf.AutoModelForTokenClassification,
+        Task.FILL_MASK: tf.AutoModelForMaskedLM,
+        Task.QUESTION_ANSWERING: tf.AutoModelForQuestionAnswering,
+        Task.IMAGE_CLASSIFICATION: tf.AutoModelForImageClassification,
+    }.get(task, tf.AutoModel)
+
+
+# Tasks a model loaded for one task can also serve (/pipeline/{task}/{model} forces a task).
+_ALSO_SERVES = {
+    Task.TEXT_CLASSIFICATION: {Task.ZERO_SHOT_CLASSIFICATION},
+    Task.ZERO_SHOT_CLASSIFICATION: {Task.TEXT_CLASSIFICATION},
+    **{t: set(_SEQ2SEQ_TASKS) for t in _SEQ2SEQ_TASKS},
+}
 
 
 class LocalBackend(Backend):
@@ -50,6 +110,7 @@ class LocalBackend(Backend):
         self.dtype: Any = None
         self.engine: Any = None  # GenerationEngine for generative models
         self.embedder: Any = None
+        self.tasks: Any = None  # TaskModel for the other HF tasks
         self._compute = ThreadPoolExecutor(max_workers=settings.server.workers_per_model, thread_name_prefix=spec.name)
 
     # lifecycle -------------------------------------------------------------
@@ -57,37 +118,45 @@ class LocalBackend(Backend):
         await asyncio.get_running_loop().run_in_executor(self._compute, self._load_sync)
 
     def _load_sync(self) -> None:
-        # transformers' lazy imports and the weight-init patches it applies while loading are
-        # process-global, so two models loading on two threads corrupt each other: one at a time.
         with _LOAD_LOCK:
             self._load_locked()
 
     def _load_locked(self) -> None:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         from gateway.engine.loader import checkpoint_path, load_model
 
         if self.task is None:
             path, kwargs = checkpoint_path(self.local, self.cache_dir, AutoModelForCausalLM)
             self.task = infer_task(AutoConfig.from_pretrained(path, **kwargs))
+        auto_cls = model_class(self.task)
         if self.task == Task.TEXT_GENERATION:
             from gateway.engine.textgen import GenerationEngine
 
-            self.tokenizer, self.model, self.device, self.dtype = load_model(
-                self.local, self.cache_dir, AutoModelForCausalLM
-            )
+            self.tokenizer, self.model, self.device, self.dtype = load_model(self.local, self.cache_dir, auto_cls)
             self.engine = GenerationEngine(
                 self.model, self.tokenizer, self.device, max_queue=self.local.max_queue, name=self.name
             )
         elif self.task in EMBEDDING_TASKS:
             from gateway.engine.embedder import Embedder, read_pooling_config
 
-            self.tokenizer, self.model, self.device, self.dtype = load_model(self.local, self.cache_dir, AutoModel)
-            path, _ = checkpoint_path(self.local, self.cache_dir, AutoModel)
+            self.tokenizer, self.model, self.device, self.dtype = load_model(self.local, self.cache_dir, auto_cls)
+            path, _ = checkpoint_path(self.local, self.cache_dir, auto_cls)
             pooling = read_pooling_config(path, self.local.pooling, self.local.normalize)
             self.embedder = Embedder(self.model, self.tokenizer, self.device, pooling)
         else:
-            raise TaskNotSupported(f"task '{self.task.value}' is not served by the local backend yet")
+            from gateway.engine.tasks import TaskModel
+
+            image = self.task == Task.IMAGE_CLASSIFICATION
+            if image:
+                from transformers import AutoImageProcessor
+            preprocessor, self.model, self.device, self.dtype = load_model(
+                self.local, self.cache_dir, auto_cls, AutoImageProcessor if image else None
+            )
+            self.tokenizer = None if image else preprocessor
+            self.tasks = TaskModel(
+                self.model, self.tokenizer, self.device, image_processor=preprocessor if image else None
+            )
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -162,15 +231,76 @@ class LocalBackend(Backend):
         if self.engine is None:
             raise TaskNotSupported(f"Model '{self.name}' does not generate text.")
         prompt_ids = self._prompt_ids(request)
+        if request.truncate:
+            prompt_ids = prompt_ids[-request.truncate :]
         max_tokens = self._budget(prompt_ids, request.sampling.max_tokens)
         return self.engine.stream(prompt_ids, request.sampling, max_tokens)
+
+    async def prompt_logprobs(self, request: GenerationRequest) -> list[TokenDelta]:
+        if self.engine is None:
+            return await super().prompt_logprobs(request)
+        ids = self._prompt_ids(request)
+        if request.truncate:
+            ids = ids[-request.truncate :]
+        self._budget(ids, 1)
+
+        def score() -> list[float]:
+            import torch
+
+            with torch.inference_mode():
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
+                logprobs = torch.log_softmax(logits[:-1], dim=-1)
+                return logprobs.gather(1, torch.tensor(ids[1:], device=logprobs.device)[:, None])[:, 0].tolist()
+
+        scores = await asyncio.get_running_loop().run_in_executor(self._compute, score)
+        special = set(self.tokenizer.all_special_ids)
+        return [
+            TokenDelta(0, self.tokenizer.decode([token]), token, None if i == 0 else scores[i - 1], token in special)
+            for i, token in enumerate(ids)
+        ]
 
     async def count_tokens(self, text: str) -> int | None:
         return len(self.tokenizer(text)["input_ids"]) if self.tokenizer is not None else None
 
+    # Hugging Face tasks ----------------------------------------------------
+    def serves(self, task: Task) -> bool:
+        if task == self.task or task in _ALSO_SERVES.get(self.task, ()):  # type: ignore[arg-type]
+            return True
+        return task in EMBEDDING_TASKS and self._text_encoder() is not None
+
+    def _text_encoder(self) -> Any:
+        """The model's own encoder for embeddings of a model loaded for another task (/pipeline/feature-extraction)."""
+        if self.embedder is not None:
+            return self.embedder
+        if self.tasks is None or self.tokenizer is None or getattr(self.model.config, "is_encoder_decoder", False):
+            return None  # only encoders loaded for an HF task lend their encoder
+        from gateway.engine.embedder import Embedder, PoolingConfig
+
+        self.embedder = Embedder(self.model.base_model, self.tokenizer, self.device, PoolingConfig(mode="mean"))
+        return self.embedder
+
+    async def run_task(self, request: TaskRequest) -> list[Any]:
+        if request.task in EMBEDDING_TASKS and self.serves(request.task):
+            return await super().run_task(request)
+        from gateway.engine.tasks import runner
+
+        run = runner(request.task)
+        if run is None or self.tasks is None or not self.serves(request.task):
+            return await super().run_task(request)
+        items, params = list(request.inputs), request.parameters
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._compute, lambda: run(self.tasks, items, params)
+            )
+        except GatewayError:
+            raise
+        except Exception as exc:  # logged here; the client gets a clean 500 in its API's shape
+            log.exception("%s failed in %s", request.task.value, self.name)
+            raise BackendFailure(f"The {request.task.value} computation failed ({type(exc).__name__}).") from exc
+
     # embeddings ------------------------------------------------------------
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
-        if self.embedder is None:
+        if self._text_encoder() is None:
             raise TaskNotSupported(f"Model '{self.name}' does not compute embeddings.")
         texts = [t if isinstance(t, str) else self.tokenizer.decode(t) for t in request.inputs]
         vectors, tokens = await asyncio.get_running_loop().run_in_executor(

@@ -126,14 +126,19 @@ def checkpoint_path(spec: LocalBackendSpec, cache_root: Path, auto_cls: Any) -> 
     return str(target), kwargs
 
 
-def load_model(spec: LocalBackendSpec, cache_root: Path, auto_cls: Any) -> tuple[Any, Any, torch.device, torch.dtype]:
-    """Load tokenizer and model for `spec` with `auto_cls` (e.g. AutoModelForCausalLM)."""
+def load_model(
+    spec: LocalBackendSpec, cache_root: Path, auto_cls: Any, preprocessor_cls: Any = None
+) -> tuple[Any, Any, torch.device, torch.dtype]:
+    """Load preprocessor and model for `spec` with `auto_cls` (e.g. AutoModelForCausalLM).
+
+    The preprocessor is a tokenizer unless `preprocessor_cls` says otherwise (AutoImageProcessor).
+    """
     from transformers import AutoTokenizer
 
     path, kwargs = checkpoint_path(spec, cache_root, auto_cls)
     device = pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    tokenizer = (preprocessor_cls or AutoTokenizer).from_pretrained(path, **kwargs)
     model_kwargs = dict(kwargs, dtype=dtype)
     if spec.device_map:
         model_kwargs["device_map"] = spec.device_map  # accelerate places the layers

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from gateway.domain import FinishReason, SamplingParams, StreamEnd, TokenDelta, Usage
 from gateway.engine.detokenize import TextAssembler
 from gateway.engine.sampling import SequenceSampler
+from gateway.engine.top_tokens import top_tokens
 from gateway.errors import BackendFailure, Overloaded
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class GenerationEngine:
                 next_ids.append(token)
                 finish = None
                 if token in self.eos_ids:
-                    text, finish, special = texts[i].flush(), FinishReason.STOP, True
+                    text, finish, special = texts[i].flush(), FinishReason.EOS, True
                 else:
                     text, special = texts[i].push(token), False
                     if texts[i].stopped:
@@ -147,7 +148,8 @@ class GenerationEngine:
                     elif produced[i] >= job.max_tokens:
                         text, finish = text + texts[i].flush(), FinishReason.LENGTH
                 done[i] = finish is not None
-                job.emit(TokenDelta(i, text, token, logprob, special, finish))
+                top = top_tokens(logits[i], job.params.top_n, self.tokenizer, self.vocab_size)
+                job.emit(TokenDelta(i, text, token, logprob, special, finish, top))
             if all(done):
                 break
             logits = self._forward(torch.tensor(next_ids).unsqueeze(1), cache)

@@ -17,7 +17,7 @@ def usage_body(usage: Usage) -> dict[str, int]:
 
 
 def _reason(delta: TokenDelta) -> str | None:
-    return delta.finish_reason.value if delta.finish_reason is not None else None
+    return delta.finish_reason.openai if delta.finish_reason is not None else None
 
 
 def chat_completion(result: GenerationResult, *, id: str, model: str, created: int) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def chat_completion(result: GenerationResult, *, id: str, model: str, created: i
             {
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason.value if c.finish_reason else None,
+                "finish_reason": c.finish_reason.openai if c.finish_reason else None,
                 "logprobs": None,
             }
             for c in result.choices
@@ -71,7 +71,7 @@ def completion(results: list[GenerationResult], *, id: str, model: str, created:
                 {
                     "index": len(choices),
                     "text": c.text,
-                    "finish_reason": c.finish_reason.value if c.finish_reason else None,
+                    "finish_reason": c.finish_reason.openai if c.finish_reason else None,
                     "logprobs": None,
                 }
             )

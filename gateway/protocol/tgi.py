@@ -1,0 +1,173 @@
+"""Text Generation Inference (TGI) wire format: parameters, responses and stream events.
+
+Sampling follows TGI: `do_sample` true samples, false is greedy, and unset samples
+exactly when a sampling setting (temperature != 1, top_k, top_p < 1) is given. A
+parameter TGI has but this server cannot honour is a validation error naming it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.domain import FinishReason, GenerationRequest, SamplingParams, TokenDelta
+from gateway.errors import InvalidRequest, UnsupportedParameter
+
+DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when a request does not say
+MAX_TOP_N_TOKENS = 5  # TGI's default --max-top-n-tokens
+
+TGI_FINISH = {
+    FinishReason.LENGTH: "length",
+    FinishReason.EOS: "eos_token",
+    FinishReason.STOP: "stop_sequence",
+}
+
+# TGI parameters this server cannot honour, with the values that ask for nothing.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "best_of": (None, 1),
+    "watermark": (None, False),
+    "typical_p": (None, 1.0),
+    "grammar": (None,),
+    "adapter_id": (None, ""),
+}
+
+
+class TGIParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    truncate: int | None = Field(None, ge=1)
+    decoder_input_details: bool = False
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS)
+    temperature: float | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    do_sample: bool | None = None
+    seed: int | None = Field(None, ge=0)
+    stop: list[str] | None = None
+    return_full_text: bool | None = None
+    details: bool = False
+    # Known to TGI, refused here unless neutral (see _NEUTRAL).
+    best_of: int | None = None
+    watermark: bool | None = None
+    typical_p: float | None = None
+    grammar: dict[str, Any] | None = None
+    adapter_id: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def check_supported(self) -> None:
+        for name, neutral in _NEUTRAL.items():
+            if getattr(self, name) not in neutral:
+                raise UnsupportedParameter(name, "is not supported by this server")
+
+    @property
+    def samples(self) -> bool:
+        if self.do_sample is not None:
+            return self.do_sample
+        return (
+            (self.temperature is not None and self.temperature != 1.0)
+            or bool(self.top_k)
+            or (self.top_p is not None and self.top_p < 1.0)
+        )
+
+    def to_domain(self, prompt: str, request_id: str) -> GenerationRequest:
+        sample = self.samples
+        seed = self.seed
+        if sample and seed is None:
+            seed = secrets.randbits(32)  # chosen here so the response can report it, as TGI does
+        sampling = SamplingParams(
+            max_tokens=self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+            temperature=(self.temperature or 1.0) if sample else 0.0,
+            top_p=self.top_p or 1.0,
+            top_k=self.top_k or 0,
+            seed=seed,
+            stop=tuple(self.stop or ()),
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            top_n=self.top_n_tokens or 0,
+        )
+        return GenerationRequest(sampling=sampling, prompt=prompt, request_id=request_id, truncate=self.truncate)
+
+
+def parse_parameters(raw: Any) -> TGIParameters:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InvalidRequest("'parameters' must be an object.", param="parameters")
+    try:
+        params = TGIParameters.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+        if first.get("type") == "extra_forbidden":
+            msg = "is not a text-generation parameter"
+        raise InvalidRequest(f"Invalid 'parameters.{loc}': {msg}.", param=f"parameters.{loc}") from exc
+    params.check_supported()
+    return params
+
+
+def prompts(inputs: Any) -> tuple[list[str], bool]:
+    """The prompts of a request and whether `inputs` was a list."""
+    if isinstance(inputs, str):
+        return [inputs], False
+    if isinstance(inputs, list) and inputs and all(isinstance(x, str) for x in inputs):
+        if len(inputs) > 64:
+            raise InvalidRequest("At most 64 prompts per request.", param="inputs")
+        return list(inputs), True
+    raise InvalidRequest("'inputs' must be a string or a non-empty list of strings.", param="inputs")
+
+
+# responses ------------------------------------------------------------------
+def token_body(delta: TokenDelta) -> dict[str, Any]:
+    return {"id": delta.token_id, "text": delta.text, "logprob": delta.logprob, "special": delta.special}
+
+
+def top_body(delta: TokenDelta) -> list[dict[str, Any]]:
+    return [{"id": t.token_id, "text": t.text, "logprob": t.logprob, "special": t.special} for t in delta.top]
+
+
+def generated(prompt: str, text: str, params: TGIParameters) -> str:
+    return prompt + text if params.return_full_text else text
+
+
+def details_body(
+    tokens: list[TokenDelta],
+    finish: FinishReason | None,
+    seed: int | None,
+    prefill: list[TokenDelta],
+    top_n: int = 0,
+) -> dict[str, Any]:
+    return {
+        "finish_reason": TGI_FINISH[finish] if finish is not None else "length",
+        "generated_tokens": len(tokens),
+        "seed": seed,
+        "prefill": [{"id": t.token_id, "text": t.text, "logprob": t.logprob} for t in prefill],
+        "tokens": [token_body(t) for t in tokens],
+        "top_tokens": [top_body(t) for t in tokens] if top_n else None,
+        "best_of_sequences": None,
+    }
+
+
+def stream_event(
+    index: int, delta: TokenDelta, *, generated_text: str | None = None, details: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "token": token_body(delta),
+        "generated_text": generated_text,
+        "details": details,
+        "top_tokens": top_body(delta) if delta.top else None,
+    }

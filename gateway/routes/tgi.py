@@ -1,0 +1,179 @@
+"""TGI-compatible text generation: POST /, /generate, /generate_stream and GET /info.
+
+They serve the default text-generation model; `POST /models/{id}` reuses
+`text_generation` for text-generation models. GET /health lives in routes/ops.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gateway import __version__
+from gateway.backends.base import Backend
+from gateway.backends.registry import Entry
+from gateway.domain import StreamEnd, Task, TokenDelta
+from gateway.error_handlers import hf_error_body
+from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.json_response import FastJSONResponse
+from gateway.protocol import tgi
+from gateway.protocol.hf import HFCall, parse_call, read_body
+from gateway.services.generation import run_generation, stream_generation
+from gateway.state import AppState, StateDep
+from gateway.streaming import primed, sse_response
+
+router = APIRouter(tags=["tgi"])
+
+
+def default_entry(state: AppState, request: Request) -> Entry:
+    entry = state.registry.default_for(Task.TEXT_GENERATION)
+    if entry is None:
+        raise ModelNotFound("(default text-generation model)", state.registry.names())
+    request.state.model = entry.spec.name
+    return entry
+
+
+def info_body(entry: Entry) -> dict[str, Any]:
+    """TGI/TEI-style endpoint info."""
+    info = entry.backend.info()
+    task = entry.task
+    return {
+        "model_id": entry.spec.name,
+        "model_sha": None,
+        "model_dtype": info.dtype,
+        "model_device_type": info.device,
+        "model_pipeline_tag": task.value if task else None,
+        "max_input_tokens": info.max_input_tokens,
+        "max_input_length": info.max_input_tokens,
+        "max_total_tokens": info.max_total_tokens,
+        "max_best_of": 1,
+        "max_stop_sequences": 4,
+        "state": entry.backend.state.value,
+        "router": "gateway",
+        "version": __version__,
+        "sha": None,
+        "docker_label": None,
+    }
+
+
+async def text_generation(
+    state: AppState,
+    request: Request,
+    entry: Entry,
+    backend: Backend,
+    call: HFCall,
+    *,
+    shape: Literal["list", "object"],
+    stream: bool,
+) -> Response:
+    """Generate for `call`: a list (POST /, hosted API) or one object (/generate), or a TGI stream."""
+    params = tgi.parse_parameters(call.parameters)
+    prompts, many = tgi.prompts(call.inputs)
+    if stream:
+        if many:
+            raise InvalidRequest("Streaming takes a single prompt; send a string as 'inputs'.", param="inputs")
+        if params.decoder_input_details:
+            raise InvalidRequest(
+                "decoder_input_details is not available when streaming (as in TGI).", param="decoder_input_details"
+            )
+        return await _stream(state, request, entry, backend, prompts[0], params)
+
+    async def one(prompt: str) -> dict[str, Any]:
+        generation = params.to_domain(prompt, request.state.request_id)
+        result = await run_generation(state, entry, backend, generation)
+        choice = result.choices[0]
+        body: dict[str, Any] = {"generated_text": tgi.generated(prompt, choice.text, params)}
+        if params.details:
+            seed = None if generation.sampling.greedy else generation.sampling.seed
+            prefill = await backend.prompt_logprobs(generation) if params.decoder_input_details else []
+            body["details"] = tgi.details_body(
+                choice.tokens, choice.finish_reason, seed, prefill, generation.sampling.top_n
+            )
+        return body
+
+    results = list(await asyncio.gather(*(one(p) for p in prompts)))
+    return FastJSONResponse(results[0] if shape == "object" and not many else results)
+
+
+async def _stream(
+    state: AppState, request: Request, entry: Entry, backend: Backend, prompt: str, params: tgi.TGIParameters
+) -> Response:
+    generation = params.to_domain(prompt, request.state.request_id)
+    seed = None if generation.sampling.greedy else generation.sampling.seed
+    events = await primed(stream_generation(state, entry, backend, generation))
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        # Each token is sent once the next event arrives: the last one carries
+        # generated_text and details, which need the usage that ends the stream.
+        pending: TokenDelta | None = None
+        end: StreamEnd | None = None
+        count, text = 0, ""
+        try:
+            async for event in events:
+                if isinstance(event, StreamEnd):
+                    end = event
+                    break
+                if pending is not None:
+                    yield tgi.stream_event(count, pending)
+                count += 1
+                text += event.text
+                pending = event
+        except Exception:
+            if pending is not None:  # the tokens made before a failure still reach the client
+                yield tgi.stream_event(count, pending)
+            raise
+        if pending is None:
+            return
+        details = None
+        if params.details:
+            details = {
+                "finish_reason": tgi.TGI_FINISH[pending.finish_reason] if pending.finish_reason else "length",
+                "generated_tokens": count,
+                "input_length": end.usage.prompt_tokens if end is not None else None,
+                "seed": seed,
+            }
+        yield tgi.stream_event(count, pending, generated_text=tgi.generated(prompt, text, params), details=details)
+
+    return sse_response(
+        chunks(), error_event=hf_error_body, done_marker=False, ping_seconds=state.settings.server.sse_ping_seconds
+    )
+
+
+async def _tgi_call(request: Request) -> HFCall:
+    return parse_call(read_body(await request.body(), "application/json"), Task.TEXT_GENERATION)
+
+
+async def compat_generate(request: Request, state: StateDep) -> Response:
+    """POST /: `stream` in the body picks a stream or a list of one result."""
+    entry = default_entry(state, request)
+    call = await _tgi_call(request)
+    backend = await state.registry.ensure_loaded(entry, wait=call.options.wait_for_model is not False)
+    return await text_generation(state, request, entry, backend, call, shape="list", stream=bool(call.stream))
+
+
+async def generate(request: Request, state: StateDep) -> Response:
+    entry = default_entry(state, request)
+    call = await _tgi_call(request)
+    backend = await state.registry.ensure_loaded(entry, wait=call.options.wait_for_model is not False)
+    return await text_generation(state, request, entry, backend, call, shape="object", stream=False)
+
+
+async def generate_stream(request: Request, state: StateDep) -> Response:
+    entry = default_entry(state, request)
+    call = await _tgi_call(request)
+    backend = await state.registry.ensure_loaded(entry, wait=call.options.wait_for_model is not False)
+    return await text_generation(state, request, entry, backend, call, shape="object", stream=True)
+
+
+async def info(request: Request, state: StateDep) -> dict[str, Any]:
+    return info_body(default_entry(state, request))
+
+
+router.add_api_route("/", compat_generate, methods=["POST"], response_model=None)
+router.add_api_route("/generate", generate, methods=["POST"], response_model=None)
+router.add_api_route("/generate_stream", generate_stream, methods=["POST"], response_model=None)
+router.add_api_route("/info", info, methods=["GET"])
