@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, *, backend_factory: BackendFactory = default_backend_factory) -> FastAPI:
     metrics = Metrics()
     registry = Registry(settings, backend_factory)
+    registry.attach_metrics(metrics)
     state = AppState(settings=settings, registry=registry, metrics=metrics)
 
     @asynccontextmanager
