@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 from gateway.backends.base import Backend, GenerationEvent, ModelInfo
 from gateway.config import ModelSpec
-from gateway.domain import EmbeddingRequest, EmbeddingResult, GenerationRequest, GenerationResult, ModelState, TaskRequest
+from gateway.domain import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationRequest,
+    GenerationResult,
+    ModelState,
+    TaskRequest,
+)
 from gateway.errors import GatewayError, UpstreamError
 from gateway.metrics import Metrics
 from gateway.upstream.breaker import Breaker
@@ -71,7 +78,7 @@ class RoutingBackend(Backend):
     # lifecycle -------------------------------------------------------------
     async def _load(self) -> None:
         results = await asyncio.gather(*(d.backend.start() for d in self.deployments), return_exceptions=True)
-        for d, result in zip(self.deployments, results):
+        for d, result in zip(self.deployments, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("deployment %s failed to start: %s", d.label, d.backend.error)
         if not any(d.backend.state == ModelState.READY for d in self.deployments):

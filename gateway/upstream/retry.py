@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import random
-from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 
 from gateway.errors import GatewayError, Overloaded, UpstreamError
 
