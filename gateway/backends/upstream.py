@@ -111,7 +111,7 @@ class UpstreamBackend(Backend):
                 ):
                     raise failure.to_error() from None
                 self._retries.inc()
-                log.info("%s: %s; retry %d in %.2fs", self.where, failure.message, retries, wait)
+                log.info("%s retry %d in %.2fs", failure.message, retries, wait)
                 await asyncio.sleep(wait)
                 continue
             except GatewayError as error:
