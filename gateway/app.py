@@ -43,8 +43,11 @@ def create_app(settings: Settings, *, backend_factory: BackendFactory = default_
     )
     app.state.gateway = state
     install_error_handlers(app)
-    for module in (ops, openai_models, openai_chat, openai_completions, openai_embeddings):
-        app.include_router(module.router)
+    # Hot inference routes first: the router tries routes in order on every request.
+    for module in (openai_chat, openai_completions, openai_embeddings, openai_models, ops):
+        # The routes themselves, not include_router: FastAPI matches an included router lazily on
+        # every request (twice), which cost a measurable share of the upstream hot path.
+        app.router.routes.extend(module.router.routes)
     app.add_middleware(
         GatewayMiddleware,
         metrics=metrics,

@@ -74,6 +74,7 @@ class UpstreamBackend(Backend):
             connect_timeout=self.upstream.timeouts.connect,
             max_connections=self.upstream.max_connections,
         )
+        self.transport.remember_timeout(self.upstream.timeouts.per_try)
         await self.transport.open()
 
     async def close(self) -> None:

@@ -8,15 +8,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
 from starlette.responses import Response
 
 from gateway.backends.base import GenerationEvent
 from gateway.domain import StreamEnd, Task
 from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import ChatCompletionRequest
+from gateway.routes.body import FastJSONResponse, openapi_body, parse_body
 from gateway.services.generation import resolve_backend, run_generation, stream_generation
-from gateway.state import StateDep
+from gateway.state import AppState
 from gateway.streaming import primed, sse_response
 
 router = APIRouter(tags=["openai"])
@@ -42,14 +42,16 @@ async def chat_chunks(
         yield wire.chat_chunk(id=id, model=model, created=created, choices=[choice])
 
 
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: StateDep) -> Response:
+async def create_chat_completion(request: Request) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
+    state: AppState = request.app.state.gateway
     ignored = body.ignored_fields()
     entry, backend = await resolve_backend(state, request, body.model, Task.TEXT_GENERATION)
     generation = body.to_domain(request.state.request_id)
     id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
     if not body.stream:
         result = await run_generation(state, entry, backend, generation)
-        return ORJSONResponse(
+        return FastJSONResponse(
             wire.chat_completion(result, id=id, model=model, created=created), headers=ignored_header(ignored)
         )
     events = await primed(stream_generation(state, entry, backend, generation))
@@ -62,4 +64,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     )
 
 
-router.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"], response_model=None)
+router.add_api_route(
+    "/v1/chat/completions",
+    create_chat_completion,
+    methods=["POST"],
+    response_model=None,
+    openapi_extra=openapi_body(ChatCompletionRequest),
+)

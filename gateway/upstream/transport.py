@@ -66,6 +66,17 @@ class Transport:
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self.session: aiohttp.ClientSession | None = None
+        self._limits: dict[tuple[float, bool], aiohttp.ClientTimeout] = {}
+
+    def _timeout(self, timeout: float, stream: bool) -> aiohttp.ClientTimeout:
+        connect = min(self.connect_timeout, timeout)
+        if stream:
+            return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=timeout)
+        return aiohttp.ClientTimeout(total=timeout, connect=connect)
+
+    def remember_timeout(self, timeout: float) -> None:
+        """Build the full per-try timeouts once; only a retry near the deadline needs a fresh one."""
+        self._limits = {(timeout, s): self._timeout(timeout, s) for s in (False, True)}
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30, ttl_dns_cache=300)
@@ -85,12 +96,9 @@ class Transport:
         after it) instead of the whole response. The caller closes the response.
         """
         assert self.session is not None, "transport not opened"
-        connect = min(self.connect_timeout, timeout)
-        limits = (
-            aiohttp.ClientTimeout(total=None, connect=connect, sock_read=timeout)
-            if stream
-            else aiohttp.ClientTimeout(total=timeout, connect=connect)
-        )
+        limits = self._limits.get((timeout, stream))
+        if limits is None:
+            limits = self._timeout(timeout, stream)
         try:
             response = await self.session.post(
                 self.base_url + path, data=orjson.dumps(body), timeout=limits, allow_redirects=False
