@@ -32,14 +32,25 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise RequestValidationError(errors) from None
 
 
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
 def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
-    """Keeps the request schema in /openapi.json although the route reads the body itself."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}},
-        }
-    }
+    """Keeps the request schema in /openapi.json although the route reads the body itself.
+
+    Nested models are inlined: a `$defs` reference would not resolve inside the OpenAPI document.
+    """
+    schema = model.model_json_schema()
+    schema = _inline(schema, schema.get("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 class FastJSONResponse(JSONResponse):
