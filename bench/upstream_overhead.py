@@ -127,11 +127,11 @@ http {{
     return subprocess.Popen([nginx, "-p", str(tmp), "-c", str(conf), "-e", f"{tmp}/nginx-error.log"])
 
 
-def start_gateway(tmp: Path, port: int, upstream: str) -> subprocess.Popen[bytes]:
+def start_gateway(tmp: Path, port: int, upstream: str, log_level: str) -> subprocess.Popen[bytes]:
     config = tmp / "gateway.yaml"
     config.write_text(
         f"""server:
-  log_level: warning  # as the forwarders: no per-request access log line on either side
+  log_level: {log_level}  # warning, as the forwarders: no per-request access log line on either side
 models:
   - name: bench
     task: text-generation
@@ -240,6 +240,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="Measured requests per target, level and round.")
     parser.add_argument("--warmup", type=int, default=320)
     parser.add_argument("--out", default=str(ROOT / "bench" / "upstream_overhead.json"))
+    parser.add_argument(
+        "--gateway-log-level", default="warning", help="info adds uvicorn's access log line per request."
+    )
     parser.add_argument("--serve-forwarder", choices=["httpx", "aiohttp"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -260,7 +263,7 @@ def main() -> int:
         tmp = Path(tmpdir)
         procs = [start_nginx(tmp, ports["direct"])]
         try:
-            procs.append(start_gateway(tmp, ports["gateway"], upstream))
+            procs.append(start_gateway(tmp, ports["gateway"], upstream, args.gateway_log_level))
             procs.append(start_forwarder("httpx", ports["forwarder-httpx"], upstream))
             procs.append(start_forwarder("aiohttp", ports["forwarder-aiohttp"], upstream))
             for port in ports.values():
@@ -317,7 +320,12 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"gateway req/s at c=16 vs {fwd}: {value:.2f}x (target >= 0.8x)")
     out = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "settings": {"rounds": args.rounds, "requests": args.requests, "warmup": args.warmup},
+        "settings": {
+            "rounds": args.rounds,
+            "requests": args.requests,
+            "warmup": args.warmup,
+            "gateway_log_level": args.gateway_log_level,
+        },
         **results,
     }
     Path(args.out).write_text(json.dumps(out, indent=2))
