@@ -149,7 +149,7 @@ class UpstreamBackend(Backend):
         dialect = self.upstream.dialect
         if dialect == "openai":
             path, body = dialects.openai_generation(request, self.model, stream)
-            return path, body, dialects.OpenAIStream()
+            return path, body, dialects.OpenAIStream(request.sampling.n)
         body = {"inputs": request.prompt, "parameters": dialects.tgi_parameters(request)}
         if dialect == "tgi":
             return ("/generate_stream" if stream else "/generate"), body, dialects.TGIStream()
@@ -190,7 +190,7 @@ class UpstreamBackend(Backend):
                 for event in events:
                     yield event
                 events = await self._next_events(response, parser)
-            if not parser.done:
+            if not parser.complete:
                 raise UpstreamError(f"{self.where} ended the stream before it was complete.")
             outcome = "ok"
             yield parser.end()

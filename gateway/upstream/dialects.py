@@ -102,11 +102,21 @@ def openai_result(data: Any, n: int) -> GenerationResult:
 
 
 class OpenAIStream:
-    """Turns each `data:` payload of an OpenAI stream into domain events as it arrives."""
+    """Turns each `data:` payload of an OpenAI stream into domain events as it arrives.
 
-    def __init__(self) -> None:
+    The stream is complete at `[DONE]`, or, for servers that just close the connection,
+    once every choice has its finish_reason.
+    """
+
+    def __init__(self, n: int = 1) -> None:
         self.usage = Usage()
         self.done = False
+        self.n = n
+        self.finished: set[int] = set()
+
+    @property
+    def complete(self) -> bool:
+        return self.done or len(self.finished) >= self.n
 
     def feed(self, data: dict[str, Any]) -> list[GenerationEvent]:
         if "error" in data and data["error"]:
@@ -120,7 +130,10 @@ class OpenAIStream:
                 text = delta.get("content") if isinstance(delta, dict) else c.get("text")
                 reason = finish_reason(c.get("finish_reason"))
                 if text or reason is not None:
-                    events.append(TokenDelta(int(c.get("index", 0)), text or "", finish_reason=reason))
+                    index = int(c.get("index", 0))
+                    if reason is not None:
+                        self.finished.add(index)
+                    events.append(TokenDelta(index, text or "", finish_reason=reason))
             return events
         except (TypeError, ValueError, AttributeError):
             raise malformed("stream chunk") from None
@@ -205,6 +218,10 @@ class TGIStream:
         self.usage = Usage()
         self.done = False
 
+    @property
+    def complete(self) -> bool:
+        return self.done
+
     def feed(self, data: dict[str, Any]) -> list[GenerationEvent]:
         if "error" in data and data["error"]:
             raise stream_error(data)
@@ -215,6 +232,9 @@ class TGIStream:
             if isinstance(details, dict):
                 reason = finish_reason(details.get("finish_reason") or "stop")
                 self.usage = Usage(int(details.get("input_length") or 0), int(details.get("generated_tokens") or 0))
+                self.done = True
+            elif data.get("generated_text") is not None:  # the last event, from a server sending no details
+                reason = FinishReason.STOP
                 self.done = True
             special = bool(token.get("special"))
             text = "" if special else token.get("text") or ""

@@ -107,12 +107,14 @@ class FaultUpstream:
                 for number, event in enumerate(events):
                     if behaviour == "reset" and number == 2:
                         raise ConnectionResetError("injected reset mid-stream")
+                    if behaviour == "truncated" and number == 2:
+                        return  # a clean end of the body, with the answer unfinished
                     if behaviour == "malformed_stream" and number == 1:
                         yield b"data: {not json\n\n"
                         return
                     yield b"data: " + event + b"\n\n"
                     await asyncio.sleep(0.5 if behaviour == "slow_stream" else 0)
-                if done is not None:
+                if done is not None and behaviour != "no_done":
                     yield done
             finally:
                 self.active_streams -= 1

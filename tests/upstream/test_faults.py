@@ -164,6 +164,24 @@ def test_stream_broken_midway_gives_an_in_band_error(fault, behaviour) -> None:
     assert fault.hits["/v1/chat/completions"] == 1  # never retried once output went out
 
 
+def test_stream_without_done_marker_is_complete_once_every_choice_finished(fault) -> None:
+    fault.queue("/v1/chat/completions", "no_done")
+    with serve(f"{fault.url}/v1") as gw:
+        chunks = list(sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the upstream"
+
+
+def test_stream_ending_cleanly_but_unfinished_is_an_in_band_error(fault) -> None:
+    fault.queue("/v1/chat/completions", "truncated")
+    with serve(f"{fault.url}/v1") as gw:
+        received = []
+        with pytest.raises(openai.APIError) as info:
+            for chunk in sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True):
+                received.append(chunk.choices[0].delta.content)
+    assert received == ["Hello", " from"]
+    assert "before it was complete" in info.value.message
+
+
 def test_client_disconnect_closes_the_upstream_stream(fault) -> None:
     fault.queue("/v1/chat/completions", "slow_stream")
     with serve(f"{fault.url}/v1") as gw:

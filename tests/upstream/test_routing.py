@@ -190,3 +190,17 @@ def test_client_errors_do_not_fall_back_or_count_against_the_deployment(fault) -
         assert sdk(gw).chat.completions.create(model="m", messages=CHAT).choices[0].message.content == (
             "Hello from the upstream"
         )
+
+
+def test_models_list_shows_the_deployments(fault) -> None:
+    model = routed(
+        [{"name": "remote", "backend": upstream(f"{fault.url}/v1")}, {"name": "local", "backend": FAKE}],
+        fallback=["local"],
+    )
+    with front([model]) as gw:
+        gw.wait_ready(10)
+        card = httpx.get(f"{gw.url}/v1/models/m").json()
+        listed = sdk(gw).models.list().data
+    assert card["backend"] == "routed" and card["state"] == "ready"
+    assert card["deployments"] == [{"name": "remote", "backend": "upstream"}, {"name": "local", "backend": "fake"}]
+    assert [m.id for m in listed] == ["m"]
