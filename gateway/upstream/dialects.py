@@ -90,7 +90,9 @@ def openai_result(data: Any, n: int) -> GenerationResult:
         choices = []
         for c in data["choices"]:
             message = c.get("message")
-            text = message.get("content") if isinstance(message, dict) else c.get("text")
+            text = message.get("content") if isinstance(message, dict) else c["text"]
+            if text is not None and not isinstance(text, str):
+                raise TypeError("text")
             choices.append(Choice(int(c.get("index", len(choices))), text or "", finish_reason(c.get("finish_reason"))))
         usage = _usage(data)
     except (KeyError, TypeError, ValueError, AttributeError):

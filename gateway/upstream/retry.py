@@ -29,7 +29,8 @@ class RetryableFailure(Exception):
     def to_error(self) -> GatewayError:
         """The error the client sees once retries are exhausted: the upstream's status and Retry-After."""
         if self.status == 429:
-            return Overloaded(self.message, retry_after=self.retry_after or 1.0)
+            # Rounded up: a client told to come back sooner than the upstream said would be refused again.
+            return Overloaded(self.message, retry_after=math.ceil(self.retry_after or 1.0))
         headers = {}
         if self.retry_after is not None or self.status == 503:
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after or 1.0)))
