@@ -204,3 +204,21 @@ def test_models_list_shows_the_deployments(fault) -> None:
     assert card["backend"] == "routed" and card["state"] == "ready"
     assert card["deployments"] == [{"name": "remote", "backend": "upstream"}, {"name": "local", "backend": "fake"}]
     assert [m.id for m in listed] == ["m"]
+
+
+def test_client_disconnect_closes_a_routed_upstream_stream(fault) -> None:
+    fault.queue("/v1/chat/completions", "slow_stream")
+    model = routed(
+        [{"name": "remote", "backend": upstream(f"{fault.url}/v1")}, {"name": "local", "backend": FAKE}],
+        fallback=["local"],
+    )
+    with front([model]) as gw:
+        gw.wait_ready(10)
+        stream = sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True)
+        next(iter(stream))
+        stream.close()
+        assert wait_until(lambda: fault.active_streams == 0, timeout=5)
+        router = gw.state.registry.lookup("m").backend
+        assert wait_until(lambda: router.deployments[0].outstanding == 0)
+        assert metric(gw, "gateway_upstream_requests_total", deployment="m/remote", outcome="client_closed") == 1
+        assert metric(gw, "gateway_upstream_fallbacks_total", model="m") == 0
