@@ -107,7 +107,7 @@ class UpstreamBackend(Backend):
                 wait = backoff_delay(retries, policy.backoff_base, policy.backoff_max, failure.retry_after)
                 if (
                     retries > policy.max_retries
-                    or wait > policy.max_retry_after
+                    or (failure.retry_after or 0.0) > policy.max_retry_after
                     or loop.time() + wait >= deadline
                 ):
                     raise failure.to_error() from None
@@ -118,16 +118,18 @@ class UpstreamBackend(Backend):
             except GatewayError as error:
                 self._requests("rejected" if error.status_code < 500 else "error").inc()
                 raise
-            self._ttfb.observe(loop.time() - started)
             return result
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> Any:
         assert self.transport is not None
         transport = self.transport
-        started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
 
         async def attempt(timeout: float) -> Any:
+            began = loop.time()
             response = await transport.post(path, body, timeout=timeout, stream=False, where=self.where)
+            self._ttfb.observe(loop.time() - began)  # the response's headers are in
             try:
                 payload = await response.read()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -141,7 +143,7 @@ class UpstreamBackend(Backend):
 
         data = await self._with_retries(attempt)
         self._requests("ok").inc()
-        self._latency.observe(asyncio.get_running_loop().time() - started)
+        self._latency.observe(loop.time() - started)
         return data
 
     # operations ------------------------------------------------------------
@@ -172,6 +174,7 @@ class UpstreamBackend(Backend):
 
         async def open_and_prime(timeout: float) -> tuple[aiohttp.ClientResponse, list[GenerationEvent]]:
             # Nothing has reached the client until this returns, so a failure here may be retried.
+            began = loop.time()
             response = await transport.post(path, body, timeout=timeout, stream=True, where=self.where)
             try:
                 first = await self._next_events(response, parser)
@@ -181,6 +184,7 @@ class UpstreamBackend(Backend):
             if first is None:
                 response.close()
                 raise RetryableFailure(f"{self.where} ended the stream before any output.", status=502, kind="stream_broken")
+            self._ttfb.observe(loop.time() - began)  # the first event is in
             return response, first
 
         response, events = await self._with_retries(open_and_prime)
