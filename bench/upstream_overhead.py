@@ -127,11 +127,12 @@ http {{
     return subprocess.Popen([nginx, "-p", str(tmp), "-c", str(conf), "-e", f"{tmp}/nginx-error.log"])
 
 
-def start_gateway(tmp: Path, port: int, upstream: str, log_level: str) -> subprocess.Popen[bytes]:
+def start_gateway(tmp: Path, port: int, upstream: str, access_log: bool) -> subprocess.Popen[bytes]:
     config = tmp / "gateway.yaml"
     config.write_text(
         f"""server:
-  log_level: {log_level}  # warning, as the forwarders: no per-request access log line on either side
+  log_level: info
+  access_log: {str(access_log).lower()}  # off by default, as in the forwarders: no log line per request
 models:
   - name: bench
     task: text-generation
@@ -241,7 +242,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=320)
     parser.add_argument("--out", default=str(ROOT / "bench" / "upstream_overhead.json"))
     parser.add_argument(
-        "--gateway-log-level", default="warning", help="info adds uvicorn's access log line per request."
+        "--gateway-access-log", action="store_true", help="Run the gateway with uvicorn's access log line per request."
     )
     parser.add_argument("--serve-forwarder", choices=["httpx", "aiohttp"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -263,7 +264,7 @@ def main() -> int:
         tmp = Path(tmpdir)
         procs = [start_nginx(tmp, ports["direct"])]
         try:
-            procs.append(start_gateway(tmp, ports["gateway"], upstream, args.gateway_log_level))
+            procs.append(start_gateway(tmp, ports["gateway"], upstream, args.gateway_access_log))
             procs.append(start_forwarder("httpx", ports["forwarder-httpx"], upstream))
             procs.append(start_forwarder("aiohttp", ports["forwarder-aiohttp"], upstream))
             for port in ports.values():
@@ -324,7 +325,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             "rounds": args.rounds,
             "requests": args.requests,
             "warmup": args.warmup,
-            "gateway_log_level": args.gateway_log_level,
+            "gateway_access_log": args.gateway_access_log,
         },
         **results,
     }

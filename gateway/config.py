@@ -186,6 +186,9 @@ class ServerSettings(_Strict):
         0.0, ge=0, description="Interval of SSE comment pings on idle streams; 0 disables them."
     )
     workers_per_model: int = Field(1, ge=1, description="Compute threads per local model.")
+    access_log: bool = Field(
+        True, description="One log line per request from uvicorn; costs about a sixth of the throughput in front of a fast upstream."
+    )
 
 
 class Settings(BaseSettings):
