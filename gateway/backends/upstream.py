@@ -37,6 +37,14 @@ T = TypeVar("T")
 _DEFAULT_HEALTH = {"openai": "/models", "tgi": "/health", "hf": None}
 
 
+class _StreamBroken(UpstreamError):
+    """The connection failed mid-stream: retryable before the first event, in-band after it."""
+
+    def __init__(self, message: str, *, timed_out: bool) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
 class UpstreamBackend(Backend):
     def __init__(self, spec: ModelSpec, upstream: UpstreamBackendSpec, deployment: str | None = None) -> None:
         super().__init__(spec.name)
@@ -178,6 +186,10 @@ class UpstreamBackend(Backend):
             response = await transport.post(path, body, timeout=timeout, stream=True, where=self.where)
             try:
                 first = await self._next_events(response, parser)
+            except _StreamBroken as broken:
+                response.close()
+                status, kind = (504, "timeout") if broken.timed_out else (502, "stream_broken")
+                raise RetryableFailure(broken.message, status=status, kind=kind) from None
             except BaseException:
                 response.close()
                 raise
@@ -232,7 +244,10 @@ class UpstreamBackend(Backend):
                 if events:
                     return events
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-            raise UpstreamError(f"{self.where} broke off the stream ({type(exc).__name__}).") from None
+            raise _StreamBroken(
+                f"{self.where} broke off the stream ({type(exc).__name__}).",
+                timed_out=isinstance(exc, asyncio.TimeoutError),
+            ) from None
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         if self.upstream.dialect == "openai":

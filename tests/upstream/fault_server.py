@@ -107,6 +107,8 @@ class FaultUpstream:
                 for number, event in enumerate(events):
                     if behaviour == "reset" and number == 2:
                         raise ConnectionResetError("injected reset mid-stream")
+                    if behaviour == "reset_early":
+                        raise ConnectionResetError("injected reset before the first event")
                     if behaviour == "truncated" and number == 2:
                         return  # a clean end of the body, with the answer unfinished
                     if behaviour == "malformed_stream" and number == 1:

@@ -149,6 +149,14 @@ def test_stream_retried_before_the_first_byte(fault) -> None:
     assert fault.hits["/v1/chat/completions"] == 2
 
 
+def test_stream_broken_before_its_first_event_is_retried(fault) -> None:
+    fault.queue("/v1/chat/completions", "reset_early")
+    with serve(f"{fault.url}/v1") as gw:
+        chunks = list(sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the upstream"
+    assert fault.hits["/v1/chat/completions"] == 2
+
+
 @pytest.mark.parametrize("behaviour", ["reset", "malformed_stream"])
 def test_stream_broken_midway_gives_an_in_band_error(fault, behaviour) -> None:
     fault.queue("/v1/chat/completions", behaviour)
