@@ -119,8 +119,9 @@ class RoutingBackend(Backend):
         waits = [d.breaker.retry_after() for d in self.deployments if d.breaker.open]
         wait = min(waits) if waits else 0.0
         retry_after = max(1, math.ceil(wait or self.routing.cooldown.probe_interval))
+        why = "cooling down after repeated failures" if waits else "none is loaded"
         return UpstreamError(
-            f"Every deployment of model '{self.spec.name}' is unavailable (cooling down after repeated failures).",
+            f"Every deployment of model '{self.spec.name}' is unavailable ({why}).",
             status_code=503,
             headers={"Retry-After": str(retry_after)},
         )
