@@ -38,3 +38,9 @@ lint-deploy: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Gateway overhead in front of a fast upstream (needs nginx); prints a table, writes bench/upstream_overhead.json.
+bench: bench-upstream
+bench-upstream: install
+	$(PY) bench/upstream_overhead.py $(BENCH_ARGS)
+.PHONY: bench-upstream

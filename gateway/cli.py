@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,
+        access_log=settings.server.access_log,
         timeout_graceful_shutdown=10,
     )
     return 0

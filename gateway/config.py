@@ -11,6 +11,7 @@ import os
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -67,7 +68,81 @@ class FakeBackendSpec(_Strict):
     dimensions: int = Field(8, ge=1, description="Embedding size.")
 
 
-BackendSpec = Annotated[LocalBackendSpec | FakeBackendSpec, Field(discriminator="kind")]
+class UpstreamTimeouts(_Strict):
+    connect: float = Field(5.0, gt=0, description="Seconds to open a connection.")
+    per_try: float = Field(
+        60.0, gt=0, description="Seconds one attempt may take; for streams, the longest gap between two chunks."
+    )
+    total: float = Field(120.0, gt=0, description="Deadline for the call including every retry and backoff.")
+
+
+class UpstreamRetry(_Strict):
+    max_retries: int = Field(2, ge=0, description="Retries after the first attempt (connect errors, timeouts, 429, 502-504).")
+    backoff_base: float = Field(0.1, ge=0, description="First backoff in seconds; doubles each retry, with jitter.")
+    backoff_max: float = Field(5.0, ge=0, description="Longest backoff between two attempts.")
+    max_retry_after: float = Field(
+        10.0, ge=0, description="A Retry-After longer than this is not waited for: the client gets it instead."
+    )
+
+
+class UpstreamBackendSpec(_Strict):
+    """Another server reached over HTTP: OpenAI-compatible, TGI's native API, or an HF per-task endpoint."""
+
+    kind: Literal["upstream"] = "upstream"
+    url: str = Field(
+        description=(
+            "openai: the base URL ending in `/v1`; tgi: the server root (`/generate` is appended); "
+            "hf: the model URL itself (requests are posted to it)."
+        )
+    )
+    dialect: Literal["openai", "tgi", "hf"] = Field("openai", description="The API the upstream speaks.")
+    model: str | None = Field(None, description="Model name sent upstream (openai dialect); default: the public name.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the upstream's bearer token (never put the token here)."
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra non-secret headers sent upstream.")
+    timeouts: UpstreamTimeouts = Field(default_factory=UpstreamTimeouts)
+    retry: UpstreamRetry = Field(default_factory=UpstreamRetry)
+    max_connections: int = Field(100, ge=1, description="Pooled keep-alive connections to this upstream.")
+    health_path: str | None = Field(
+        None, description="GET path probed while cooled down; default `/models` (openai), `/health` (tgi), none (hf)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _plain_http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("url must not hold credentials, a query or a fragment (use api_key_env for the key)")
+        return url.rstrip("/")
+
+
+BackendSpec = Annotated[LocalBackendSpec | FakeBackendSpec | UpstreamBackendSpec, Field(discriminator="kind")]
+
+
+class DeploymentSpec(_Strict):
+    """One way to serve a public model name: a local model or an upstream."""
+
+    name: str = Field(min_length=1, description="Names the deployment in `fallback`, logs and metrics.")
+    backend: BackendSpec
+
+
+class CooldownSpec(_Strict):
+    failures: int = Field(3, ge=1, description="Consecutive failures that take a deployment out of rotation.")
+    seconds: float = Field(30.0, ge=0, description="Least time a failing deployment stays out.")
+    probe_interval: float = Field(5.0, gt=0, description="After `seconds`, how often it is probed until it answers.")
+
+
+class RoutingSpec(_Strict):
+    strategy: Literal["round_robin", "least_outstanding"] = Field(
+        "round_robin", description="How requests are spread over the deployments not listed in `fallback`."
+    )
+    fallback: list[str] = Field(
+        default_factory=list, description="Deployments tried in this order once the balanced ones have failed."
+    )
+    cooldown: CooldownSpec = Field(default_factory=CooldownSpec)
 
 
 class ModelSpec(_Strict):
@@ -76,11 +151,27 @@ class ModelSpec(_Strict):
     task: Task | None = Field(
         None, description="What the model does; inferred from its config when unset (as `pipeline` does)."
     )
-    backend: BackendSpec
+    backend: BackendSpec | None = Field(None, description="How the model is served (or give `deployments`).")
+    deployments: list[DeploymentSpec] | None = Field(
+        None, min_length=1, description="Several ways to serve this name, balanced and with fallback."
+    )
+    routing: RoutingSpec = Field(default_factory=RoutingSpec, description="Used with `deployments`.")
     preload: bool = Field(True, description="Load at start-up (and gate /ready on it); false loads on first use.")
     default: bool = Field(
         False, description="Serve requests that name no known model (TGI-style routes, `model: tgi`)."
     )
+
+    @model_validator(mode="after")
+    def _backend_or_deployments(self) -> ModelSpec:
+        if (self.backend is None) == (self.deployments is None):
+            raise ValueError(f"model '{self.name}': give exactly one of `backend` or `deployments`")
+        names = [d.name for d in self.deployments or ()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model '{self.name}': deployment names must be unique")
+        unknown = [n for n in self.routing.fallback if n not in names]
+        if unknown:
+            raise ValueError(f"model '{self.name}': fallback names unknown deployments {unknown}")
+        return self
 
 
 class ServerSettings(_Strict):
@@ -95,6 +186,9 @@ class ServerSettings(_Strict):
         0.0, ge=0, description="Interval of SSE comment pings on idle streams; 0 disables them."
     )
     workers_per_model: int = Field(1, ge=1, description="Compute threads per local model.")
+    access_log: bool = Field(
+        True, description="One log line per request from uvicorn; costs about a sixth of the throughput in front of a fast upstream."
+    )
 
 
 class Settings(BaseSettings):

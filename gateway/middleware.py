@@ -7,6 +7,7 @@ counter and latency histogram.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
 import secrets
@@ -37,6 +38,13 @@ class GatewayMiddleware:
         self.metrics = metrics
         self.key_digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
         self.max_body_bytes = max_body_bytes
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # Request ids: a random per-process prefix and a counter, unique without a syscall per request.
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._id_counter = itertools.count()
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         if not self.key_digests:
@@ -56,7 +64,7 @@ class GatewayMiddleware:
         started = time.perf_counter()
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if incoming and _SAFE_ID.match(incoming) else self._new_id()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["received_at"] = started
@@ -95,8 +103,15 @@ class GatewayMiddleware:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             model = state.get("model", "none")
-            self.metrics.requests.labels(label, model, str(status_holder[0])).inc()
-            self.metrics.request_latency.labels(label, model).observe(time.perf_counter() - started)
+            key = (label, model, status_holder[0])
+            children = self._children.get(key)
+            if children is None:  # labels() takes a lock and builds a tuple: once per label set only
+                children = self._children[key] = (
+                    self.metrics.requests.labels(label, model, str(status_holder[0])),
+                    self.metrics.request_latency.labels(label, model),
+                )
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
 
     def _capped(self, receive: Receive) -> Receive:
         """Refuse bodies over the cap even when no content-length announced them."""

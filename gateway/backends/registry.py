@@ -11,6 +11,7 @@ from gateway.backends.base import Backend
 from gateway.config import ModelSpec, Settings
 from gateway.domain import ModelState, Task
 from gateway.errors import ModelNotFound, ModelNotReady
+from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,26 @@ BackendFactory = Callable[[ModelSpec, Settings], Backend]
 
 def default_backend_factory(spec: ModelSpec, settings: Settings) -> Backend:
     # Imported here so a gateway serving only fake or upstream models never imports torch.
+    if spec.deployments is not None:
+        from gateway.backends.routing import RoutingBackend
+
+        backends = {}
+        for d in spec.deployments:
+            child = spec.model_copy(update={"backend": d.backend, "deployments": None})
+            if d.backend.kind == "upstream":
+                from gateway.backends.upstream import UpstreamBackend
+
+                # metrics and logs name the deployment, not only the model
+                backends[d.name] = UpstreamBackend(child, d.backend, deployment=f"{spec.name}/{d.name}")
+            else:
+                backends[d.name] = default_backend_factory(child, settings)
+        return RoutingBackend(spec, backends)
+    assert spec.backend is not None
     kind = spec.backend.kind
+    if kind == "upstream":
+        from gateway.backends.upstream import UpstreamBackend
+
+        return UpstreamBackend(spec, spec.backend)
     if kind == "fake":
         from gateway.backends.fake import FakeBackend
 
@@ -51,6 +71,13 @@ class Registry:
             self._entries[spec.name] = entry
             for name in (spec.name, *spec.aliases):
                 self._by_name[name] = entry
+
+    def attach_metrics(self, metrics: Metrics) -> None:
+        """Hand the app's metrics to the backends that record their own (upstream, routing)."""
+        for entry in self._entries.values():
+            attach = getattr(entry.backend, "attach_metrics", None)
+            if attach is not None:
+                attach(metrics)
 
     # lookup ----------------------------------------------------------------
     @property

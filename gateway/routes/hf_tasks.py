@@ -18,7 +18,8 @@ from gateway.errors import InvalidRequest, ModelNotReady
 from gateway.json_response import FastJSONResponse
 from gateway.protocol import hf
 from gateway.protocol.openai import ChatCompletionRequest
-from gateway.routes.openai_chat import create_chat_completion
+from gateway.routes.body import openapi_body, parse_body
+from gateway.routes.openai_chat import serve_chat
 from gateway.routes.tgi import info_body, text_generation
 from gateway.state import AppState, StateDep
 
@@ -71,10 +72,11 @@ async def run_pipeline(task: str, model_id: str, request: Request, state: StateD
     return await _run(state, request, _entry(state, request, model_id), forced)
 
 
-async def model_chat(model_id: str, body: ChatCompletionRequest, request: Request, state: StateDep) -> Response:
+async def model_chat(model_id: str, request: Request, state: StateDep) -> Response:
     """The OpenAI chat API under a model URL: the URL names the model, whatever the body says."""
     entry = _entry(state, request, model_id)
-    return await create_chat_completion(body.model_copy(update={"model": entry.spec.name}), request, state)
+    body = await parse_body(request, ChatCompletionRequest)
+    return await serve_chat(body.model_copy(update={"model": entry.spec.name}), request, state)
 
 
 async def model_health(model_id: str, request: Request, state: StateDep) -> dict[str, str]:
@@ -96,7 +98,11 @@ async def model_info(model_id: str, request: Request, state: StateDep) -> dict[s
 
 
 router.add_api_route(
-    "/models/{model_id:path}/v1/chat/completions", model_chat, methods=["POST"], response_model=None
+    "/models/{model_id:path}/v1/chat/completions",
+    model_chat,
+    methods=["POST"],
+    response_model=None,
+    openapi_extra=openapi_body(ChatCompletionRequest),
 )
 router.add_api_route("/models/{model_id:path}/health", model_health, methods=["GET"])
 router.add_api_route("/models/{model_id:path}/info", model_info, methods=["GET"])

@@ -15,8 +15,9 @@ from gateway.domain import StreamEnd, Task
 from gateway.json_response import FastJSONResponse
 from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import ChatCompletionRequest
+from gateway.routes.body import openapi_body, parse_body
 from gateway.services.generation import resolve_backend, run_generation, stream_generation, until_disconnect
-from gateway.state import StateDep
+from gateway.state import AppState
 from gateway.streaming import primed, sse_response
 
 router = APIRouter(tags=["openai"])
@@ -42,7 +43,13 @@ async def chat_chunks(
         yield wire.chat_chunk(id=id, model=model, created=created, choices=[choice])
 
 
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: StateDep) -> Response:
+async def create_chat_completion(request: Request) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
+    return await serve_chat(body, request, request.app.state.gateway)
+
+
+async def serve_chat(body: ChatCompletionRequest, request: Request, state: AppState) -> Response:
+    """A parsed chat request, answered as JSON or as an SSE stream."""
     ignored = body.ignored_fields()
     entry, backend = await resolve_backend(state, request, body.model, Task.TEXT_GENERATION)
     generation = body.to_domain(request.state.request_id)
@@ -62,4 +69,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     )
 
 
-router.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"], response_model=None)
+router.add_api_route(
+    "/v1/chat/completions",
+    create_chat_completion,
+    methods=["POST"],
+    response_model=None,
+    openapi_extra=openapi_body(ChatCompletionRequest),
+)

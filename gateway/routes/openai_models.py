@@ -22,9 +22,12 @@ def model_card(entry: Entry, created: int) -> dict[str, Any]:
         "owned_by": "gateway",
         "aliases": entry.spec.aliases,
         "task": entry.task.value if entry.task else None,
-        "backend": entry.spec.backend.kind,
+        # A model with several deployments has no single backend kind: list them instead.
+        "backend": entry.spec.backend.kind if entry.spec.backend is not None else "routed",
         "state": backend.state.value,
     }
+    if entry.spec.deployments is not None:
+        card["deployments"] = [{"name": d.name, "backend": d.backend.kind} for d in entry.spec.deployments]
     if info.max_total_tokens:
         card["max_model_len"] = info.max_total_tokens
     if backend.error:

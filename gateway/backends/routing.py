@@ -1,0 +1,235 @@
+"""One public model name over several deployments: balancing, ordered fallback, cooldown.
+
+The router is itself a Backend, so routes never know whether a name is served by
+one model or by many. A call goes to the balanced deployments first (those not in
+`fallback`), picked by the strategy, then to each fallback in order. Only
+failures that another deployment may not have (429 and 5xx) move a request on; a
+client error (4xx) is answered at once. A stream moves on only before its first
+event: after that the client has output, and a break becomes an in-band error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from gateway.backends.base import Backend, GenerationEvent, ModelInfo
+from gateway.config import ModelSpec
+from gateway.domain import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationRequest,
+    GenerationResult,
+    ModelState,
+    TaskRequest,
+)
+from gateway.errors import GatewayError, UpstreamError
+from gateway.metrics import Metrics
+from gateway.upstream.breaker import Breaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class Deployment:
+    name: str
+    label: str  # "model/deployment": unique across the gateway, used in metrics
+    backend: Backend
+    breaker: Breaker
+    outstanding: int = 0
+
+
+def moves_on(error: GatewayError) -> bool:
+    """Whether another deployment might answer where this one failed."""
+    return error.status_code >= 500 or error.status_code == 429
+
+
+class RoutingBackend(Backend):
+    def __init__(self, spec: ModelSpec, backends: dict[str, Backend]) -> None:
+        super().__init__(spec.name)
+        self.spec = spec
+        self.routing = spec.routing
+        cooldown = spec.routing.cooldown
+        self.deployments = [
+            Deployment(name, f"{spec.name}/{name}", backend, Breaker(cooldown.failures, cooldown.seconds))
+            for name, backend in backends.items()
+        ]
+        by_name = {d.name: d for d in self.deployments}
+        self.fallbacks = [by_name[n] for n in self.routing.fallback]
+        self.balanced = [d for d in self.deployments if d.name not in self.routing.fallback]
+        self._turn = 0
+        self._prober: asyncio.Task[None] | None = None
+        self.attach_metrics(Metrics())
+
+    def attach_metrics(self, metrics: Metrics) -> None:
+        self._fallback_counter = metrics.upstream_fallbacks.labels(self.spec.name)
+        self._cooldown_gauges = {d.name: metrics.upstream_cooldown.labels(d.label) for d in self.deployments}
+        for d in self.deployments:
+            self._cooldown_gauges[d.name].set(0)
+            attach = getattr(d.backend, "attach_metrics", None)
+            if attach is not None:
+                attach(metrics)
+
+    # lifecycle -------------------------------------------------------------
+    async def _load(self) -> None:
+        results = await asyncio.gather(*(d.backend.start() for d in self.deployments), return_exceptions=True)
+        for d, result in zip(self.deployments, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("deployment %s failed to start: %s", d.label, d.backend.error)
+        if not any(d.backend.state == ModelState.READY for d in self.deployments):
+            raise RuntimeError("no deployment started: " + "; ".join(f"{d.name}: {d.backend.error}" for d in self.deployments))
+
+    async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+        await asyncio.gather(*(d.backend.close() for d in self.deployments), return_exceptions=True)
+
+    def info(self) -> ModelInfo:
+        ready = [d for d in self.deployments if d.backend.state == ModelState.READY] or self.deployments
+        inner = ready[0].backend.info()
+        task = self.spec.task or inner.task
+        return ModelInfo(
+            task=task,
+            max_input_tokens=inner.max_input_tokens,
+            max_total_tokens=inner.max_total_tokens,
+            extra={"deployments": [d.name for d in self.deployments]},
+        )
+
+    # picking ---------------------------------------------------------------
+    def candidates(self) -> list[Deployment]:
+        """This request's order: the usable balanced deployments by strategy, then the fallbacks."""
+        usable = [d for d in self.balanced if not d.breaker.open and d.backend.state == ModelState.READY]
+        if usable:
+            start = self._turn % len(usable)
+            self._turn += 1
+            usable = usable[start:] + usable[:start]
+            if self.routing.strategy == "least_outstanding":
+                usable.sort(key=lambda d: d.outstanding)  # stable: ties keep the round-robin order
+        usable += [d for d in self.fallbacks if not d.breaker.open and d.backend.state == ModelState.READY]
+        return usable
+
+    def _exhausted(self, last: GatewayError | None) -> GatewayError:
+        if last is not None:
+            return last
+        waits = [d.breaker.retry_after() for d in self.deployments if d.breaker.open]
+        wait = min(waits) if waits else 0.0
+        retry_after = max(1, math.ceil(wait or self.routing.cooldown.probe_interval))
+        why = "cooling down after repeated failures" if waits else "none is loaded"
+        return UpstreamError(
+            f"Every deployment of model '{self.spec.name}' is unavailable ({why}).",
+            status_code=503,
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    def _failed(self, d: Deployment, error: GatewayError) -> None:
+        log.warning("deployment %s failed: %s", d.label, error.message)
+        if d.breaker.failure():
+            log.warning("deployment %s cooled down for %.1fs", d.label, d.breaker.seconds)
+            self._cooldown_gauges[d.name].set(1)
+            if self._prober is None or self._prober.done():
+                self._prober = asyncio.create_task(self._probe_loop(), name=f"probe:{self.spec.name}")
+
+    def _succeeded(self, d: Deployment) -> None:
+        if d.breaker.consecutive or d.breaker.open:
+            if d.breaker.success():
+                self._cooldown_gauges[d.name].set(0)
+                log.info("deployment %s is back in rotation", d.label)
+
+    # probing ---------------------------------------------------------------
+    async def _probe(self, d: Deployment) -> bool:
+        probe = getattr(d.backend, "probe", None)
+        if probe is None:
+            return d.backend.state == ModelState.READY
+        try:
+            return bool(await probe())
+        except Exception:
+            log.exception("probe of %s failed", d.label)
+            return False
+
+    async def _probe_loop(self) -> None:
+        """Runs while some deployment is cooled down; probes each once its cooldown is over."""
+        interval = self.routing.cooldown.probe_interval
+        while True:
+            for d in [d for d in self.deployments if d.breaker.probe_due()]:
+                if await self._probe(d):
+                    self._succeeded(d)
+            still = [d for d in self.deployments if d.breaker.open]
+            if not still:
+                return
+            wait = min(d.breaker.retry_after() for d in still)
+            await asyncio.sleep(wait if wait > 0 else interval)
+
+    # operations ------------------------------------------------------------
+    async def _call(self, operation: Callable[[Backend], Awaitable[T]]) -> T:
+        last: GatewayError | None = None
+        for number, d in enumerate(self.candidates()):
+            if number:
+                self._fallback_counter.inc()
+            d.outstanding += 1
+            try:
+                result = await operation(d.backend)
+            except GatewayError as error:
+                if not moves_on(error):
+                    raise
+                self._failed(d, error)
+                last = error
+                continue
+            finally:
+                d.outstanding -= 1
+            self._succeeded(d)
+            return result
+        raise self._exhausted(last)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return await self._call(lambda b: b.generate(request))
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        return await self._call(lambda b: b.embed(request))
+
+    async def run_task(self, request: TaskRequest) -> Any:
+        return await self._call(lambda b: b.run_task(request))
+
+    async def count_tokens(self, text: str) -> int | None:
+        for d in self.candidates():
+            return await d.backend.count_tokens(text)
+        return None
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        last: GatewayError | None = None
+        for number, d in enumerate(self.candidates()):
+            if number:
+                self._fallback_counter.inc()
+            stream = d.backend.generate_stream(request)
+            d.outstanding += 1
+            streaming = False
+            try:
+                try:
+                    first = await anext(stream)
+                except StopAsyncIteration:
+                    self._succeeded(d)
+                    return
+                except GatewayError as error:
+                    if not moves_on(error):
+                        raise
+                    self._failed(d, error)
+                    last = error
+                    continue
+                streaming = True
+                self._succeeded(d)
+                yield first
+                async for event in stream:
+                    yield event
+                return
+            except GatewayError as error:
+                if streaming and moves_on(error):
+                    self._failed(d, error)  # broke mid-stream: the client gets it in-band
+                raise
+            finally:
+                d.outstanding -= 1
+                await stream.aclose()
+        raise self._exhausted(last)

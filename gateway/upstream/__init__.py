@@ -1,0 +1,1 @@
+"""Talking to upstream servers: wire dialects, retries, the HTTP transport and circuit breaking."""

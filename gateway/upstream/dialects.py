@@ -1,0 +1,259 @@
+"""Domain requests to each upstream API's wire format, and its answers back to domain types.
+
+Only allowlisted, typed fields are ever sent upstream: nothing from the client's
+raw body is forwarded, so a request cannot smuggle parameters (or a URL) through.
+Every parser raises UpstreamError on a body it cannot read, never KeyError.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.domain import (
+    Choice,
+    EmbeddingRequest,
+    EmbeddingResult,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    StreamEnd,
+    TokenDelta,
+    Usage,
+)
+from gateway.errors import UnsupportedParameter, UpstreamError
+
+GenerationEvent = TokenDelta | StreamEnd
+
+
+def finish_reason(value: Any) -> FinishReason | None:
+    if value is None:
+        return None
+    return FinishReason.LENGTH if value == "length" else FinishReason.STOP
+
+
+def malformed(what: str) -> UpstreamError:
+    return UpstreamError(f"The upstream sent a malformed {what}.")
+
+
+def stream_error(data: dict[str, Any]) -> UpstreamError:
+    error = data.get("error")
+    message = error.get("message") if isinstance(error, dict) else error
+    return UpstreamError(f"The upstream failed mid-stream: {str(message or 'unknown error')[:300]}")
+
+
+# --- OpenAI-compatible (vLLM, TGI Messages API, llama.cpp server, hosted APIs) -------------------
+
+
+def openai_generation(request: GenerationRequest, model: str, stream: bool) -> tuple[str, dict[str, Any]]:
+    s = request.sampling
+    body: dict[str, Any] = {"model": model}
+    if request.messages is not None:
+        path = "/chat/completions"
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+    else:
+        path = "/completions"
+        body["prompt"] = request.prompt
+    if s.max_tokens is not None:
+        body["max_tokens"] = s.max_tokens
+    body["temperature"] = s.temperature
+    body["top_p"] = s.top_p
+    if s.n != 1:
+        body["n"] = s.n
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if s.presence_penalty:
+        body["presence_penalty"] = s.presence_penalty
+    if s.frequency_penalty:
+        body["frequency_penalty"] = s.frequency_penalty
+    # vLLM / TGI extensions, sent only when asked for so strict servers are not upset.
+    if s.top_k:
+        body["top_k"] = s.top_k
+    if s.repetition_penalty != 1.0:
+        body["repetition_penalty"] = s.repetition_penalty
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return path, body
+
+
+def _usage(data: dict[str, Any]) -> Usage:
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return Usage()
+    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+def openai_result(data: Any, n: int) -> GenerationResult:
+    try:
+        choices = []
+        for c in data["choices"]:
+            message = c.get("message")
+            text = message.get("content") if isinstance(message, dict) else c["text"]
+            if text is not None and not isinstance(text, str):
+                raise TypeError("text")
+            choices.append(Choice(int(c.get("index", len(choices))), text or "", finish_reason(c.get("finish_reason"))))
+        usage = _usage(data)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise malformed("completion") from None
+    if not choices:
+        raise malformed("completion (no choices)")
+    choices.sort(key=lambda c: c.index)
+    return GenerationResult(choices=choices, usage=usage)
+
+
+class OpenAIStream:
+    """Turns each `data:` payload of an OpenAI stream into domain events as it arrives.
+
+    The stream is complete at `[DONE]`, or, for servers that just close the connection,
+    once every choice has its finish_reason.
+    """
+
+    def __init__(self, n: int = 1) -> None:
+        self.usage = Usage()
+        self.done = False
+        self.n = n
+        self.finished: set[int] = set()
+
+    @property
+    def complete(self) -> bool:
+        return self.done or len(self.finished) >= self.n
+
+    def feed(self, data: dict[str, Any]) -> list[GenerationEvent]:
+        if "error" in data and data["error"]:
+            raise stream_error(data)
+        try:
+            if isinstance(data.get("usage"), dict):
+                self.usage = _usage(data)
+            events: list[GenerationEvent] = []
+            for c in data.get("choices") or ():
+                delta = c.get("delta")
+                text = delta.get("content") if isinstance(delta, dict) else c.get("text")
+                reason = finish_reason(c.get("finish_reason"))
+                if text or reason is not None:
+                    index = int(c.get("index", 0))
+                    if reason is not None:
+                        self.finished.add(index)
+                    events.append(TokenDelta(index, text or "", finish_reason=reason))
+            return events
+        except (TypeError, ValueError, AttributeError):
+            raise malformed("stream chunk") from None
+
+    def end(self) -> StreamEnd:
+        return StreamEnd(self.usage)
+
+
+def openai_embedding(request: EmbeddingRequest, model: str) -> tuple[str, dict[str, Any]]:
+    body: dict[str, Any] = {"model": model, "input": list(request.inputs), "encoding_format": "float"}
+    if request.dimensions is not None:
+        body["dimensions"] = request.dimensions
+    return "/embeddings", body
+
+
+def openai_embedding_result(data: Any, count: int) -> EmbeddingResult:
+    try:
+        rows = sorted(data["data"], key=lambda row: row["index"])
+        vectors = [[float(v) for v in row["embedding"]] for row in rows]
+        usage = data.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise malformed("embedding response") from None
+    if len(vectors) != count:
+        raise malformed(f"embedding response ({len(vectors)} vectors for {count} inputs)")
+    return EmbeddingResult(vectors=vectors, usage=Usage(prompt_tokens=prompt_tokens))
+
+
+# --- TGI native API and HF text-generation endpoints ---------------------------------------------
+
+
+def tgi_parameters(request: GenerationRequest) -> dict[str, Any]:
+    s = request.sampling
+    if request.messages is not None:
+        raise UnsupportedParameter(
+            "messages", "is not served by this deployment: it speaks TGI's native API, which takes a prompt"
+        )
+    if not isinstance(request.prompt, str):
+        raise UnsupportedParameter("prompt", "must be text for this deployment (token ids are not accepted)")
+    if s.n != 1:
+        raise UnsupportedParameter("n", "must be 1 for this deployment")
+    params: dict[str, Any] = {"details": True, "return_full_text": False, "do_sample": not s.greedy}
+    if s.max_tokens is not None:
+        params["max_new_tokens"] = s.max_tokens
+    # TGI refuses temperature 0 and top_p 1: leave out what only restates the default.
+    if not s.greedy:
+        params["temperature"] = s.temperature
+        if s.top_p < 1.0:
+            params["top_p"] = s.top_p
+        if s.top_k:
+            params["top_k"] = s.top_k
+    if s.seed is not None:
+        params["seed"] = s.seed
+    if s.stop:
+        params["stop"] = list(s.stop)
+    if s.repetition_penalty != 1.0:
+        params["repetition_penalty"] = s.repetition_penalty
+    if s.frequency_penalty:
+        params["frequency_penalty"] = s.frequency_penalty
+    return params
+
+
+def tgi_result(data: Any) -> GenerationResult:
+    if isinstance(data, list) and data:
+        data = data[0]  # HF endpoints answer a one-element list
+    try:
+        text = data["generated_text"]
+        details = data.get("details") or {}
+        reason = finish_reason(details.get("finish_reason") or "stop")
+        usage = Usage(len(details.get("prefill") or ()), int(details.get("generated_tokens") or 0))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise malformed("generation") from None
+    if not isinstance(text, str):
+        raise malformed("generation")
+    return GenerationResult(choices=[Choice(0, text, reason)], usage=usage)
+
+
+class TGIStream:
+    """TGI `/generate_stream` events (one token each; the last carries `details`) to domain events."""
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+        self.done = False
+
+    @property
+    def complete(self) -> bool:
+        return self.done
+
+    def feed(self, data: dict[str, Any]) -> list[GenerationEvent]:
+        if "error" in data and data["error"]:
+            raise stream_error(data)
+        try:
+            token = data["token"]
+            details = data.get("details")
+            reason = None
+            if isinstance(details, dict):
+                reason = finish_reason(details.get("finish_reason") or "stop")
+                self.usage = Usage(int(details.get("input_length") or 0), int(details.get("generated_tokens") or 0))
+                self.done = True
+            elif data.get("generated_text") is not None:  # the last event, from a server sending no details
+                reason = FinishReason.STOP
+                self.done = True
+            special = bool(token.get("special"))
+            text = "" if special else token.get("text") or ""
+            return [TokenDelta(0, text, token.get("id"), token.get("logprob"), special, reason)]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise malformed("stream event") from None
+
+    def end(self) -> StreamEnd:
+        return StreamEnd(self.usage)
+
+
+def hf_embedding_result(data: Any, count: int) -> EmbeddingResult:
+    """HF feature-extraction answers one pooled vector per input."""
+    if not isinstance(data, list) or len(data) != count:
+        raise malformed("feature-extraction response")
+    try:
+        vectors = [[float(v) for v in row] for row in data]
+    except (TypeError, ValueError):
+        raise malformed("feature-extraction response (expected one pooled vector per input)") from None
+    return EmbeddingResult(vectors=vectors, usage=Usage())

@@ -1,0 +1,68 @@
+"""Which upstream failures are worth another attempt, and how long to wait before it."""
+
+from __future__ import annotations
+
+import math
+import random
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+from gateway.errors import GatewayError, Overloaded, UpstreamError
+
+# Statuses an upstream answers when a later attempt may well succeed.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class RetryableFailure(Exception):
+    """One attempt failed in a way the next attempt may not (connect error, timeout, 429, 502-504).
+
+    `status` is what the client gets if no attempt is left; `kind` labels the metrics.
+    """
+
+    def __init__(self, message: str, *, status: int, kind: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.kind = kind
+        self.retry_after = retry_after
+
+    def to_error(self) -> GatewayError:
+        """The error the client sees once retries are exhausted: the upstream's status and Retry-After."""
+        if self.status == 429:
+            # Rounded up: a client told to come back sooner than the upstream said would be refused again.
+            return Overloaded(self.message, retry_after=math.ceil(self.retry_after or 1.0))
+        headers = {}
+        if self.retry_after is not None or self.status == 503:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after or 1.0)))
+        return UpstreamError(self.message, status_code=self.status, headers=headers)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def backoff_delay(retry: int, base: float, cap: float, retry_after: float | None = None) -> float:
+    """Seconds to wait before retry number `retry` (1-based).
+
+    The upstream's Retry-After wins when it gave one. Otherwise exponential with
+    "equal jitter": half the step is fixed, half random, so clients that failed
+    together do not come back together, yet the wait still grows.
+    """
+    if retry_after is not None:
+        return retry_after
+    step = min(cap, base * (2 ** (retry - 1)))
+    return step / 2 + random.uniform(0, step / 2)

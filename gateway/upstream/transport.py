@@ -1,0 +1,127 @@
+"""Pooled keep-alive HTTP to one upstream, on aiohttp.
+
+aiohttp rather than httpx by measurement (docs/benchmarks-upstream.md): an httpx
+forwarder loses about a third of its throughput at concurrency 16 to pool
+contention, an aiohttp one does not. Redirects are never followed and proxy
+variables are ignored, so the configured URL is the only place we connect to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.errors import GatewayError, InvalidRequest, UpstreamError
+from gateway.upstream.retry import RETRY_STATUSES, RetryableFailure, parse_retry_after
+
+log = logging.getLogger(__name__)
+
+
+def _upstream_message(body: bytes) -> str:
+    """The error text an upstream put in its body, whatever its shape (OpenAI or HF)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:300].decode("utf-8", "replace")
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    if error is None and isinstance(data, dict):
+        error = data.get("message") or data.get("detail")
+    return str(error)[:300] if error is not None else ""
+
+
+def status_failure(status: int, body: bytes, headers: Any, where: str) -> Exception:
+    """The exception for a non-2xx upstream answer: retryable, the client's fault, or a gateway-side 502."""
+    message = _upstream_message(body)
+    if status in RETRY_STATUSES:
+        kind = "status_429" if status == 429 else "status_5xx"
+        return RetryableFailure(
+            f"{where} answered {status}.", status=status, kind=kind, retry_after=parse_retry_after(headers.get("Retry-After"))
+        )
+    if status in (400, 413, 422):
+        # The upstream refused this request's content: the client can fix it, so it learns why.
+        error: GatewayError = InvalidRequest(f"{where} refused the request: {message}")
+    else:
+        # 401/403/404/500...: the gateway's configuration or the upstream is at fault; details go to the log.
+        log.warning("%s answered %s: %s", where, status, message)
+        error = UpstreamError(f"{where} failed with status {status}.")
+    return error
+
+
+def connection_failure(exc: BaseException, where: str) -> RetryableFailure:
+    if isinstance(exc, asyncio.TimeoutError):
+        return RetryableFailure(f"{where} timed out.", status=504, kind="timeout")
+    return RetryableFailure(f"{where} could not be reached ({type(exc).__name__}).", status=502, kind="connect")
+
+
+class Transport:
+    def __init__(self, base_url: str, headers: dict[str, str], *, connect_timeout: float, max_connections: int) -> None:
+        self.base_url = base_url
+        self.headers = {"Content-Type": "application/json", **headers}
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self.session: aiohttp.ClientSession | None = None
+        self._limits: dict[tuple[float, bool], aiohttp.ClientTimeout] = {}
+
+    def _timeout(self, timeout: float, stream: bool) -> aiohttp.ClientTimeout:
+        connect = min(self.connect_timeout, timeout)
+        if stream:
+            return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=timeout)
+        return aiohttp.ClientTimeout(total=timeout, connect=connect)
+
+    def remember_timeout(self, timeout: float) -> None:
+        """Build the full per-try timeouts once; only a retry near the deadline needs a fresh one."""
+        self._limits = {(timeout, s): self._timeout(timeout, s) for s in (False, True)}
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(
+            connector=connector, headers=self.headers, trust_env=False, auto_decompress=True
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def post(self, path: str, body: dict[str, Any], *, timeout: float, stream: bool, where: str) -> aiohttp.ClientResponse:
+        """POST and return the response once its headers are in and its status is 2xx.
+
+        For `stream`, `timeout` bounds each read (time to first byte and every gap
+        after it) instead of the whole response. The caller closes the response.
+        """
+        assert self.session is not None, "transport not opened"
+        limits = self._limits.get((timeout, stream))
+        if limits is None:
+            limits = self._timeout(timeout, stream)
+        try:
+            response = await self.session.post(
+                self.base_url + path, data=orjson.dumps(body), timeout=limits, allow_redirects=False
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise connection_failure(exc, where) from None
+        if response.status >= 300:
+            try:
+                payload = await response.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                payload = b""
+            finally:
+                response.release()
+            raise status_failure(response.status, payload, response.headers, where)
+        return response
+
+    async def alive(self, path: str, timeout: float) -> bool:
+        """Whether the upstream answers a GET on `path` with anything but an overload or server error."""
+        assert self.session is not None
+        try:
+            async with self.session.get(
+                self.base_url + path, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+            ) as response:
+                return response.status < 500 and response.status != 429
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False

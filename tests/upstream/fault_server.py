@@ -1,0 +1,195 @@
+"""A scriptable upstream on loopback: speaks OpenAI, TGI and HF per-task, and fails on demand.
+
+Each request pops the next behaviour queued for its path (default "ok"), so a test
+states exactly what the upstream does, then counts the hits it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter, defaultdict, deque
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.helpers import free_port
+
+WORDS = ["Hello", " from", " the", " upstream"]
+
+
+class FaultUpstream:
+    def __init__(self) -> None:
+        self.script: dict[str, deque[str]] = defaultdict(deque)
+        self.hits: Counter[str] = Counter()
+        self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.healthy = True
+        self.active_streams = 0
+        self.retry_after = "1"
+        self.slow_seconds = 2.0
+        routes = [
+            Route("/v1/chat/completions", self.openai, methods=["POST"]),
+            Route("/v1/completions", self.openai, methods=["POST"]),
+            Route("/v1/embeddings", self.openai, methods=["POST"]),
+            Route("/v1/models", self.health, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/generate", self.tgi, methods=["POST"]),
+            Route("/generate_stream", self.tgi, methods=["POST"]),
+            Route("/hf/model", self.hf, methods=["POST"]),
+        ]
+        self.app = Starlette(routes=routes)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> FaultUpstream:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fault upstream did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def queue(self, path: str, *behaviours: str) -> None:
+        self.script[path].extend(behaviours)
+
+    def open_connections(self) -> int:
+        return len(self.server.server_state.connections)
+
+    # --- behaviours -----------------------------------------------------------
+    async def _intake(self, request: Request) -> tuple[str, dict[str, Any]]:
+        path = request.url.path
+        self.hits[path] += 1
+        body = orjson.loads(await request.body())
+        self.bodies.append(body)
+        self.headers.append(dict(request.headers))
+        script = self.script[path]
+        return (script.popleft() if script else "ok"), body
+
+    def _failure(self, behaviour: str) -> Response | None:
+        if behaviour == "429":
+            return Response(
+                orjson.dumps({"error": {"message": "slow down", "type": "rate_limit"}}),
+                status_code=429,
+                headers={"Retry-After": self.retry_after, "content-type": "application/json"},
+            )
+        if behaviour in ("500", "502", "503", "504", "400", "401"):
+            body = orjson.dumps({"error": {"message": f"upstream says {behaviour}", "type": "x"}})
+            return Response(body, status_code=int(behaviour), media_type="application/json")
+        if behaviour == "malformed":
+            return Response(b'{"choices": [', media_type="application/json")
+        return None
+
+    async def health(self, request: Request) -> Response:
+        self.hits[request.url.path] += 1
+        if not self.healthy:
+            return Response(b"{}", status_code=503)
+        return Response(orjson.dumps({"object": "list", "data": []}), media_type="application/json")
+
+    def _sse(self, events: list[bytes], behaviour: str, done: bytes | None) -> StreamingResponse:
+        async def body() -> Any:
+            self.active_streams += 1
+            try:
+                for number, event in enumerate(events):
+                    if behaviour == "reset" and number == 2:
+                        raise ConnectionResetError("injected reset mid-stream")
+                    if behaviour == "reset_early":
+                        raise ConnectionResetError("injected reset before the first event")
+                    if behaviour == "truncated" and number == 2:
+                        return  # a clean end of the body, with the answer unfinished
+                    if behaviour == "malformed_stream" and number == 1:
+                        yield b"data: {not json\n\n"
+                        return
+                    yield b"data: " + event + b"\n\n"
+                    await asyncio.sleep(0.5 if behaviour == "slow_stream" else 0)
+                if done is not None and behaviour != "no_done":
+                    yield done
+            finally:
+                self.active_streams -= 1
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async def openai(self, request: Request) -> Response:
+        behaviour, body = await self._intake(request)
+        failure = self._failure(behaviour)
+        if failure is not None:
+            return failure
+        if behaviour == "slow":
+            await asyncio.sleep(self.slow_seconds)
+        path = request.url.path
+        if path.endswith("/embeddings"):
+            data = [{"object": "embedding", "index": i, "embedding": [0.5, -0.25, float(i)]} for i in range(len(body["input"]))]
+            return Response(orjson.dumps({"object": "list", "data": data, "usage": {"prompt_tokens": 3, "total_tokens": 3}}))
+        chat = path.endswith("/chat/completions")
+        words = WORDS if behaviour != "slow_stream" else WORDS * 20
+        if not body.get("stream"):
+            text = "".join(words)
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+            choice["finish_reason"] = "stop"
+            usage = {"prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5 + len(words)}
+            return Response(orjson.dumps({"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage}))
+        events = []
+        for number, word in enumerate(words):
+            last = number == len(words) - 1
+            choice = {"index": 0, "delta": {"content": word}} if chat else {"index": 0, "text": word}
+            choice["finish_reason"] = "length" if last else None
+            events.append(orjson.dumps({"id": "x", "choices": [choice]}))
+        usage = {"prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5 + len(words)}
+        events.append(orjson.dumps({"id": "x", "choices": [], "usage": usage}))
+        return self._sse(events, behaviour, b"data: [DONE]\n\n")
+
+    async def tgi(self, request: Request) -> Response:
+        behaviour, body = await self._intake(request)
+        failure = self._failure(behaviour)
+        if failure is not None:
+            return failure
+        stream = request.url.path.endswith("/generate_stream")
+        return self._tgi_answer(body, behaviour, stream)
+
+    def _tgi_answer(self, body: dict[str, Any], behaviour: str, stream: bool) -> Response:
+        if not stream:
+            details = {"finish_reason": "length", "generated_tokens": len(WORDS), "seed": None}
+            return Response(orjson.dumps({"generated_text": "".join(WORDS), "details": details}))
+        events = []
+        for number, word in enumerate(WORDS):
+            last = number == len(WORDS) - 1
+            event: dict[str, Any] = {
+                "index": number + 1,
+                "token": {"id": number, "text": word, "logprob": -0.1, "special": False},
+                "generated_text": "".join(WORDS) if last else None,
+                "details": {"finish_reason": "eos_token", "generated_tokens": 4, "input_length": 2, "seed": None}
+                if last
+                else None,
+            }
+            events.append(orjson.dumps(event))
+        return self._sse(events, behaviour, None)
+
+    async def hf(self, request: Request) -> Response:
+        """An HF Inference Endpoint: text generation, feature extraction or any task, at one URL."""
+        behaviour, body = await self._intake(request)
+        failure = self._failure(behaviour)
+        if failure is not None:
+            return failure
+        params = body.get("parameters") or {}
+        if "max_new_tokens" in params:  # text generation, TGI-style body
+            if body.get("stream"):
+                return self._tgi_answer(body, behaviour, True)
+            return Response(orjson.dumps([{"generated_text": "".join(WORDS)}]))
+        inputs = body["inputs"]
+        if isinstance(inputs, list):  # feature extraction: one vector per input
+            return Response(orjson.dumps([[float(len(text)), 1.0] for text in inputs]))
+        return Response(orjson.dumps([{"label": "POSITIVE", "score": 0.9, "echo": body}]))

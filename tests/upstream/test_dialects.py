@@ -1,0 +1,110 @@
+"""TGI's native API and HF per-task endpoints as upstreams, translated to and from OpenAI."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+from pydantic import ValidationError
+
+from gateway.backends.upstream import UpstreamBackend
+from gateway.config import ModelSpec, Settings
+from gateway.domain import Task, TaskRequest
+from gateway.errors import TaskNotSupported
+from tests.upstream.conftest import front, sdk, upstream
+
+
+def test_tgi_stream_becomes_openai_chunks(fault) -> None:
+    model = {"name": "t", "task": "text-generation", "backend": upstream(fault.url, dialect="tgi")}
+    with front([model]) as gw:
+        chunks = list(sdk(gw).completions.create(model="t", prompt="Say", max_tokens=4, temperature=0, stream=True))
+        whole = sdk(gw).completions.create(model="t", prompt="Say", max_tokens=4, temperature=0.7, seed=3)
+    assert [c.choices[0].text for c in chunks if c.choices] == ["Hello", " from", " the", " upstream"]
+    assert chunks[-1].choices[0].finish_reason == "stop"  # TGI's eos_token
+    assert whole.choices[0].text == "Hello from the upstream"
+    assert whole.choices[0].finish_reason == "length"
+    assert fault.hits["/generate_stream"] == 1 and fault.hits["/generate"] == 1
+    greedy, sampled = fault.bodies
+    assert greedy == {
+        "inputs": "Say",
+        "parameters": {"details": True, "return_full_text": False, "do_sample": False, "max_new_tokens": 4},
+    }
+    assert sampled["parameters"]["temperature"] == 0.7 and sampled["parameters"]["seed"] == 3
+
+
+def test_tgi_deployment_refuses_chat_clearly(fault) -> None:
+    model = {"name": "t", "task": "text-generation", "backend": upstream(fault.url, dialect="tgi")}
+    with front([model]) as gw:
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk(gw).chat.completions.create(model="t", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.param == "messages"
+    assert fault.hits["/generate"] == 0
+
+
+def test_hf_endpoint_text_generation_and_embeddings(fault) -> None:
+    models = [
+        {"name": "g", "task": "text-generation", "backend": upstream(f"{fault.url}/hf/model", dialect="hf")},
+        {"name": "e", "task": "feature-extraction", "backend": upstream(f"{fault.url}/hf/model", dialect="hf")},
+    ]
+    with front(models) as gw:
+        client = sdk(gw)
+        assert client.completions.create(model="g", prompt="x", max_tokens=4).choices[0].text == "Hello from the upstream"
+        parts = [c.choices[0].text for c in client.completions.create(model="g", prompt="x", max_tokens=4, stream=True)]
+        vectors = client.embeddings.create(model="e", input=["abc", "de"], encoding_format="float")
+    assert "".join(parts) == "Hello from the upstream"
+    assert [d.embedding for d in vectors.data] == [[3.0, 1.0], [2.0, 1.0]]
+    assert fault.bodies[1]["stream"] is True and fault.bodies[0]["stream"] is False
+
+
+def _backend(url: str, dialect: str) -> UpstreamBackend:
+    spec = ModelSpec.model_validate({"name": "c", "task": "text-classification", "backend": upstream(url, dialect=dialect)})
+    return UpstreamBackend(spec, spec.backend)
+
+
+def test_run_task_posts_inputs_and_parameters_to_the_model_url(fault) -> None:
+    async def call() -> object:
+        backend = _backend(f"{fault.url}/hf/model", "hf")
+        await backend.start()
+        try:
+            return await backend.run_task(
+                TaskRequest(Task.TEXT_CLASSIFICATION, "I like it", {"top_k": 1})
+            )
+        finally:
+            await backend.close()
+
+    result = asyncio.run(call())
+    assert result == [{"label": "POSITIVE", "score": 0.9, "echo": {"inputs": "I like it", "parameters": {"top_k": 1}}}]
+    assert fault.hits["/hf/model"] == 1
+
+
+def test_run_task_on_an_openai_upstream_is_not_supported(fault) -> None:
+    async def call() -> None:
+        backend = _backend(f"{fault.url}/v1", "openai")
+        await backend.start()
+        try:
+            await backend.run_task(TaskRequest(Task.TEXT_CLASSIFICATION, "x"))
+        finally:
+            await backend.close()
+
+    with pytest.raises(TaskNotSupported):
+        asyncio.run(call())
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"name": "m"}, "exactly one of"),
+        ({"name": "m", "backend": {"kind": "fake"}, "deployments": [{"name": "a", "backend": {"kind": "fake"}}]},
+         "exactly one of"),
+        ({"name": "m", "deployments": [{"name": "a", "backend": {"kind": "fake"}}], "routing": {"fallback": ["b"]}},
+         "unknown deployments"),
+        ({"name": "m", "deployments": [{"name": "a", "backend": {"kind": "fake"}}] * 2}, "unique"),
+        ({"name": "m", "backend": {"kind": "upstream", "url": "http://user:pw@host/v1"}}, "credentials"),
+        ({"name": "m", "backend": {"kind": "upstream", "url": "file:///etc/passwd"}}, "http"),
+        ({"name": "m", "backend": {"kind": "upstream", "url": "http://h", "dialect": "grpc"}}, "dialect"),
+    ],
+)
+def test_config_validation(model, message) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(models=[model])

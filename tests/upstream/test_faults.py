@@ -1,0 +1,232 @@
+"""Our gateway in front of a fault-injecting upstream: what the client sees, and how often we retried."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import free_port
+from tests.upstream.conftest import front, sdk, upstream
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def serve(url: str, **extra):
+    return front([{"name": "m", "task": "text-generation", "backend": upstream(url, **extra)}])
+
+
+def wait_until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_429_with_retry_after_is_retried_after_the_wait(fault) -> None:
+    fault.retry_after = "0.3"
+    fault.queue("/v1/chat/completions", "429")
+    with serve(f"{fault.url}/v1") as gw:
+        started = time.monotonic()
+        reply = sdk(gw).chat.completions.create(model="m", messages=CHAT)
+        elapsed = time.monotonic() - started
+    assert reply.choices[0].message.content == "Hello from the upstream"
+    assert fault.hits["/v1/chat/completions"] == 2
+    assert elapsed >= 0.3  # the upstream's Retry-After was honoured, not our 10 ms backoff
+
+
+def test_429_exhausted_gives_the_client_429_with_retry_after(fault) -> None:
+    fault.retry_after = "0.1"
+    fault.queue("/v1/chat/completions", "429", "429", "429")
+    with serve(f"{fault.url}/v1") as gw:
+        with pytest.raises(openai.RateLimitError) as info:
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+    assert fault.hits["/v1/chat/completions"] == 3  # first try + max_retries=2
+    assert info.value.response.headers["retry-after"] == "1"
+    assert info.value.type == "rate_limit_error"
+
+
+def test_retry_after_beyond_the_cap_is_passed_to_the_client_at_once(fault) -> None:
+    fault.retry_after = "30"
+    fault.queue("/v1/chat/completions", "429")
+    with serve(f"{fault.url}/v1") as gw:
+        started = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as info:
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+        assert time.monotonic() - started < 2
+    assert fault.hits["/v1/chat/completions"] == 1
+    assert info.value.response.headers["retry-after"] == "30"
+
+
+def test_503_exhausted_is_503_with_retry_after(fault) -> None:
+    fault.queue("/v1/chat/completions", "503", "503", "503")
+    with serve(f"{fault.url}/v1") as gw:
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+    assert info.value.status_code == 503
+    assert info.value.response.headers["retry-after"] == "1"
+    assert fault.hits["/v1/chat/completions"] == 3
+
+
+@pytest.mark.parametrize("status", ["502", "503", "504"])
+def test_gateway_errors_are_retried(fault, status) -> None:
+    fault.queue("/v1/chat/completions", status)
+    with serve(f"{fault.url}/v1") as gw:
+        reply = sdk(gw).chat.completions.create(model="m", messages=CHAT)
+    assert reply.choices[0].message.content == "Hello from the upstream"
+    assert fault.hits["/v1/chat/completions"] == 2
+
+
+def test_slow_upstream_times_out_per_try_and_retries(fault) -> None:
+    fault.queue("/v1/chat/completions", "slow", "slow")
+    with serve(f"{fault.url}/v1", timeouts={"per_try": 0.3}, retry={"max_retries": 1}) as gw:
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+        elapsed = time.monotonic() - started
+    assert info.value.status_code == 504
+    assert fault.hits["/v1/chat/completions"] == 2
+    assert elapsed < 1.5
+
+
+def test_total_deadline_bounds_all_retries(fault) -> None:
+    fault.queue("/v1/chat/completions", *["slow"] * 10)
+    with serve(f"{fault.url}/v1", timeouts={"per_try": 0.4, "total": 1.0}, retry={"max_retries": 10}) as gw:
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError):
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.6
+    assert 2 <= fault.hits["/v1/chat/completions"] <= 3
+
+
+def test_unreachable_upstream_is_502_after_retries() -> None:
+    with serve(f"http://127.0.0.1:{free_port()}/v1") as gw:
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+    assert info.value.status_code == 502
+    assert "could not be reached" in info.value.message
+
+
+def test_malformed_json_is_502_and_not_retried(fault) -> None:
+    fault.queue("/v1/chat/completions", "malformed")
+    with serve(f"{fault.url}/v1") as gw:
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+    assert info.value.status_code == 502
+    assert info.value.code == "upstream_error"
+    assert fault.hits["/v1/chat/completions"] == 1
+
+
+def test_upstream_400_is_the_clients_400_with_its_reason(fault) -> None:
+    fault.queue("/v1/chat/completions", "400")
+    with serve(f"{fault.url}/v1") as gw:
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+    assert "upstream says 400" in info.value.message
+    assert fault.hits["/v1/chat/completions"] == 1
+
+
+def test_upstream_401_is_a_502_that_does_not_blame_the_client(fault) -> None:
+    fault.queue("/v1/chat/completions", "401")
+    with serve(f"{fault.url}/v1") as gw:
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+    assert info.value.status_code == 502
+    assert "upstream says" not in info.value.message  # details stay in the log
+    assert fault.hits["/v1/chat/completions"] == 1
+
+
+def test_stream_retried_before_the_first_byte(fault) -> None:
+    fault.queue("/v1/chat/completions", "503")
+    with serve(f"{fault.url}/v1") as gw:
+        chunks = list(sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the upstream"
+    assert fault.hits["/v1/chat/completions"] == 2
+
+
+def test_stream_broken_before_its_first_event_is_retried(fault) -> None:
+    fault.queue("/v1/chat/completions", "reset_early")
+    with serve(f"{fault.url}/v1") as gw:
+        chunks = list(sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the upstream"
+    assert fault.hits["/v1/chat/completions"] == 2
+
+
+@pytest.mark.parametrize("behaviour", ["reset", "malformed_stream"])
+def test_stream_broken_midway_gives_an_in_band_error(fault, behaviour) -> None:
+    fault.queue("/v1/chat/completions", behaviour)
+    with serve(f"{fault.url}/v1") as gw:
+        received = []
+        with pytest.raises(openai.APIError) as info:
+            for chunk in sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True):
+                received.append(chunk.choices[0].delta.content)
+        assert not isinstance(info.value, openai.APIStatusError)  # in-band, after the 200
+        assert received  # the chunks before the break did reach the client
+        assert info.value.code == "upstream_error"
+        assert wait_until(lambda: fault.active_streams == 0)
+    assert fault.hits["/v1/chat/completions"] == 1  # never retried once output went out
+
+
+def test_stream_without_done_marker_is_complete_once_every_choice_finished(fault) -> None:
+    fault.queue("/v1/chat/completions", "no_done")
+    with serve(f"{fault.url}/v1") as gw:
+        chunks = list(sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the upstream"
+
+
+def test_stream_ending_cleanly_but_unfinished_is_an_in_band_error(fault) -> None:
+    fault.queue("/v1/chat/completions", "truncated")
+    with serve(f"{fault.url}/v1") as gw:
+        received = []
+        with pytest.raises(openai.APIError) as info:
+            for chunk in sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True):
+                received.append(chunk.choices[0].delta.content)
+    assert received == ["Hello", " from"]
+    assert "before it was complete" in info.value.message
+
+
+def test_client_disconnect_closes_the_upstream_stream(fault) -> None:
+    fault.queue("/v1/chat/completions", "slow_stream")
+    with serve(f"{fault.url}/v1") as gw:
+        stream = sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True)
+        next(iter(stream))
+        assert fault.active_streams == 1
+        stream.close()
+        # The upstream handler ends long before its 40 slow tokens would have.
+        assert wait_until(lambda: fault.active_streams == 0, timeout=5)
+        # And the gateway still serves.
+        assert sdk(gw).chat.completions.create(model="m", messages=CHAT).choices[0].message.content
+
+
+def test_request_cannot_redirect_the_upstream_or_its_credentials(fault, monkeypatch) -> None:
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-configured")
+    with serve(f"{fault.url}/v1", api_key_env="TEST_UPSTREAM_KEY", model="served-name") as gw:
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk(gw).chat.completions.create(
+                model="m", messages=CHAT, extra_body={"api_base": "http://169.254.169.254/"}
+            )
+        assert info.value.param == "api_base"
+        assert fault.hits["/v1/chat/completions"] == 0
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="sk-client", max_retries=0)
+        client.chat.completions.create(model="m", messages=CHAT, user="u1", temperature=0.5)
+    sent, headers = fault.bodies[-1], fault.headers[-1]
+    assert sent["model"] == "served-name"
+    assert "user" not in sent  # only allowlisted fields go upstream
+    assert sent["temperature"] == 0.5
+    assert headers["authorization"] == "Bearer sk-configured"  # never the client's key
+
+
+def test_missing_key_variable_fails_the_model_clearly(fault, monkeypatch) -> None:
+    monkeypatch.delenv("TEST_UPSTREAM_KEY", raising=False)
+    with serve(f"{fault.url}/v1", api_key_env="TEST_UPSTREAM_KEY") as gw:
+        ready = httpx.get(f"{gw.url}/ready")
+        assert ready.status_code == 503
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+        assert info.value.status_code == 503
+        assert "TEST_UPSTREAM_KEY" in info.value.message
