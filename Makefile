@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= dev
 PKG := $(if $(EXTRAS),.[$(EXTRAS)],.)
 
-.PHONY: install serve test lint lint-deploy bench clean
+.PHONY: install serve test lint lint-deploy bench bench-engine clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -39,8 +39,14 @@ lint-deploy: install
 clean:
 	rm -rf $(VENV) .pytest_cache
 
+# Local engine under load against transformers serve and offline generate, and encoder batching;
+# writes bench/engine_load.json and bench/engine_load.png (see BENCHMARKS.md).
+bench-engine: install
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) bench/engine_load.py $(BENCH_ARGS)
+
 # Gateway overhead in front of a fast upstream (needs nginx); prints a table, writes bench/upstream_overhead.json.
-bench: bench-upstream
+bench: bench-engine bench-upstream
 bench-upstream: install
 	$(PY) bench/upstream_overhead.py $(BENCH_ARGS)
 .PHONY: bench-upstream

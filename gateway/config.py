@@ -45,9 +45,33 @@ class LocalBackendSpec(_Strict):
         "auto", description="`auto` picks bfloat16 where the hardware runs it fast, float32 otherwise."
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless set.")
-    max_batch_size: int = Field(16, ge=1, description="Most requests run together in one batch.")
-    max_queue: int = Field(64, ge=1, description="Most requests waiting for a batch slot; more get 429.")
-    max_wait_ms: float = Field(5.0, ge=0, description="Encoder tasks: how long to wait to fill a batch.")
+    max_batch_size: int = Field(
+        16, ge=1, description="Generation: sequences decoded together (KV cache slots); other tasks: inputs per forward pass."
+    )
+    max_queue: int = Field(
+        64, ge=1, description="Requests waiting for the batch; more get 429 (HF: `overloaded`) with a Retry-After."
+    )
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="Encoder tasks: how long a request may wait for others to share its batch."
+    )
+    prefill_chunk_tokens: int = Field(
+        256, ge=16, description="Generation: most prompt tokens prefilled per step, so running streams keep flowing."
+    )
+    max_total_tokens: int | None = Field(
+        None,
+        ge=16,
+        description=(
+            "Generation: longest sequence (prompt + output) a batch slot holds; default the model's context, "
+            "at most 8192. The KV cache never exceeds max_batch_size x this."
+        ),
+    )
+    fused: bool = Field(
+        True,
+        description=(
+            "Generation: run Llama-family models (Llama, Mistral, Qwen2/3, SmolLM) on the gateway's fused forward "
+            "pass; false, or another architecture, uses the model's own transformers forward."
+        ),
+    )
     max_input_tokens: int | None = Field(None, ge=1, description="Longest prompt accepted (default: model limit).")
     default_max_tokens: int = Field(
         512, ge=1, description="Tokens generated when a request does not say (capped by the context length)."
@@ -185,7 +209,6 @@ class ServerSettings(_Strict):
     sse_ping_seconds: float = Field(
         0.0, ge=0, description="Interval of SSE comment pings on idle streams; 0 disables them."
     )
-    workers_per_model: int = Field(1, ge=1, description="Compute threads per local model.")
     access_log: bool = Field(
         True, description="One log line per request from uvicorn; costs about a sixth of the throughput in front of a fast upstream."
     )

@@ -7,6 +7,8 @@ configured names or "unknown".
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -46,11 +48,16 @@ class Metrics:
             "gateway_running_requests", "Requests in the running batch.", ["model"], registry=r
         )
         self.queue_time = Histogram(
-            "gateway_queue_time_seconds", "Time a request waited before compute.", ["model"],
-            buckets=_SMALL_BUCKETS, registry=r,
+            "gateway_queue_time_seconds", "Time a request waited for the batch before its compute started.",
+            ["model"], buckets=_SMALL_BUCKETS, registry=r,
+        )
+        self.batch_duration = Histogram(
+            "gateway_batch_duration_seconds",
+            "Time of one forward pass: a generation step (with its sampling) or an encoder batch.",
+            ["model"], buckets=_SMALL_BUCKETS, registry=r,
         )
         self.batch_size = Histogram(
-            "gateway_batch_size", "Sequences per forward pass.", ["model"],
+            "gateway_batch_size", "Sequences (generation) or inputs (encoder tasks) per forward pass.", ["model"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
         )
         # Upstream deployments.
@@ -73,5 +80,25 @@ class Metrics:
             buckets=_SMALL_BUCKETS, registry=r,
         )
 
+    def engine_observer(self, model: str) -> EngineMetrics:
+        return EngineMetrics(
+            self.queue_time.labels(model), self.batch_size.labels(model), self.batch_duration.labels(model)
+        )
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class EngineMetrics:
+    """A local engine's observer (gateway.engine.observer), writing to one model's metrics.
+    Called from compute threads: prometheus_client's metrics are thread-safe."""
+
+    def __init__(self, queue_time: Any, batch_size: Any, batch_duration: Any) -> None:
+        self._queue_time, self._batch_size, self._batch_duration = queue_time, batch_size, batch_duration
+
+    def queued(self, seconds: float) -> None:
+        self._queue_time.observe(seconds)
+
+    def stepped(self, sequences: int, seconds: float) -> None:
+        self._batch_size.observe(sequences)
+        self._batch_duration.observe(seconds)

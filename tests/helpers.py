@@ -107,3 +107,12 @@ def gateway_process(
             proc.kill()
             proc.wait()
         log.close()
+
+
+def strip_volatile(value: object, volatile: frozenset[str] = frozenset({"id", "created"})) -> object:
+    """A JSON value without the fields that change on every call (ids, timestamps), to compare answers."""
+    if isinstance(value, dict):
+        return {k: strip_volatile(v, volatile) for k, v in value.items() if k not in volatile}
+    if isinstance(value, list):
+        return [strip_volatile(v, volatile) for v in value]
+    return value

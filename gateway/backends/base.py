@@ -31,6 +31,14 @@ from gateway.errors import TaskNotSupported, UnsupportedParameter
 GenerationEvent = TokenDelta | StreamEnd
 
 
+@dataclass(frozen=True)
+class QueueStats:
+    """A local engine's load: requests waiting for the batch, and requests in it."""
+
+    waiting: int
+    running: int
+
+
 @dataclass
 class ModelInfo:
     """What /v1/models, /info and /ready report about a backend."""
@@ -79,6 +87,10 @@ class Backend(abc.ABC):
 
     def estimated_load_seconds(self) -> float | None:
         """Rough time left until READY, for `estimated_time` and Retry-After."""
+        return None
+
+    def queue_stats(self) -> QueueStats | None:
+        """The engine's queue and batch, for backends that batch locally."""
         return None
 
     # operations ------------------------------------------------------------

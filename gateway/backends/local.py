@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Any
 
-from gateway.backends.base import Backend, GenerationEvent, ModelInfo
+from gateway.backends.base import Backend, GenerationEvent, ModelInfo, QueueStats
 from gateway.config import LocalBackendSpec, ModelSpec, Settings
 from gateway.domain import (
     EmbeddingRequest,
@@ -21,7 +23,11 @@ from gateway.domain import (
     TokenDelta,
     Usage,
 )
+from gateway.engine.device import device_worker, in_fresh_thread
+from gateway.engine.microbatch import MicroBatcher
+from gateway.engine.observer import EngineObserver, NoObserver
 from gateway.errors import BackendFailure, GatewayError, InvalidRequest, TaskNotSupported
+from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +114,46 @@ class LocalBackend(Backend):
         self.model: Any = None
         self.device: Any = None
         self.dtype: Any = None
-        self.engine: Any = None  # GenerationEngine for generative models
+        self.engine: Any = None  # GenerationEngine (continuous batching) for generative models
+        self.batcher: Any = None  # MicroBatcher for embeddings and the other HF tasks
         self.embedder: Any = None
         self.tasks: Any = None  # TaskModel for the other HF tasks
-        self._compute = ThreadPoolExecutor(max_workers=settings.server.workers_per_model, thread_name_prefix=spec.name)
+        self._executor: Executor | None = None  # the device's compute thread (engine/device.py)
+        self._observer: EngineObserver = NoObserver()
+
+    def attach_metrics(self, metrics: Metrics) -> None:
+        self._observer = metrics.engine_observer(self.name)
+        for engine in (self.engine, self.batcher):
+            if engine is not None:
+                engine.observer = self._observer
 
     # lifecycle -------------------------------------------------------------
     async def _load(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._compute, self._load_sync)
+        await in_fresh_thread(self._load_sync)
 
     def _load_sync(self) -> None:
         with _LOAD_LOCK:
             self._load_locked()
+        self._executor = device_worker(str(self.device))
+        if self.task != Task.TEXT_GENERATION and self.task not in _SEQ2SEQ_TASKS:
+            from gateway.engine.packed import pack_linears
+
+            pack_linears(self.model, self.local.max_batch_size)  # encoders: prepacked CPU matmuls
+        if self.task == Task.TEXT_GENERATION:
+            from gateway.engine.textgen import create_engine
+
+            self.engine = create_engine(self.model, self.tokenizer, self.local, self.name, self._executor)
+            self.engine.observer = self._observer
+        else:
+            # Embeddings and the other encoder tasks: concurrent requests share forward passes.
+            self.batcher = MicroBatcher(
+                self.name,
+                self._executor,
+                max_batch_size=self.local.max_batch_size,
+                max_wait_ms=self.local.max_wait_ms,
+                max_queue=self.local.max_queue,
+            )
+            self.batcher.observer = self._observer
 
     def _load_locked(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -131,12 +165,7 @@ class LocalBackend(Backend):
             self.task = infer_task(AutoConfig.from_pretrained(path, **kwargs))
         auto_cls = model_class(self.task)
         if self.task == Task.TEXT_GENERATION:
-            from gateway.engine.textgen import GenerationEngine
-
             self.tokenizer, self.model, self.device, self.dtype = load_model(self.local, self.cache_dir, auto_cls)
-            self.engine = GenerationEngine(
-                self.model, self.tokenizer, self.device, max_queue=self.local.max_queue, name=self.name
-            )
         elif self.task in EMBEDDING_TASKS:
             from gateway.engine.embedder import Embedder, read_pooling_config
 
@@ -160,8 +189,15 @@ class LocalBackend(Backend):
 
     async def close(self) -> None:
         if self.engine is not None:
-            self.engine.close()
-        self._compute.shutdown(wait=False, cancel_futures=True)
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+        if self.batcher is not None:
+            await self.batcher.close()
+
+    def queue_stats(self) -> QueueStats | None:
+        engine = self.engine or self.batcher
+        if engine is None:
+            return QueueStats(waiting=0, running=0)
+        return QueueStats(waiting=engine.queue_depth(), running=engine.running)
 
     def estimated_load_seconds(self) -> float | None:
         if self.load_started is None:
@@ -169,12 +205,12 @@ class LocalBackend(Backend):
         return max(1.0, 20.0 - (time.monotonic() - self.load_started))
 
     def context_length(self) -> int:
-        config = self.model.config if self.model is not None else None
-        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = getattr(config, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return 2048
+        """Longest sequence served: the engine's slot length for generation, else the model's context."""
+        if self.engine is not None:
+            return int(self.engine.max_len)
+        from gateway.engine.textgen import context_length
+
+        return (context_length(self.model.config) if self.model is not None else None) or 2048
 
     def info(self) -> ModelInfo:
         loaded = self.model is not None
@@ -227,14 +263,24 @@ class LocalBackend(Backend):
             )
         return asked
 
-    def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        if self.engine is None:
-            raise TaskNotSupported(f"Model '{self.name}' does not generate text.")
+    def _validated_prompt(self, request: GenerationRequest) -> tuple[list[int], int]:
         prompt_ids = self._prompt_ids(request)
         if request.truncate:
             prompt_ids = prompt_ids[-request.truncate :]
-        max_tokens = self._budget(prompt_ids, request.sampling.max_tokens)
-        return self.engine.stream(prompt_ids, request.sampling, max_tokens)
+        return prompt_ids, self._budget(prompt_ids, request.sampling.max_tokens)
+
+    def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if self.engine is None:
+            raise TaskNotSupported(f"Model '{self.name}' does not generate text.")
+        return self._generate(request)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        # Templating and tokenising a long prompt takes milliseconds: not on the event loop.
+        prompt_ids, max_tokens = await asyncio.get_running_loop().run_in_executor(
+            None, self._validated_prompt, request
+        )
+        async for event in self.engine.stream(prompt_ids, request.sampling, max_tokens):
+            yield event
 
     async def prompt_logprobs(self, request: GenerationRequest) -> list[TokenDelta]:
         if self.engine is None:
@@ -243,16 +289,7 @@ class LocalBackend(Backend):
         if request.truncate:
             ids = ids[-request.truncate :]
         self._budget(ids, 1)
-
-        def score() -> list[float]:
-            import torch
-
-            with torch.inference_mode():
-                logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
-                logprobs = torch.log_softmax(logits[:-1], dim=-1)
-                return logprobs.gather(1, torch.tensor(ids[1:], device=logprobs.device)[:, None])[:, 0].tolist()
-
-        scores = await asyncio.get_running_loop().run_in_executor(self._compute, score)
+        scores = await self.engine.score(ids)
         special = set(self.tokenizer.all_special_ids)
         return [
             TokenDelta(0, self.tokenizer.decode([token]), token, None if i == 0 else scores[i - 1], token in special)
@@ -287,11 +324,10 @@ class LocalBackend(Backend):
         run = runner(request.task)
         if run is None or self.tasks is None or not self.serves(request.task):
             return await super().run_task(request)
-        items, params = list(request.inputs), request.parameters
+        params = request.parameters
+        key = (request.task, json.dumps(params, sort_keys=True, default=str))
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._compute, lambda: run(self.tasks, items, params)
-            )
+            return await self.batcher.run(key, list(request.inputs), lambda items: run(self.tasks, items, params))
         except GatewayError:
             raise
         except Exception as exc:  # logged here; the client gets a clean 500 in its API's shape
@@ -302,18 +338,25 @@ class LocalBackend(Backend):
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         if self._text_encoder() is None:
             raise TaskNotSupported(f"Model '{self.name}' does not compute embeddings.")
+        embedder = self.embedder
+        if request.dimensions is not None and request.dimensions > embedder.dimensions:
+            raise InvalidRequest(
+                f"dimensions={request.dimensions} exceeds the model's {embedder.dimensions}.", param="dimensions"
+            )
         texts = [t if isinstance(t, str) else self.tokenizer.decode(t) for t in request.inputs]
-        vectors, tokens = await asyncio.get_running_loop().run_in_executor(
-            self._compute,
-            lambda: self.embedder.encode(texts, normalize=request.normalize, truncate=request.truncate),
+        normalize, truncate = request.normalize, request.truncate
+        rows = await self.batcher.run(
+            ("embed", normalize, truncate), texts, lambda items: embedder.encode_rows(items, normalize, truncate)
         )
+        vectors = [vector for vector, _ in rows]
         if request.dimensions is not None:
-            if request.dimensions > vectors.shape[1]:
-                raise InvalidRequest(
-                    f"dimensions={request.dimensions} exceeds the model's {vectors.shape[1]}.", param="dimensions"
-                )
-            import torch
+            vectors = [_shortened(vector, request.dimensions) for vector in vectors]
+        return EmbeddingResult(vectors=vectors, usage=Usage(prompt_tokens=sum(tokens for _, tokens in rows)))
 
-            vectors = torch.nn.functional.normalize(vectors[:, : request.dimensions], dim=-1)
-        return EmbeddingResult(vectors=vectors.tolist(), usage=Usage(prompt_tokens=tokens))
+
+def _shortened(vector: list[float], dimensions: int) -> list[float]:
+    """The first `dimensions` components, L2-normalised again (Matryoshka-style truncation)."""
+    head = vector[:dimensions]
+    norm = math.sqrt(sum(v * v for v in head)) or 1.0
+    return [v / norm for v in head]
 

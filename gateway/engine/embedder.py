@@ -75,8 +75,10 @@ class Embedder:
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], *, normalize: bool | None = None, truncate: bool = True) -> tuple[torch.Tensor, int]:
-        """Embed `texts`; returns (float32 [N, D] on CPU, tokens used)."""
+    def encode(
+        self, texts: list[str], *, normalize: bool | None = None, truncate: bool = True
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Embed `texts` in one forward pass; returns (float32 [N, D] on CPU, tokens read per text)."""
         if not truncate:
             too_long = [i for i, n in enumerate(self.count_tokens(texts)) if n > self.max_length]
             if too_long:
@@ -102,4 +104,9 @@ class Embedder:
         pooled = pooled.float()
         if self.pooling.normalize if normalize is None else normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-        return pooled.cpu(), int(batch["attention_mask"].sum())
+        return pooled.cpu(), batch["attention_mask"].sum(dim=1).tolist()
+
+    def encode_rows(self, texts: list[str], normalize: bool | None, truncate: bool) -> list[tuple[list[float], int]]:
+        """`encode` as one (vector, tokens) pair per text: what the micro-batcher scatters back."""
+        vectors, tokens = self.encode(texts, normalize=normalize, truncate=truncate)
+        return list(zip(vectors.tolist(), tokens, strict=True))

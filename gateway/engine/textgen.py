@@ -1,157 +1,267 @@
-"""Text generation engine: a compute thread running a decode loop per request.
+"""The text generation engine: a bounded queue in front of continuous batching.
 
-Requests enter through a bounded queue (full -> Overloaded); the thread streams
-TokenDelta events back to the event loop. A request whose consumer goes away is
-flagged and the thread stops decoding it at the next step.
+The event loop submits a request and reads its events. The device's compute thread
+(`device.py`) runs the engine in ticks: each admits waiting requests into free batch
+slots, runs one step (`scheduler.py`), hands the step's events back to the loop in
+one call, and queues the next tick behind whatever other work the device has (an
+embedding batch, another model's step). When the queue is full a request is refused
+at once (`Overloaded`, with a Retry-After from the queue length and the measured
+time a request holds a slot). A request whose consumer goes away is dropped before
+the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from gateway.domain import FinishReason, SamplingParams, StreamEnd, TokenDelta, Usage
-from gateway.engine.detokenize import TextAssembler
-from gateway.engine.sampling import SequenceSampler
-from gateway.engine.top_tokens import top_tokens
-from gateway.errors import BackendFailure, Overloaded
+from gateway.domain import SamplingParams, StreamEnd, TokenDelta
+from gateway.engine.observer import EngineObserver, NoObserver
+from gateway.engine.scheduler import Event, GenerationJob, Scheduler
+from gateway.engine.step import StepModel
+from gateway.errors import BackendFailure, InvalidRequest, Overloaded
 
 log = logging.getLogger(__name__)
 
-_STOP_WORKER = object()
 
+@dataclass(eq=False)
+class _Stream:
+    """The event-loop end of one request."""
 
-@dataclass
-class GenerationJob:
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[TokenDelta | StreamEnd | BaseException] = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued_at: float = field(default_factory=time.monotonic)
-
-    def emit(self, event: TokenDelta | StreamEnd | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+    events: asyncio.Queue[Event]
+    cancelled: bool = False
 
 
 class GenerationEngine:
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device, *, max_queue: int, name: str) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = device
+    def __init__(
+        self,
+        step: StepModel,
+        tokenizer: Any,
+        executor: Executor,
+        *,
+        eos_ids: frozenset[int],
+        max_batch_size: int,
+        max_queue: int,
+        prefill_chunk: int,
+        name: str,
+    ) -> None:
         self.name = name
-        self._jobs: queue.Queue[GenerationJob | object] = queue.Queue(maxsize=max_queue)
-        self._max_queue = max_queue
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        eos = model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        self.eos_ids = frozenset(eos_ids)
-        self.pad_id = next(iter(self.eos_ids), 0)
-        self.running = 0
-        self._seconds_per_token = 0.05  # refined as requests complete; feeds Retry-After
-        self._thread = threading.Thread(target=self._work, name=f"generate:{name}", daemon=True)
-        self._thread.start()
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_len = step.max_len
+        self.scheduler = Scheduler(step, tokenizer, slots=max_batch_size, prefill_chunk=prefill_chunk, eos_ids=eos_ids)
+        self.observer: EngineObserver = NoObserver()
+        self._executor = executor
+        self._waiting: deque[GenerationJob] = deque()
+        self._streams: dict[GenerationJob, _Stream] = {}
+        self._lock = threading.Lock()
+        self._ticking = False  # a tick is queued or running on the compute thread
+        self._closing = False
+        self._outbox: list[tuple[GenerationJob, Event]] = []
+        self._job_seconds = 10.0  # a request's time in a slot, refined as requests finish (Retry-After)
 
     # event-loop side -------------------------------------------------------
-    def queue_depth(self) -> int:
-        return self._jobs.qsize()
+    @property
+    def running(self) -> int:
+        """Requests holding batch slots."""
+        return len(self.scheduler.jobs)
 
-    async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int
-    ) -> AsyncIterator[TokenDelta | StreamEnd]:
-        job = GenerationJob(prompt_ids, params, max_tokens, asyncio.get_running_loop())
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            wait = (self.queue_depth() + 1) * max_tokens * self._seconds_per_token
-            raise Overloaded(
-                f"Model '{self.name}' has {self._max_queue} requests waiting; try again later.", retry_after=wait
-            ) from None
+    def queue_depth(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._waiting)
+
+    def retry_after(self) -> float:
+        """Seconds until a slot is likely free for one more request: slots free up at
+        `max_batch_size` per `_job_seconds`, and the queue is served first."""
+        return (self.queue_depth() + 1) * self._job_seconds / self.max_batch_size
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int) -> AsyncIterator[TokenDelta | StreamEnd]:
+        if params.n > self.max_batch_size:
+            raise InvalidRequest(f"n={params.n} exceeds this model's batch size of {self.max_batch_size}.", param="n")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        job = GenerationJob(prompt_ids, params, max_tokens, self._emit)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue or self._closing:
+                raise Overloaded(
+                    f"Model '{self.name}' has {len(self._waiting)} requests waiting; try again later.",
+                    retry_after=self.retry_after(),
+                )
+            self._streams[job] = stream
+            self._waiting.append(job)
+            self._schedule_locked()
         try:
             while True:
-                event = await job.events.get()
+                event = await stream.events.get()
                 if isinstance(event, BaseException):
-                    raise BackendFailure(f"Generation failed: {event}") from event
+                    raise BackendFailure(f"Generation failed ({type(event).__name__}).") from event
                 yield event
                 if isinstance(event, StreamEnd):
                     return
         finally:
-            job.cancelled.set()
+            stream.cancelled = True  # read by the compute thread before its next step
+
+    async def score(self, tokens: list[int]) -> list[float]:
+        """Log-probabilities of a prompt's tokens (TGI's prefill details), computed on the
+        device's thread between steps, beside the batch."""
+        return await asyncio.wrap_future(self._executor.submit(self.scheduler.step_model.score, tokens))
 
     def close(self) -> None:
-        self._jobs.put(_STOP_WORKER)
+        """Fail what is still queued or running and stop ticking; waits for the compute thread."""
+        with self._lock:
+            self._closing = True
+        try:
+            self._executor.submit(self._shut_down).result(timeout=60)
+        except concurrent.futures.TimeoutError:  # the device is stuck in other work; the process is going away anyway
+            log.warning("%s: the compute thread did not answer the shutdown within 60 s", self.name)
 
     # compute-thread side ---------------------------------------------------
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is _STOP_WORKER:
-                return
-            assert isinstance(job, GenerationJob)
-            if job.cancelled.is_set():
+    def _schedule_locked(self) -> None:
+        if not self._ticking and not self._closing:
+            self._ticking = True
+            self._executor.submit(self._tick)
+
+    def _tick(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._drop_cancelled()
+                self._admit()
+                started = time.perf_counter()
+                try:
+                    served = self.scheduler.step()
+                except Exception as exc:  # reported to every request in the batch; the engine lives on
+                    log.exception("generation step failed in %s", self.name)
+                    self.scheduler.fail_all(exc)
+                    served = 0
+                if served:
+                    self.observer.stepped(served, time.perf_counter() - started)
+                self._flush()
+        finally:
+            with self._lock:
+                self._ticking = False
+                if self.scheduler.jobs or self._waiting:
+                    self._schedule_locked()
+
+    def _emit(self, job: GenerationJob, event: Event) -> None:
+        self._outbox.append((job, event))
+
+    def _flush(self) -> None:
+        """Hand the step's events to their event loops: one call per loop, not per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Event]]] = {}
+        for job, event in self._outbox:
+            stream = self._streams.get(job)
+            if stream is None:
                 continue
-            self.running += 1
-            started = time.monotonic()
+            by_loop.setdefault(stream.loop, []).append((stream, event))
+            if isinstance(event, (StreamEnd, BaseException)):
+                del self._streams[job]
+                if job.admitted_at:
+                    held = time.monotonic() - job.admitted_at
+                    self._job_seconds = 0.8 * self._job_seconds + 0.2 * held
+        self._outbox.clear()
+        for loop, items in by_loop.items():
             try:
-                produced = self._run(job)
-                if produced:
-                    spent = (time.monotonic() - started) / produced
-                    self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * spent
-            except Exception as exc:  # reported to the request, the worker lives on
-                log.exception("generation failed in %s", self.name)
-                job.emit(exc)
-            finally:
-                self.running -= 1
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is listening
+                pass
 
-    def _forward(self, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
-        out = self.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True)
-        return out.logits[:, -1, :].float().cpu()
-
-    @torch.inference_mode()
-    def _run(self, job: GenerationJob) -> int:
-        n = job.params.n
-        samplers = [SequenceSampler(job.params, job.prompt_ids, self.vocab_size, seed_offset=i) for i in range(n)]
-        texts = [TextAssembler(self.tokenizer, job.params.stop) for _ in range(n)]
-        produced = [0] * n
-        done = [False] * n
-        cache = DynamicCache()
-        logits = self._forward(torch.tensor([job.prompt_ids] * n), cache)
-        while not job.cancelled.is_set():
-            next_ids = []
-            for i in range(n):
-                if done[i]:
-                    next_ids.append(self.pad_id)
+    def _admit(self) -> None:
+        scheduler = self.scheduler
+        with self._lock:
+            while self._waiting and scheduler.free_slots() >= self._waiting[0].params.n:
+                job = self._waiting.popleft()
+                if self._streams[job].cancelled:
+                    del self._streams[job]
                     continue
-                token, logprob = samplers[i].choose(logits[i])
-                samplers[i].observe(token)
-                produced[i] += 1
-                next_ids.append(token)
-                finish = None
-                if token in self.eos_ids:
-                    text, finish, special = texts[i].flush(), FinishReason.EOS, True
-                else:
-                    text, special = texts[i].push(token), False
-                    if texts[i].stopped:
-                        finish = FinishReason.STOP
-                    elif produced[i] >= job.max_tokens:
-                        text, finish = text + texts[i].flush(), FinishReason.LENGTH
-                done[i] = finish is not None
-                top = top_tokens(logits[i], job.params.top_n, self.tokenizer, self.vocab_size)
-                job.emit(TokenDelta(i, text, token, logprob, special, finish, top))
-            if all(done):
-                break
-            logits = self._forward(torch.tensor(next_ids).unsqueeze(1), cache)
-        job.emit(StreamEnd(Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=sum(produced))))
-        return max(produced)
+                scheduler.admit(job)
+                self.observer.queued(job.admitted_at - job.enqueued_at)
+
+    def _drop_cancelled(self) -> None:
+        for job in list(self.scheduler.jobs):
+            stream = self._streams.get(job)
+            if stream is None or stream.cancelled:
+                self.scheduler.drop(job)
+                self._streams.pop(job, None)
+
+    def _shut_down(self) -> None:
+        error = RuntimeError("the server is shutting down")
+        self.scheduler.fail_all(error)
+        with self._lock:
+            for job in self._waiting:
+                self._emit(job, error)
+            self._waiting.clear()
+        self._flush()
+
+
+def _deliver(items: list[tuple[_Stream, Event]]) -> None:
+    for stream, event in items:
+        stream.events.put_nowait(event)
+
+
+DEFAULT_MAX_TOTAL_TOKENS = 8192
+
+
+def context_length(config: Any) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _warm_up(step: StepModel) -> None:
+    """One prefill and one decode step in slot 0: a model whose forward does not work with the
+    slot cache fails here, at load time, and not on a user's request; the first request also
+    finds the kernels ready."""
+    from gateway.engine.step import PrefillChunk, StepPlan
+
+    with torch.inference_mode():
+        step.forward(StepPlan(prefills=[PrefillChunk(0, 0, [0, 0], True)]))
+        step.forward(StepPlan(decode_slots=[0], decode_tokens=[0], decode_positions=[2]))
+
+
+def create_engine(model: Any, tokenizer: Any, spec: Any, name: str, executor: Executor) -> GenerationEngine:
+    """The engine for a loaded causal LM: the fused step model where the architecture
+    allows (and `spec.fused`), else the model's own forward."""
+    from gateway.engine import fused_llama
+    from gateway.engine.hf_step import HFStepModel
+
+    config = model.config
+    limits = [context_length(config) or DEFAULT_MAX_TOTAL_TOKENS, spec.max_total_tokens or DEFAULT_MAX_TOTAL_TOKENS]
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and window > 0:
+        limits.append(window)  # a sequence never outgrows the window, so full attention is exact
+    max_len = min(limits)
+    slots = spec.max_batch_size
+    if spec.fused and fused_llama.supports(model):
+        step: StepModel = fused_llama.FusedLlama(model, slots=slots, max_len=max_len)
+    else:
+        step = HFStepModel(model, slots=slots, max_len=max_len)
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    _warm_up(step)
+    log.info("%s: %s, %d slots of up to %d tokens", name, type(step).__name__, slots, max_len)
+    return GenerationEngine(
+        step,
+        tokenizer,
+        executor,
+        eos_ids=frozenset(eos_ids),
+        max_batch_size=slots,
+        max_queue=spec.max_queue,
+        prefill_chunk=spec.prefill_chunk_tokens,
+        name=name,
+    )

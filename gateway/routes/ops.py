@@ -31,10 +31,10 @@ async def metrics(state: StateDep) -> Response:
     for entry in state.registry.entries:
         for s in ModelState:
             m.model_state.labels(entry.spec.name, s.value).set(1 if entry.backend.state == s else 0)
-        engine = getattr(entry.backend, "engine", None)
-        if engine is not None:
-            m.queue_depth.labels(entry.spec.name).set(engine.queue_depth())
-            m.running_requests.labels(entry.spec.name).set(engine.running)
+        stats = entry.backend.queue_stats()
+        if stats is not None:
+            m.queue_depth.labels(entry.spec.name).set(stats.waiting)
+            m.running_requests.labels(entry.spec.name).set(stats.running)
     body, content_type = m.render()
     return Response(body, media_type=content_type)
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, gateway_process
+from tests.helpers import ROOT, gateway_process, strip_volatile
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)
-VOLATILE = {"id", "created"}
 
 
 def readme_blocks(path: Path = ROOT / "README.md") -> list[tuple[str, str, tuple[str, str] | None]]:
@@ -44,14 +43,6 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def _strip(value: object) -> object:
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
-
-
 @pytest.mark.parametrize("lang, code, following", EXAMPLES, ids=[f"{e[0]}-{i}" for i, e in enumerate(EXAMPLES)])
 def test_readme_example(server_url: str, lang: str, code: str, following: tuple[str, str] | None) -> None:
     code = code.replace("http://localhost:8000", server_url)
@@ -65,4 +56,4 @@ def test_readme_example(server_url: str, lang: str, code: str, following: tuple[
     if lang == "python" and kind == "text":
         assert run.stdout.strip() == shown.strip()
     elif kind == "json":
-        assert _strip(json.loads(run.stdout)) == _strip(json.loads(shown))
+        assert strip_volatile(json.loads(run.stdout)) == strip_volatile(json.loads(shown))

