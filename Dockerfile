@@ -19,7 +19,7 @@ COPY gateway ./gateway
 RUN make install VENV=/opt/venv EXTRAS= TORCH="${TORCH}"
 
 USER 10001
-# Convert the default GGUF once at build time so containers start in about a second.
+# Convert the default GGUF once at build time so containers are ready in seconds, not after a 20 s conversion.
 RUN /opt/venv/bin/python -c "import asyncio; from gateway.config import load_settings; from gateway.backends.registry import Registry; r = Registry(load_settings()); asyncio.run(r.acquire('smollm2-135m-instruct'))"
 
 EXPOSE 8000
