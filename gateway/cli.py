@@ -1,4 +1,4 @@
-"""`gateway serve`: flags are generated from the settings model, so every flag is a setting."""
+"""`gateway serve` / `gateway config`: flags are generated from the settings model, so every flag is a setting."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from typing import Any, get_args
 
 from gateway.config import ServerSettings, load_settings
+from gateway.errors import ConfigError
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -18,25 +19,28 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif annotation in (int, float, str):
-            kwargs["type"] = annotation
+            kwargs.update(type=annotation, metavar=name.upper())
         elif get_args(annotation) and all(isinstance(a, str) for a in get_args(annotation)):
             kwargs["choices"] = list(get_args(annotation))
         elif getattr(annotation, "__origin__", None) is list:
-            kwargs["action"] = "append"
+            kwargs.update(action="append", metavar=name.upper())
+            kwargs["help"] += " Repeat the flag for several."
         else:
-            continue
+            # Every server setting must have a flag (README); a new kind of field needs a case here.
+            raise TypeError(f"no CLI flag for server.{name} of type {annotation}")
         parser.add_argument(flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI- and Hugging Face-compatible inference gateway.")
+    # `config` takes the same flags as `serve`, so it shows what that `serve` would run with.
+    settings = argparse.ArgumentParser(add_help=False)
+    settings.add_argument("--config", help="YAML config file; the embedded default config when omitted.")
+    settings.add_argument("--cache-dir", dest="cache_dir", default=None, help="Where converted checkpoints are kept.")
+    _add_server_flags(settings)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="Start the HTTP server.")
-    serve.add_argument("--config", help="YAML config file; the embedded default config when omitted.")
-    serve.add_argument("--cache-dir", dest="cache_dir", default=None, help="Where converted checkpoints are kept.")
-    _add_server_flags(serve)
-    show = commands.add_parser("config", help="Print the effective configuration and exit.")
-    show.add_argument("--config", help="YAML config file.")
+    commands.add_parser("serve", parents=[settings], help="Start the HTTP server.")
+    commands.add_parser("config", parents=[settings], help="Print the effective configuration and exit.")
     return parser
 
 
@@ -50,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     config = args.pop("config", None)
-    settings = load_settings(config, **args)
+    try:
+        settings = load_settings(config, **args)
+    except ConfigError as exc:
+        print(f"gateway: {exc.message}", file=sys.stderr)
+        return 2
     if command == "config":
         import yaml
 

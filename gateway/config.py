@@ -14,10 +14,12 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from gateway.domain import Task
+from gateway.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -271,19 +273,49 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _env_overrides() -> dict[str, Any]:
-    """`GATEWAY_...` environment values as a nested dict."""
-    return EnvSettingsSource(Settings)()
+    """`GATEWAY_...` environment values as a nested dict.
+
+    Variables that name no setting are left alone rather than refused: Kubernetes injects
+    `GATEWAY_PORT=tcp://...` and friends into every pod next to a Service called `gateway`.
+    """
+    try:
+        return EnvSettingsSource(Settings)()
+    except SettingsError as exc:
+        raise ConfigError(
+            f"invalid configuration: {exc} (GATEWAY_* environment); lists and mappings are JSON, "
+            "e.g. GATEWAY_SERVER__API_KEYS='[\"k1\"]'"
+        ) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False):
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+        what = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
+        got = "" if error["type"] == "missing" else f" (got {error['input']!r:.80})"
+        lines.append(f"  {where or '(top level)'}: {what}{got}")
+    return "\n".join(lines)
 
 
 def load_settings(config_file: str | Path | None = None, **cli: Any) -> Settings:
     """Build settings from a YAML file (or the embedded default), env and CLI overrides.
 
     `cli` keys are dotted paths (`server.port`), values of None are skipped.
+    Any invalid input is a ConfigError whose message names the setting, never a traceback.
     """
-    text = Path(config_file).read_text() if config_file else default_config_text()
-    data = yaml.safe_load(text) or {}
+    origin = f"config file {config_file}" if config_file else "the embedded default config"
+    try:
+        if config_file:
+            with open(config_file) as stream:  # a stream, so YAML errors name the file
+                data = yaml.safe_load(stream) or {}
+        else:
+            data = yaml.safe_load(default_config_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError("the config file must hold a mapping at its top level")
+        raise ConfigError(f"{origin} must hold a mapping at its top level")
     data = _deep_merge(data, _env_overrides())
     for dotted, value in cli.items():
         if value is None:
@@ -293,4 +325,9 @@ def load_settings(config_file: str | Path | None = None, **cli: Any) -> Settings
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return Settings(**data)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"invalid configuration ({origin}, GATEWAY_* environment and flags):\n{_describe(exc)}"
+        ) from None

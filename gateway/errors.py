@@ -30,6 +30,10 @@ class GatewayError(Exception):
         self.headers = dict(headers or {})
 
 
+class ConfigError(GatewayError):
+    """The configuration (file, `GATEWAY_*` environment or flags) is invalid; raised before serving."""
+
+
 class InvalidRequest(GatewayError):
     status_code = 400
     openai_type = "invalid_request_error"

@@ -60,21 +60,24 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
-def cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
+        with open(cpuinfo) as f:
+            lines = f.read().splitlines()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return False  # not Linux, or no /proc: assume the slow path
+    flags = {flag for line in lines if line.startswith("flags") for flag in line.partition(":")[2].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested != "auto":
         return getattr(torch, requested)
     if device.type == "cuda":
+        # GPUs before Ampere have no bf16 units; fp16 still halves memory and runs on their tensor cores.
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # Without native bf16 a CPU emulates it, slower than float32.
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
@@ -100,9 +103,13 @@ def _convert_gguf(source: ResolvedSource, target: Path, auto_cls: Any) -> None:
     model.config.architectures = [type(model).__name__]
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def checkpoint_path(spec: LocalBackendSpec, cache_root: Path, auto_cls: Any) -> tuple[str, dict[str, Any]]:
@@ -116,13 +123,16 @@ def checkpoint_path(spec: LocalBackendSpec, cache_root: Path, auto_cls: Any) -> 
     if not source.is_local:
         return source.path, {**kwargs, "gguf_file": source.gguf_file}
     target = _gguf_cache_dir(cache_root, Path(source.path) / source.gguf_file)
+    # The converted folder appears whole (renamed into place), so its config.json means "done".
     if not (target / "config.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             _convert_gguf(source, target, auto_cls)
-        except OSError as exc:  # a read-only cache still serves, just slower to start
-            log.warning("could not cache converted GGUF (%s); loading it directly", exc)
-            return source.path, {**kwargs, "gguf_file": source.gguf_file}
+        except OSError as exc:
+            if not (target / "config.json").exists():  # else another process converted it meanwhile
+                # A read-only cache still serves, just slower to start.
+                log.warning("could not cache converted GGUF (%s); loading it directly", exc)
+                return source.path, {**kwargs, "gguf_file": source.gguf_file}
     return str(target), kwargs
 
 

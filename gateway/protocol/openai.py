@@ -1,10 +1,12 @@
 """OpenAI wire schemas (requests) and their translation into domain types.
 
-Extra-field policy: a field this server cannot honour is a 400 naming it. The
+Extra-field policy: a field this server cannot honour is a 400 naming it, at any
+depth (`stream_options.continuous_usage_stats`, `messages[1].tool_calls`). The
 only fields accepted without effect are the ones that never change the output
-(`NO_EFFECT_FIELDS`); they are reported back in the `x-gateway-ignored-params`
-response header. Fields equal to their neutral default (`logprobs: false`,
-`tools: []`, ...) are accepted, since they ask for nothing.
+(`NO_EFFECT_FIELDS`, a message's `name`, `stream_options` on a request that does
+not stream); they are reported back in the `x-gateway-ignored-params` response
+header. Fields equal to their neutral default (`logprobs: false`, `tools: []`,
+...) are accepted, since they ask for nothing.
 """
 
 from __future__ import annotations
@@ -41,26 +43,71 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
+# Stream options other servers know; none is implemented (usage on every chunk needs prompt
+# counts mid-stream, which not every backend has), so only their "off" value is accepted.
+STREAM_OPTION_NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "continuous_usage_stats": (None, False),
+    "include_obfuscation": (None, False),
+}
+# Fields of a chat message that belong to tool calling (which this server does not do) or
+# to an earlier answer's extras; accepted only empty, as clients echo them back that way.
+MESSAGE_NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "tool_calls": (None, []),
+    "tool_call_id": (None,),
+    "function_call": (None,),
+    "refusal": (None,),
+    "audio": (None,),
+    "annotations": (None, []),
+}
+
+
+def check_extras(
+    extra: dict[str, Any],
+    *,
+    where: str,
+    unknown: str,
+    neutral: dict[str, tuple[Any, ...]] | None = None,
+    no_effect: frozenset[str] = frozenset(),
+) -> list[str]:
+    """Apply the extra-field policy to one object's unknown fields; return the no-effect ones sent."""
+    ignored = []
+    for name, value in extra.items():
+        param = where + name
+        if name in no_effect:
+            ignored.append(param)
+        elif neutral and name in neutral:
+            if value not in neutral[name]:
+                raise UnsupportedParameter(param)
+        else:
+            raise UnsupportedParameter(param, unknown)
+    return ignored
+
+
 class _WireModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     def ignored_fields(self) -> list[str]:
         """Check the extra-field policy; return the no-effect fields that were sent."""
-        ignored = []
-        for name, value in (self.model_extra or {}).items():
-            if name in NO_EFFECT_FIELDS:
-                ignored.append(name)
-            elif name in NEUTRAL_VALUES:
-                if value not in NEUTRAL_VALUES[name]:
-                    raise UnsupportedParameter(name)
-            else:
-                raise UnsupportedParameter(name, "is not a known parameter of this endpoint")
-        return ignored
+        return check_extras(
+            self.model_extra or {},
+            where="",
+            no_effect=NO_EFFECT_FIELDS,
+            neutral=NEUTRAL_VALUES,
+            unknown="is not a known parameter of this endpoint",
+        )
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = False
+
+    def check(self) -> None:
+        check_extras(
+            self.model_extra or {},
+            where="stream_options.",
+            neutral=STREAM_OPTION_NEUTRAL_VALUES,
+            unknown="is not a known stream option",
+        )
 
 
 class _SamplingFields(_WireModel):
@@ -105,6 +152,14 @@ class _SamplingFields(_WireModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def ignored_fields(self) -> list[str]:
+        ignored = super().ignored_fields()
+        if self.stream_options is not None:
+            self.stream_options.check()
+            if not self.stream:
+                ignored.append("stream_options")  # a whole answer always carries usage
+        return ignored
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -114,9 +169,29 @@ class ContentPart(BaseModel):
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")
+    # `tool` is known so that it gets the clear unsupported_parameter answer, not a validation error.
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    def ignored_fields(self, index: int) -> list[str]:
+        where = f"messages[{index}]."
+        if self.role == "tool":
+            raise UnsupportedParameter(where + "role", "is 'tool', which needs tool calling (not supported)")
+        check_extras(
+            self.model_extra or {},
+            where=where,
+            neutral=MESSAGE_NEUTRAL_VALUES,
+            unknown="is not a known field of a chat message",
+        )
+        for number, part in enumerate(self.content if isinstance(self.content, list) else ()):
+            if part.type != "text":
+                continue  # the type itself is refused by to_domain
+            check_extras(
+                part.model_extra or {}, where=f"{where}content[{number}].", unknown="is not a known field of a content part"
+            )
+        # Chat templates take no participant names; one entry however many messages have one.
+        return ["messages[].name"] if self.name is not None else []
 
     def to_domain(self, index: int) -> ChatMessage:
         if isinstance(self.content, list):
@@ -133,6 +208,12 @@ class ChatMessageIn(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+    def ignored_fields(self) -> list[str]:
+        ignored = super().ignored_fields()
+        for index, message in enumerate(self.messages):
+            ignored += [name for name in message.ignored_fields(index) if name not in ignored]
+        return ignored
 
     def to_domain(self, request_id: str) -> GenerationRequest:
         if self.max_tokens is not None and self.max_completion_tokens is not None:

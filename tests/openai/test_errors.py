@@ -64,6 +64,90 @@ def test_unsupported_parameters_are_400_and_no_effect_ones_reported(fake_server:
     assert raw.headers["x-gateway-ignored-params"] == "user"
 
 
+def test_stream_options_are_honoured_or_refused(fake_server: LiveServer) -> None:
+    client = client_for(fake_server)
+    msgs = [{"role": "user", "content": "a b"}]
+    for options, param in [
+        ({"include_usage": True, "continuous_usage_stats": True}, "stream_options.continuous_usage_stats"),
+        ({"include_obfuscation": True}, "stream_options.include_obfuscation"),
+        ({"include_usage": True, "frobnicate": 1}, "stream_options.frobnicate"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="fake-chat", messages=msgs, stream=True, stream_options=options)  # type: ignore[arg-type]
+        assert info.value.param == param and info.value.code == "unsupported_parameter"
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="fake-chat", prompt="a b", stream=True, stream_options=options)  # type: ignore[arg-type]
+        assert info.value.param == param
+    # The neutral values ask for nothing; include_usage still works beside them.
+    neutral = {"include_usage": True, "continuous_usage_stats": False, "include_obfuscation": False}
+    chunks = list(client.chat.completions.create(model="fake-chat", messages=msgs, stream=True, stream_options=neutral))  # type: ignore[arg-type]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2
+    # Without a stream there is no usage chunk to ask for: accepted and reported.
+    raw = client.chat.completions.with_raw_response.create(
+        model="fake-chat", messages=msgs, stream_options={"include_usage": True}
+    )
+    assert raw.headers["x-gateway-ignored-params"] == "stream_options"
+    assert raw.parse().usage.total_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "message, param",
+    [
+        ({"role": "tool", "content": "42", "tool_call_id": "call_1"}, "messages[1].role"),
+        (
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            "messages[1].tool_calls",
+        ),
+        ({"role": "user", "content": "x", "tool_call_id": "call_1"}, "messages[1].tool_call_id"),
+        ({"role": "assistant", "content": "x", "reasoning_content": "hmm"}, "messages[1].reasoning_content"),
+        ({"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]},
+         "messages[1].content[0].cache_control"),
+    ],
+    ids=["tool-role", "tool-calls", "tool-call-id", "unknown-field", "unknown-part-field"],
+)  # fmt: skip
+def test_message_fields_that_would_be_dropped_are_400(fake_server: LiveServer, message: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client_for(fake_server).chat.completions.create(
+            model="fake-chat", messages=[{"role": "user", "content": "x"}, message]  # type: ignore[list-item]
+        )
+    assert info.value.param == param and info.value.code == "unsupported_parameter"
+    assert param in info.value.message
+
+
+def test_neutral_message_fields_accepted_and_name_reported(fake_server: LiveServer) -> None:
+    messages = [
+        {"role": "system", "content": "s", "name": "rules"},
+        {"role": "user", "content": "p q", "name": "bob"},
+        # An earlier answer echoed back as the SDK models it: empty tool-call fields.
+        {"role": "assistant", "content": "r", "tool_calls": [], "refusal": None, "function_call": None, "annotations": []},
+        {"role": "user", "content": [{"type": "text", "text": "s t"}]},
+    ]
+    raw = client_for(fake_server).chat.completions.with_raw_response.create(
+        model="fake-chat", messages=messages, temperature=0, user="u1"  # type: ignore[arg-type]
+    )
+    assert raw.headers["x-gateway-ignored-params"] == "user,messages[].name"
+    assert raw.parse().choices[0].message.content == "s t"  # the fake backend echoes the last message
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/chat/completions", {"model": "fake-chat", "messages": "hi"}, "messages"),
+        ("/v1/chat/completions", {"model": "fake-chat", "messages": [{"role": "user", "content": "x"}], "n": "two"}, "n"),
+        ("/v1/completions", {"model": "fake-chat", "prompt": {"a": 1}}, "prompt"),
+        ("/v1/embeddings", {"model": "fake-embed", "input": 5}, "input"),
+        ("/v1/embeddings", {"model": "fake-embed", "input": "x", "encoding_format": "int8"}, "encoding_format"),
+    ],
+)
+def test_openai_routes_answer_400_never_422(fake_server: LiveServer, path: str, body: dict, param: str) -> None:
+    # FastAPI's default for a body that fails validation is 422; OpenAI (and this README) say 400.
+    resp = httpx.post(f"{fake_server.url}{path}", json=body)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"].startswith(param)
+
+
 def test_malformed_json_is_400_in_envelope(fake_server: LiveServer) -> None:
     resp = httpx.post(f"{fake_server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert resp.status_code == 400
