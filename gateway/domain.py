@@ -82,6 +82,8 @@ class GenerationRequest:
     prompt: str | list[int] | None = None
     request_id: str = ""
     truncate: int | None = None  # keep only the last N prompt tokens (TGI's `truncate`)
+    # TGI keeps the matched stop sequence at the end of the text; OpenAI drops it.
+    keep_stop: bool = False
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ class FakeBackend(Backend):
         produced = 0
         for index in range(params.n):
             rng = random.Random(None if params.seed is None else params.seed + index)
-            assembler = TextAssembler(_WordTokenizer(words), params.stop)
+            assembler = TextAssembler(_WordTokenizer(words), params.stop, request.keep_stop)
             for step in range(max_tokens):
                 if self.fake.delay_ms:
                     await asyncio.sleep(self.fake.delay_ms / 1000)

@@ -6,10 +6,12 @@ import asyncio
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any
 
 from gateway.backends.base import Backend, GenerationEvent, ModelInfo, QueueStats
@@ -77,6 +79,88 @@ def infer_task(config: Any) -> Task:
     return Task.FEATURE_EXTRACTION
 
 
+def config_task(spec: LocalBackendSpec) -> Task | None:
+    """The task of a checkpoint whose config can be read now, without downloading, converting or
+    running anything (a local folder, or a Hub id already cached); None leaves it to load time."""
+    if spec.trust_remote_code:
+        return None  # its config class is the checkpoint's own code: not run before the load
+    from gateway.engine.loader import resolve_source
+
+    try:
+        source = resolve_source(spec)
+        if source.gguf_file is not None:
+            return None  # a GGUF has a config only once converted
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source.path, revision=spec.revision, local_files_only=True)
+    except Exception:  # missing, not cached, unknown architecture: the load says why
+        return None
+    return infer_task(config)
+
+
+class LoadHistory:
+    """How long each checkpoint took to load here, kept in the cache dir across restarts.
+
+    It gives `estimated_time` while a model loads: its own last load time or, never loaded
+    yet, its size at the load rate (bytes per second) measured on the other checkpoints.
+    """
+
+    _writing = threading.Lock()  # models finishing their loads together update one file
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _records(self) -> dict[str, dict[str, float]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {
+            key: r for key, r in data.items()
+            if isinstance(r, dict) and all(isinstance(r.get(f), (int, float)) for f in ("seconds", "bytes"))
+        }
+
+    def expected_seconds(self, key: str, size: int | None) -> float | None:
+        records = self._records()
+        if key in records:
+            return float(records[key]["seconds"])
+        measured = [r for r in records.values() if r["bytes"] > 0 and r["seconds"] > 0]
+        if size and measured:
+            rate = sum(r["bytes"] for r in measured) / sum(r["seconds"] for r in measured)
+            return size / rate
+        return None
+
+    def record(self, key: str, seconds: float, size: int | None) -> None:
+        with self._writing:
+            records = self._records()
+            records[key] = {"seconds": round(seconds, 3), "bytes": size or 0}
+            tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps(records, indent=1))
+                tmp.replace(self.path)  # atomic: another process never reads half a file
+            except OSError as exc:
+                log.warning("could not keep the load time of %s (%s)", key, exc)
+
+
+def checkpoint_bytes(spec: LocalBackendSpec) -> int | None:
+    """Size of a local checkpoint's files; None for a Hub id."""
+    from gateway.engine.loader import resolve_source
+
+    try:
+        source = resolve_source(spec)
+        if not source.is_local:
+            return None
+        root = Path(source.path)
+        if source.gguf_file is not None:
+            return (root / source.gguf_file).stat().st_size
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    except OSError:
+        return None
+
+
 def model_class(task: Task) -> Any:
     """The transformers auto class whose head serves `task`."""
     import transformers as tf
@@ -109,7 +193,11 @@ class LocalBackend(Backend):
         self.spec = spec
         self.local: LocalBackendSpec = spec.backend
         self.cache_dir = settings.cache_dir
-        self.task: Task | None = spec.task
+        # Known before loading when possible: routes to a default model need its task.
+        self.task: Task | None = spec.task or config_task(self.local)
+        self._history = LoadHistory(settings.cache_dir / "load-times.json")
+        self._history_key = f"{self.local.source}@{self.local.revision or ''} {self.local.device}/{self.local.dtype}"
+        self._bytes: int | None = None
         self.tokenizer: Any = None
         self.model: Any = None
         self.device: Any = None
@@ -133,6 +221,7 @@ class LocalBackend(Backend):
 
     def _load_sync(self) -> None:
         with _LOAD_LOCK:
+            began = time.monotonic()  # not counting the wait for another model's load
             self._load_locked()
         self._executor = device_worker(str(self.device))
         if self.task != Task.TEXT_GENERATION and self.task not in _SEQ2SEQ_TASKS:
@@ -154,6 +243,8 @@ class LocalBackend(Backend):
                 max_queue=self.local.max_queue,
             )
             self.batcher.observer = self._observer
+        self._bytes = checkpoint_bytes(self.local)
+        self._history.record(self._history_key, time.monotonic() - began, self._bytes)
 
     def _load_locked(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -200,9 +291,13 @@ class LocalBackend(Backend):
         return QueueStats(waiting=engine.queue_depth(), running=engine.running)
 
     def estimated_load_seconds(self) -> float | None:
-        if self.load_started is None:
-            return 20.0
-        return max(1.0, 20.0 - (time.monotonic() - self.load_started))
+        if self._bytes is None:
+            self._bytes = checkpoint_bytes(self.local)
+        expected = self._history.expected_seconds(self._history_key, self._bytes)
+        if expected is None:
+            return None
+        elapsed = 0.0 if self.load_started is None else time.monotonic() - self.load_started
+        return max(1.0, expected - elapsed)
 
     def context_length(self) -> int:
         """Longest sequence served: the engine's slot length for generation, else the model's context."""
@@ -279,7 +374,7 @@ class LocalBackend(Backend):
         prompt_ids, max_tokens = await asyncio.get_running_loop().run_in_executor(
             None, self._validated_prompt, request
         )
-        async for event in self.engine.stream(prompt_ids, request.sampling, max_tokens):
+        async for event in self.engine.stream(prompt_ids, request.sampling, max_tokens, request.keep_stop):
             yield event
 
     async def prompt_logprobs(self, request: GenerationRequest) -> list[TokenDelta]:

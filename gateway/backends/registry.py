@@ -51,6 +51,20 @@ def default_backend_factory(spec: ModelSpec, settings: Settings) -> Backend:
     raise ValueError(f"unknown backend kind {kind!r}")
 
 
+# `estimated_time` when nothing has been measured yet (no load of this model, nor of any
+# other to take a load rate from): the figure the hosted API's users fall back on.
+UNMEASURED_LOAD_SECONDS = 20.0
+
+
+def loading_error(entry: Entry) -> ModelNotReady:
+    """The 503 for a model still loading, with the time it is expected to need."""
+    estimate = entry.backend.estimated_load_seconds()
+    return ModelNotReady(
+        f"Model '{entry.spec.name}' is currently loading",
+        estimated_time=UNMEASURED_LOAD_SECONDS if estimate is None else estimate,
+    )
+
+
 @dataclass
 class Entry:
     spec: ModelSpec
@@ -94,9 +108,13 @@ class Registry:
         return entry
 
     def default_for(self, task: Task | None = None) -> Entry | None:
-        """The model marked `default`, else the only model of `task`, else None."""
+        """The model marked `default`, else the only model of `task`, else None.
+
+        A default whose task is not known until it loads (e.g. a GGUF with no `task`) matches
+        any task; callers check the task once it has loaded.
+        """
         for entry in self._entries.values():
-            if entry.spec.default and (task is None or entry.task == task):
+            if entry.spec.default and (task is None or entry.task in (task, None)):
                 return entry
         candidates = [e for e in self._entries.values() if task is None or e.task == task]
         return candidates[0] if len(candidates) == 1 else None
@@ -152,10 +170,7 @@ class Registry:
             raise ModelNotReady(f"Model '{entry.spec.name}' failed to load: {backend.error}")
         task = self._begin_load(entry)
         if not wait:
-            raise ModelNotReady(
-                f"Model '{entry.spec.name}' is currently loading",
-                estimated_time=backend.estimated_load_seconds() or 20.0,
-            )
+            raise loading_error(entry)
         await asyncio.shield(task)
         if backend.state != ModelState.READY:
             raise ModelNotReady(f"Model '{entry.spec.name}' failed to load: {backend.error}")

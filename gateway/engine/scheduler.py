@@ -35,6 +35,7 @@ class GenerationJob:
     params: SamplingParams
     max_tokens: int
     emit: Callable[[GenerationJob, Event], None]
+    keep_stop: bool = False  # the text ends with the matched stop sequence (TGI)
     enqueued_at: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0
     produced: int = 0
@@ -88,7 +89,7 @@ class Scheduler:
         job.admitted_at = time.monotonic()
         for i in range(n):
             sampler = SequenceSampler(job.params, job.prompt_ids, self.vocab_size, seed_offset=i)
-            text = TextAssembler(self.tokenizer, job.params.stop)
+            text = TextAssembler(self.tokenizer, job.params.stop, job.keep_stop)
             job.sequences.append(_Sequence(job, i, heapq.heappop(self._free), sampler, text))
         job.live = n
         self.jobs.append(job)

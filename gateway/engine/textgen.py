@@ -86,11 +86,13 @@ class GenerationEngine:
         `max_batch_size` per `_job_seconds`, and the queue is served first."""
         return (self.queue_depth() + 1) * self._job_seconds / self.max_batch_size
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int) -> AsyncIterator[TokenDelta | StreamEnd]:
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, keep_stop: bool = False
+    ) -> AsyncIterator[TokenDelta | StreamEnd]:
         if params.n > self.max_batch_size:
             raise InvalidRequest(f"n={params.n} exceeds this model's batch size of {self.max_batch_size}.", param="n")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        job = GenerationJob(prompt_ids, params, max_tokens, self._emit)
+        job = GenerationJob(prompt_ids, params, max_tokens, self._emit, keep_stop)
         with self._lock:
             if len(self._waiting) >= self.max_queue or self._closing:
                 raise Overloaded(

@@ -299,6 +299,8 @@ def split_inputs(task: Task, inputs: Any) -> tuple[list[Any], bool]:
 
 
 def task_request(task: Task, call: HFCall) -> tuple[TaskRequest, bool]:
+    if call.stream:  # only text generation streams; a JSON answer would give a streaming client nothing
+        raise InvalidRequest(f"The task '{task.value}' does not stream; leave out 'stream'.", param="stream")
     schema = PARAMS.get(task)
     if schema is None:
         raise InvalidRequest(f"The task '{task.value}' has no parameters schema.", param="task")

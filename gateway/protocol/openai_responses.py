@@ -106,3 +106,9 @@ def completion_chunk(*, id: str, model: str, created: int, delta: TokenDelta | N
 
 def error_body(exc: GatewayError) -> dict[str, Any]:
     return {"error": {"message": exc.message, "type": exc.openai_type, "param": exc.param, "code": exc.code}}
+
+
+def stream_error_body(exc: GatewayError) -> dict[str, Any]:
+    """An in-band stream error both clients read: OpenAI's SDK takes `error`, huggingface_hub
+    picks its exception class (GenerationError, OverloadedError...) by `error_type`."""
+    return {**error_body(exc), "error_type": exc.hf_error_type}

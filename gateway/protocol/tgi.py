@@ -98,7 +98,9 @@ class TGIParameters(BaseModel):
             repetition_penalty=self.repetition_penalty or 1.0,
             top_n=self.top_n_tokens or 0,
         )
-        return GenerationRequest(sampling=sampling, prompt=prompt, request_id=request_id, truncate=self.truncate)
+        return GenerationRequest(
+            sampling=sampling, prompt=prompt, request_id=request_id, truncate=self.truncate, keep_stop=True
+        )
 
 
 def parse_parameters(raw: Any) -> TGIParameters:

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from gateway.backends.registry import Entry
+from gateway.backends.registry import Entry, loading_error
 from gateway.domain import ModelState, Task
 from gateway.errors import InvalidRequest, ModelNotReady
 from gateway.json_response import FastJSONResponse
@@ -86,10 +86,7 @@ async def model_health(model_id: str, request: Request, state: StateDep) -> dict
     if backend.state == ModelState.FAILED:
         raise ModelNotReady(f"Model '{entry.spec.name}' failed to load: {backend.error}")
     if backend.state == ModelState.LOADING:
-        raise ModelNotReady(
-            f"Model '{entry.spec.name}' is currently loading",
-            estimated_time=backend.estimated_load_seconds() or 20.0,
-        )
+        raise loading_error(entry)
     return {"status": "ok", "state": backend.state.value}
 
 

@@ -55,7 +55,9 @@ async def serve_chat(body: ChatCompletionRequest, request: Request, state: AppSt
     generation = body.to_domain(request.state.request_id)
     id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
     if not body.stream:
-        result = await until_disconnect(request, run_generation(state, entry, backend, generation))
+        result = await until_disconnect(
+            request, run_generation(state, entry, backend, generation, request.state.received_at)
+        )
         return FastJSONResponse(
             wire.chat_completion(result, id=id, model=model, created=created), headers=ignored_header(ignored)
         )
@@ -63,7 +65,7 @@ async def serve_chat(body: ChatCompletionRequest, request: Request, state: AppSt
     chunks = chat_chunks(events, id=id, model=model, created=created, include_usage=body.include_usage)
     return sse_response(
         chunks,
-        error_event=wire.error_body,
+        error_event=wire.stream_error_body,
         ping_seconds=state.settings.server.sse_ping_seconds,
         headers=ignored_header(ignored),
     )

@@ -30,7 +30,8 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     generations = body.to_domain(request.state.request_id)
     id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
     if not body.stream:
-        work = asyncio.gather(*(run_generation(state, entry, backend, g) for g in generations))
+        received_at = request.state.received_at
+        work = asyncio.gather(*(run_generation(state, entry, backend, g, received_at) for g in generations))
         results = await until_disconnect(request, work)
         return FastJSONResponse(
             wire.completion(list(results), id=id, model=model, created=created), headers=ignored_header(ignored)
@@ -56,7 +57,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
 
     return sse_response(
         chunks(),
-        error_event=wire.error_body,
+        error_event=wire.stream_error_body,
         ping_seconds=state.settings.server.sse_ping_seconds,
         headers=ignored_header(ignored),
     )

@@ -22,7 +22,7 @@ from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.json_response import FastJSONResponse
 from gateway.protocol import tgi
 from gateway.protocol.hf import HFCall, parse_call, read_body
-from gateway.services.generation import run_generation, stream_generation
+from gateway.services.generation import check_task, run_generation, stream_generation
 from gateway.state import AppState, StateDep
 from gateway.streaming import primed, sse_response
 
@@ -84,7 +84,7 @@ async def text_generation(
 
     async def one(prompt: str) -> dict[str, Any]:
         generation = params.to_domain(prompt, request.state.request_id)
-        result = await run_generation(state, entry, backend, generation)
+        result = await run_generation(state, entry, backend, generation, request.state.received_at)
         choice = result.choices[0]
         body: dict[str, Any] = {"generated_text": tgi.generated(prompt, choice.text, params)}
         if params.details:
@@ -104,7 +104,7 @@ async def _stream(
 ) -> Response:
     generation = params.to_domain(prompt, request.state.request_id)
     seed = None if generation.sampling.greedy else generation.sampling.seed
-    events = await primed(stream_generation(state, entry, backend, generation))
+    events = await primed(stream_generation(state, entry, backend, generation, request.state.received_at))
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
         # Each token is sent once the next event arrives: the last one carries
@@ -143,29 +143,28 @@ async def _stream(
     )
 
 
-async def _tgi_call(request: Request) -> HFCall:
-    return parse_call(read_body(await request.body(), "application/json"), Task.TEXT_GENERATION)
+async def _default_call(request: Request, state: AppState) -> tuple[Entry, Backend, HFCall]:
+    """The default model, loaded (a default whose task was unknown is checked once it is), and the call."""
+    entry = default_entry(state, request)
+    call = parse_call(read_body(await request.body(), "application/json"), Task.TEXT_GENERATION)
+    backend = await state.registry.ensure_loaded(entry, wait=call.options.wait_for_model is not False)
+    check_task(entry, Task.TEXT_GENERATION)
+    return entry, backend, call
 
 
 async def compat_generate(request: Request, state: StateDep) -> Response:
     """POST /: `stream` in the body picks a stream or a list of one result."""
-    entry = default_entry(state, request)
-    call = await _tgi_call(request)
-    backend = await state.registry.ensure_loaded(entry, wait=call.options.wait_for_model is not False)
+    entry, backend, call = await _default_call(request, state)
     return await text_generation(state, request, entry, backend, call, shape="list", stream=bool(call.stream))
 
 
 async def generate(request: Request, state: StateDep) -> Response:
-    entry = default_entry(state, request)
-    call = await _tgi_call(request)
-    backend = await state.registry.ensure_loaded(entry, wait=call.options.wait_for_model is not False)
+    entry, backend, call = await _default_call(request, state)
     return await text_generation(state, request, entry, backend, call, shape="object", stream=False)
 
 
 async def generate_stream(request: Request, state: StateDep) -> Response:
-    entry = default_entry(state, request)
-    call = await _tgi_call(request)
-    backend = await state.registry.ensure_loaded(entry, wait=call.options.wait_for_model is not False)
+    entry, backend, call = await _default_call(request, state)
     return await text_generation(state, request, entry, backend, call, shape="object", stream=True)
 
 

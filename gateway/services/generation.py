@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from gateway.backends.base import Backend, GenerationEvent
+from gateway.backends.base import Backend, GenerationEvent, collect
 from gateway.backends.registry import Entry
 from gateway.domain import GenerationRequest, GenerationResult, StreamEnd, Task
 from gateway.errors import ModelNotFound, TaskNotSupported
@@ -40,15 +40,20 @@ def resolve_entry(state: AppState, request: Request, name: str, task: Task | Non
     return entry
 
 
+def check_task(entry: Entry, task: Task | None) -> None:
+    """Refuse a model whose task (known once loaded, at the latest) cannot answer `task`."""
+    if task is not None and entry.task is not None and entry.task not in COMPATIBLE_TASKS.get(task, {task}):
+        raise TaskNotSupported(
+            f"Model '{entry.spec.name}' serves {entry.task.value}, not {task.value}.", param="model"
+        )
+
+
 async def resolve_backend(
     state: AppState, request: Request, name: str, task: Task | None = None, *, wait: bool = True
 ) -> tuple[Entry, Backend]:
     entry = resolve_entry(state, request, name, task)
     backend = await state.registry.ensure_loaded(entry, wait=wait)
-    if task is not None and entry.task is not None and entry.task not in COMPATIBLE_TASKS.get(task, {task}):
-        raise TaskNotSupported(
-            f"Model '{entry.spec.name}' serves {entry.task.value}, not {task.value}.", param="model"
-        )
+    check_task(entry, task)
     return entry, backend
 
 
@@ -96,10 +101,17 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 async def run_generation(
-    state: AppState, entry: Entry, backend: Backend, request: GenerationRequest
+    state: AppState, entry: Entry, backend: Backend, request: GenerationRequest, received_at: float | None = None
 ) -> GenerationResult:
+    """A whole result, metered like a stream from `received_at` (when the request arrived)."""
+    if type(backend).generate is Backend.generate:
+        # the backend's answer is its own stream collected: time its first token there
+        return await collect(stream_generation(state, entry, backend, request, received_at), request.sampling.n)
+    # A backend with its own whole-answer call (upstream) hands over every token at once.
+    started = time.perf_counter() if received_at is None else received_at
     result = await backend.generate(request)
     model = entry.spec.name
+    state.metrics.time_to_first_token.labels(model).observe(time.perf_counter() - started)
     state.metrics.prompt_tokens.labels(model).inc(result.usage.prompt_tokens)
     state.metrics.generated_tokens.labels(model).inc(result.usage.completion_tokens)
     return result

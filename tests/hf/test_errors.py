@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import openai
 import pytest
 import requests
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import GenerationError, HfHubHTTPError, ValidationError
+from openai import OpenAI
 
 from gateway.backends.base import GenerationEvent
 from gateway.backends.fake import FakeBackend
@@ -108,6 +110,24 @@ def test_error_inside_a_stream(failing_server: LiveServer) -> None:
     with requests.post(f"{failing_server.url}/generate_stream", json={"inputs": "hi"}, stream=True) as r:
         lines = [line for line in r.iter_lines(decode_unicode=True) if line]
     assert lines[-1].startswith("data:") and '"error_type":"generation"' in lines[-1]
+
+
+def test_error_inside_a_chat_stream_reaches_both_clients(failing_server: LiveServer) -> None:
+    """The in-band error of an OpenAI stream carries `error_type`: the HF client raises its
+    GenerationError (not UnknownError) after the chunks made before it; the OpenAI SDK an APIError."""
+    messages = [{"role": "user", "content": "hi"}]
+    client = InferenceClient(base_url=f"{failing_server.url}/models/broken")
+    seen = []
+    with pytest.raises(GenerationError, match="fell over"):
+        for chunk in client.chat_completion(messages, max_tokens=5, stream=True):
+            seen.append(chunk.choices[0].delta.content)
+    assert seen == ["one", " two"]
+    sdk = OpenAI(base_url=f"{failing_server.url}/v1", api_key="unused", max_retries=0)
+    parts = []
+    with pytest.raises(openai.APIError, match="fell over") as info:
+        for chunk in sdk.chat.completions.create(model="broken", messages=messages, stream=True):
+            parts.append(chunk.choices[0].delta.content)
+    assert parts == ["one", " two"] and info.value.code == "backend_error"
 
 
 def test_the_model_kwargs_phrase_never_reaches_an_hf_client() -> None:

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import re
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import pytest
 import requests
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from openai import OpenAI
 
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, settings_for
 
 token = "hf_unused"
 
@@ -94,12 +99,17 @@ def test_task_examples(hf_server: LiveServer) -> None:
     result = client.text_classification(
         "I love using Hugging Face models!", model=f"{hf_server.url}/models/acme/sentiment"
     )
-    assert f"Sentiment: {result[0]['label']} ({result[0]['score']:.2%})".startswith("Sentiment: ")
+    line = f"Sentiment: {result[0]['label']} ({result[0]['score']:.2%})"
+    assert re.fullmatch(r"Sentiment: (NEGATIVE|POSITIVE) \(\d+\.\d\d%\)", line), line
+    assert result[0]["score"] == max(r["score"] for r in result)  # the first label is the best one
 
-    entities = client.token_classification(
-        "My name is John and I work at Microsoft in Seattle.", model=f"{hf_server.url}/models/ner"
-    )
-    assert all(f"{entity['word']}: {entity['entity_group']} ({entity['score']:.2f})" for entity in entities)
+    text = "My name is John and I work at Microsoft in Seattle."
+    entities = client.token_classification(text, model=f"{hf_server.url}/models/ner")
+    lines = [f"{entity['word']}: {entity['entity_group']} ({entity['score']:.2f})" for entity in entities]
+    assert lines, "a random 5-label model still tags some words"
+    for entity, line in zip(entities, lines, strict=True):
+        assert re.fullmatch(r"\S.*: (PER|LOC) \([01]\.\d\d\)", line), line
+        assert text[entity["start"] : entity["end"]].lower() == entity["word"].replace(" ##", "").replace("##", "")
 
     result = client.zero_shot_classification(
         "This is a great movie with excellent acting and cinematography",
@@ -195,3 +205,80 @@ def test_model_loading_example(hf_server: LiveServer) -> None:
     result = query_with_wait(payload)
     assert isinstance(result, list) and len(result[0]) == 2
     assert requests.post(API_URL, json={**payload, "options": {"wait_for_model": False}}).status_code == 200
+
+
+def test_js_fetch_example_body(hf_server: LiveServer) -> None:
+    """node-fetch sends `JSON.stringify(data)` as text/plain: still a JSON value, here a bare string."""
+    data = "Can you please let us know more details about your "
+    response = requests.post(
+        f"{hf_server.url}/models/gpt2",
+        data=json.dumps(data).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain;charset=UTF-8"},
+    )
+    result = response.json()
+    assert response.status_code == 200 and isinstance(result[0]["generated_text"], str) and result[0]["generated_text"]
+    expected = requests.post(f"{hf_server.url}/models/gpt2", json={"inputs": data}).json()
+    assert result == expected
+
+
+@pytest.fixture
+def one_slot_server(tiny: dict[str, Path], tmp_path: Path) -> Iterator[LiveServer]:
+    """gpt2 with one batch slot and one waiting place: a third request at once gets 429."""
+    backend = {"kind": "local", "source": str(tiny["gpt2"]), "dtype": "float32", "max_batch_size": 1, "max_queue": 1}
+    settings = settings_for([{"name": "gpt2", "backend": backend}])
+    settings.cache_dir = tmp_path
+    with LiveServer(settings) as server:
+        server.wait_ready()
+        yield server
+
+
+def test_rate_limiting_example(one_slot_server: LiveServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """The seed's robust_inference: a full queue answers 429 with Retry-After; waiting that long, it succeeds."""
+    from requests.exceptions import HTTPError
+
+    API_URL = f"{one_slot_server.url}/models/gpt2"
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def robust_inference(payload, max_retries=3):  # noqa: ANN001, ANN202  (the seed's code as written)
+        """Handle rate limits with exponential backoff"""
+        for attempt in range(max_retries):
+            try:
+                response = requests.post(API_URL, headers=headers, json=payload)
+                response.raise_for_status()
+                return response.json()
+
+            except HTTPError as e:
+                if e.response.status_code == 429:  # Rate limited
+                    retry_after = int(e.response.headers.get('Retry-After', 2 ** attempt))
+                    print(f"Rate limited. Waiting {retry_after}s...")
+                    time.sleep(retry_after)
+                else:
+                    raise
+
+        raise Exception("Max retries exceeded")
+
+    # Quick requests first: Retry-After is the measured time a request holds the slot (10 s before any).
+    for _ in range(20):
+        assert requests.post(API_URL, json={"inputs": "Hello", "parameters": {"max_new_tokens": 1}}).ok
+    engine = one_slot_server.state.registry.lookup("gpt2").backend.engine
+    # A long stream holds the slot and a short request waits: the queue is full.
+    running = requests.post(API_URL, json={"inputs": "Hello", "parameters": {"max_new_tokens": 480}, "stream": True},
+                            stream=True)
+    assert running.status_code == 200
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        waiting = pool.submit(requests.post, API_URL, json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
+        deadline = time.monotonic() + 30
+        while engine.queue_depth() < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.005)
+        answer = pool.submit(robust_inference, {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 5}})
+        printed = ""
+        while "Rate limited" not in printed:  # the first attempt found the queue full
+            assert time.monotonic() < deadline and not answer.done(), printed
+            printed += capsys.readouterr().out
+            time.sleep(0.005)
+        running.close()  # the client goes away: its slot frees, the waiting request runs, the retry gets in
+        result = answer.result(timeout=60)
+        assert waiting.result(timeout=60).ok
+    assert re.fullmatch(r"Rate limited\. Waiting [1-9]s\.\.\.\n", printed)
+    assert isinstance(result, list) and isinstance(result[0]["generated_text"], str)

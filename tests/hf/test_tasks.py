@@ -13,6 +13,7 @@ import pytest
 import requests
 import torch
 from huggingface_hub import AsyncInferenceClient, InferenceClient
+from huggingface_hub.errors import HfHubHTTPError
 
 from tests.helpers import LiveServer
 from tests.hf.tiny_models import IMAGE_LABELS, NER_LABELS, SENTIMENT_LABELS
@@ -182,6 +183,51 @@ def test_translation_list_shape_and_language_errors(hf_server: LiveServer) -> No
     assert r.status_code == 422 and r.json()["error_type"] == "validation" and "'fr'" in r.json()["error"]
 
 
+def test_text2text_generation(hf_server: LiveServer, tiny: dict[str, Path]) -> None:
+    """The inferred task of a T5 (/models/t5) and a forced one on a BART (/pipeline/...): both answer
+    [{"generated_text"}], what InferenceClient.text_generation reads, as it does from the hosted API."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    texts = ["hello world", "the game tonight was great"]
+    routes = [("models/t5", "t5"), ("pipeline/text2text-generation/t5", "t5"),
+              ("pipeline/text2text-generation/bart-summarizer", "bart")]
+    for route, checkpoint in routes:
+        url = f"{hf_server.url}/{route}"
+        tok = AutoTokenizer.from_pretrained(tiny[checkpoint])
+        model = AutoModelForSeq2SeqLM.from_pretrained(tiny[checkpoint]).eval()
+        enc = tok(texts, return_tensors="pt", padding=True, return_token_type_ids=False)
+        ids = model.generate(**enc, max_new_tokens=4, min_new_tokens=4)
+        expected = tok.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert checkpoint != "t5" or all(expected), "the tiny T5 writes text (the tiny BART only special tokens)"
+        generate = {"generate_parameters": {"max_new_tokens": 4, "min_new_tokens": 4}}
+        r = requests.post(url, json={"inputs": texts, "parameters": generate})
+        assert r.status_code == 200 and r.json() == [{"generated_text": t} for t in expected]
+        one = requests.post(url, json={"inputs": texts[0], "parameters": generate}).json()
+        assert one == [{"generated_text": expected[0]}]  # a list even for one input, as hosted
+
+        greedy = tok.decode(model.generate(**tok(texts[0], return_tensors="pt", return_token_type_ids=False))[0],
+                            skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert InferenceClient(base_url=url).text_generation(texts[0]) == greedy
+        assert asyncio.run(AsyncInferenceClient(base_url=url).text_generation(texts[0])) == greedy
+
+
+def test_seq2seq_seed_is_per_request(hf_server: LiveServer) -> None:
+    """A seeded sampling request is reproducible and leaves the process's global generator alone
+    (the server runs in this process), so it does not reseed other requests' randomness."""
+    url = f"{hf_server.url}/models/t5"
+
+    def sample(seed: int) -> str:
+        generate = {"do_sample": True, "temperature": 5.0, "max_new_tokens": 8, "seed": seed}
+        return requests.post(url, json={"inputs": "hello world", "parameters": {"generate_parameters": generate}}).json()
+
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    first = sample(7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert sample(7) == first and torch.equal(torch.get_rng_state(), state)
+    assert len({str(sample(seed)) for seed in range(5)}) > 1  # the seed does choose the sample
+
+
 def test_bad_generate_parameter_is_named(hf_server: LiveServer) -> None:
     r = requests.post(
         f"{hf_server.url}/models/bart-summarizer",
@@ -235,6 +281,32 @@ def test_sentence_similarity_minilm_is_meaningful(hf_server: LiveServer) -> None
     assert len(scores) == 3
     assert scores[2] == pytest.approx(1.0, abs=1e-4)
     assert scores[0] > scores[1] + 0.2
+
+
+def test_feature_extraction_truncate(hf_server: LiveServer) -> None:
+    """Inputs over the model's 256 tokens are cut by default (as hosted); `truncate: false` refuses them."""
+    url = f"{hf_server.url}/models/all-minilm-l6-v2"
+    long = "word " * 400
+    r = requests.post(url, json={"inputs": [long, "short"]})
+    assert r.status_code == 200 and len(r.json()) == 2 and len(r.json()[0]) == 384
+    r = requests.post(url, json={"inputs": [long, "short"], "truncate": True})
+    assert r.status_code == 200
+    r = requests.post(url, json={"inputs": ["short", long], "truncate": False})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
+    assert "Input 1" in r.json()["error"] and "256" in r.json()["error"]
+    with pytest.raises(HfHubHTTPError) as info:
+        client(hf_server, "all-minilm-l6-v2").feature_extraction(long, truncate=False)
+    assert info.value.response.status_code == 422
+    assert requests.post(url, json={"inputs": "short", "truncate": False}).status_code == 200
+
+
+def test_stream_is_refused_where_the_task_does_not_stream(hf_server: LiveServer) -> None:
+    for model, inputs in (("acme/sentiment", "I love it"), ("all-minilm-l6-v2", "hello"), ("t5", "hello")):
+        r = requests.post(f"{hf_server.url}/models/{model}", json={"inputs": inputs, "stream": True})
+        assert r.status_code == 422 and r.json()["error_type"] == "validation" and "stream" in r.json()["error"]
+        assert requests.post(f"{hf_server.url}/models/{model}", json={"inputs": inputs, "stream": False}).ok
+    r = requests.post(f"{hf_server.url}/pipeline/feature-extraction/acme/sentiment", json={"inputs": "x", "stream": True})
+    assert r.status_code == 422 and "stream" in r.json()["error"]
 
 
 def test_pipeline_route_forces_feature_extraction_on_a_classifier(hf_server: LiveServer) -> None:

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from collections.abc import Iterator
 
+import orjson
 import pytest
 import requests
+import uvicorn
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import ValidationError
 from openai import OpenAI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, free_port, settings_for
 
 
 @pytest.fixture(params=["root", "model-url"])
@@ -58,15 +67,40 @@ def test_do_sample_false_is_greedy(hf_server: LiveServer) -> None:
     assert forced == greedy
 
 
-def test_stop_sequence(hf_server: LiveServer) -> None:
-    client = InferenceClient(base_url=hf_server.url)
+def _a_stop(client: InferenceClient) -> tuple[str, str]:
+    """Greedy text for "Hello" and a word in it to use as a stop sequence."""
     free = client.text_generation("Hello", max_new_tokens=10, details=True)
-    tokens = free.details.tokens
-    stop = next((t.text.strip() for t in tokens[1:] if t.text.strip()), None)
+    stop = next((t.text.strip() for t in free.details.tokens[1:] if t.text.strip()), None)
     assert stop, "the tiny model produced only blank tokens"
+    return free.generated_text, stop
+
+
+def test_stop_sequence_is_kept_as_tgi_does(hf_server: LiveServer) -> None:
+    """TGI ends the text with the stop sequence it matched, on every HF/TGI route, streamed or not."""
+    client = InferenceClient(base_url=hf_server.url)
+    free, stop = _a_stop(client)
+    kept = free[: free.index(stop) + len(stop)]
     out = client.text_generation("Hello", max_new_tokens=10, stop=[stop], details=True)
-    assert out.details.finish_reason == "stop_sequence"
-    assert stop not in out.generated_text and free.generated_text.startswith(out.generated_text)
+    assert out.generated_text == kept and out.details.finish_reason == "stop_sequence"
+    assert "".join(t.text for t in out.details.tokens) == kept
+    events = list(client.text_generation("Hello", max_new_tokens=10, stop=[stop], stream=True, details=True))
+    assert "".join(e.token.text for e in events) == kept and events[-1].generated_text == kept
+    assert events[-1].details.finish_reason == "stop_sequence"
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 10, "stop": [stop]}}
+    for path in ("/", "/models/gpt2", "/pipeline/text-generation/gpt2"):
+        assert requests.post(hf_server.url + path, json=body).json() == [{"generated_text": kept}], path
+    assert requests.post(f"{hf_server.url}/generate", json=body).json() == {"generated_text": kept}
+    scoped = InferenceClient(base_url=f"{hf_server.url}/models/org/tiny-gpt2")
+    assert "".join(scoped.text_generation("Hello", max_new_tokens=10, stop=[stop], stream=True)) == kept
+
+
+def test_stop_sequence_is_dropped_on_openai_routes(hf_server: LiveServer) -> None:
+    free, stop = _a_stop(InferenceClient(base_url=hf_server.url))
+    openai = OpenAI(base_url=f"{hf_server.url}/v1", api_key="unused")
+    out = openai.completions.create(model="gpt2", prompt="Hello", max_tokens=10, stop=[stop], temperature=0)
+    assert out.choices[0].text == free[: free.index(stop)] and out.choices[0].finish_reason == "stop"
+    chunks = openai.completions.create(model="gpt2", prompt="Hello", max_tokens=10, stop=[stop], temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == free[: free.index(stop)]
 
 
 def test_stream_without_details(gen_url: str) -> None:
@@ -107,6 +141,28 @@ def test_async_streaming(hf_server: LiveServer) -> None:
 
     pieces, final = asyncio.run(main())
     assert len(pieces) == 4 and "".join(pieces) == final
+
+
+def test_async_text_generation_and_chat(hf_server: LiveServer) -> None:
+    """AsyncInferenceClient without streaming: the same answers as the sync client."""
+    messages = [{"role": "user", "content": "Hello"}]
+
+    async def main() -> tuple[str, object, object, list[str]]:
+        client = AsyncInferenceClient(base_url=f"{hf_server.url}/models/gpt2")
+        text = await client.text_generation("Hello world", max_new_tokens=5)
+        details = await client.text_generation("Hello world", max_new_tokens=5, details=True)
+        chat = await client.chat_completion(messages, max_tokens=4, temperature=0)
+        stream = await client.chat_completion(messages, max_tokens=4, temperature=0, stream=True)
+        return text, details, chat, [c.choices[0].delta.content or "" async for c in stream if c.choices]
+
+    text, details, chat, pieces = asyncio.run(main())
+    sync = InferenceClient(base_url=f"{hf_server.url}/models/gpt2")
+    assert text == sync.text_generation("Hello world", max_new_tokens=5) and text
+    assert details.generated_text == text and details.details.generated_tokens == 5
+    expected = sync.chat_completion(messages, max_tokens=4, temperature=0)
+    assert chat.choices[0].message.content == expected.choices[0].message.content
+    assert chat.usage.completion_tokens == 4 and chat.choices[0].finish_reason == "length"
+    assert "".join(pieces) == chat.choices[0].message.content
 
 
 def test_generate_and_compat_shapes(hf_server: LiveServer) -> None:
@@ -253,3 +309,63 @@ def test_top_n_tokens(hf_server: LiveServer) -> None:
     assert all(len(e.top_tokens) == 2 and e.top_tokens[0].id == e.token.id for e in events)
     plain = client.text_generation("Hello world", max_new_tokens=4, details=True)
     assert plain.details.top_tokens is None
+
+
+class _VLLMUpstream:
+    """An OpenAI-compatible completions upstream that stops the way vLLM does: the stop string is
+    dropped from the text and named in `stop_reason`. It answers "Hello from the upstream"."""
+
+    TEXT = "Hello from the upstream"
+
+    def __init__(self) -> None:
+        self.stops: list[list[str]] = []
+        app = Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
+                                Route("/v1/models", lambda _: JSONResponse({"data": []}))])
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="error", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    async def completions(self, request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        self.stops.append(body.get("stop"))
+        text, reason, matched = self.TEXT, "length", None
+        hits = [(text.find(s), s) for s in body.get("stop") or () if s in text]
+        if hits:
+            at, matched = min(hits)
+            text, reason = text[:at], "stop"
+        last = {"index": 0, "text": "" if body.get("stream") else text, "finish_reason": reason, "stop_reason": matched}
+        if not body.get("stream"):
+            return JSONResponse({"id": "x", "choices": [last], "usage": {}})
+        chunks = [{"index": 0, "text": text, "finish_reason": None}, last]
+        events = b"".join(b"data: " + orjson.dumps({"id": "x", "choices": [c]}) + b"\n\n" for c in chunks)
+        return Response(events + b"data: [DONE]\n\n", media_type="text/event-stream")
+
+
+@pytest.fixture
+def vllm() -> Iterator[_VLLMUpstream]:
+    upstream = _VLLMUpstream()
+    upstream.thread.start()
+    while not upstream.server.started:
+        time.sleep(0.01)
+    yield upstream
+    upstream.server.should_exit = True
+    upstream.thread.join(timeout=10)
+
+
+def test_stop_sequence_kept_through_an_openai_upstream(vllm: _VLLMUpstream) -> None:
+    """An OpenAI-style upstream drops the stop; a TGI route puts back the one the upstream names."""
+    model = {"name": "up", "task": "text-generation", "default": True,
+             "backend": {"kind": "upstream", "url": f"{vllm.url}/v1"}}
+    with LiveServer(settings_for([model])) as gw:
+        gw.wait_ready()
+        client = InferenceClient(base_url=gw.url)
+        assert client.text_generation("Say", max_new_tokens=8, stop=[" the"]) == "Hello from the"
+        assert "".join(client.text_generation("Say", max_new_tokens=8, stop=[" the"], stream=True)) == "Hello from the"
+        out = client.text_generation("Say", max_new_tokens=8, stop=["zzz"], details=True)
+        assert out.generated_text == "Hello from the upstream" and out.details.finish_reason == "length"
+        sdk = OpenAI(base_url=f"{gw.url}/v1", api_key="unused")
+        assert sdk.completions.create(model="up", prompt="Say", max_tokens=8, stop=[" the"]).choices[0].text == "Hello from"
+    assert vllm.stops == [[" the"], [" the"], ["zzz"], [" the"]]
+
+

@@ -84,31 +84,45 @@ def build_bert(kind: str, folder: Path) -> Path:
     return _save(model, tok, folder)
 
 
+def _id(token: str) -> int:
+    return _vocab().index(token)  # what bert_tokenizer maps it to
+
+
+def _encoder_decoder(folder: Path, config_cls, model_cls, suppress: tuple[str, ...] = (), **config) -> Path:  # noqa: ANN001, ANN003
+    """A tiny encoder-decoder over the BERT tokenizer: [PAD] pads, [SEP] ends, at most 20 tokens,
+    never the `suppress` tokens."""
+    torch.manual_seed(0)
+    tok = bert_tokenizer(folder)
+    model = model_cls(config_cls(
+        vocab_size=len(_vocab()), d_model=32, pad_token_id=_id("[PAD]"), eos_token_id=_id("[SEP]"), **config
+    ))
+    model.generation_config.max_length = 20
+    if suppress:
+        model.generation_config.suppress_tokens = [_id(token) for token in suppress]
+    return _save(model, tok, folder)
+
+
 def build_bart(folder: Path) -> Path:
     from transformers import BartConfig, BartForConditionalGeneration
 
-    torch.manual_seed(0)
-    tok = bert_tokenizer(folder)
-    ids = tok.convert_tokens_to_ids
-    config = BartConfig(
-        vocab_size=len(_vocab()),
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=128,
-        pad_token_id=ids("[PAD]"),
-        bos_token_id=ids("[CLS]"),
-        eos_token_id=ids("[SEP]"),
-        decoder_start_token_id=ids("[CLS]"),
+    return _encoder_decoder(
+        folder, BartConfig, BartForConditionalGeneration, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=128, bos_token_id=_id("[CLS]"), decoder_start_token_id=_id("[CLS]"),
         forced_eos_token_id=None,
     )
-    model = BartForConditionalGeneration(config)
-    model.generation_config.max_length = 20
-    return _save(model, tok, folder)
+
+
+def build_t5(folder: Path) -> Path:
+    """A tiny T5 with no `task_specific_params`: its task is inferred as text2text-generation."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return _encoder_decoder(
+        folder, T5Config, T5ForConditionalGeneration, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1,
+        num_heads=2, decoder_start_token_id=_id("[PAD]"),  # T5 starts decoding from its pad token
+        # random T5 weights favour pad and end at once: never generating them gives text of known length
+        suppress=("[PAD]", "[SEP]"),
+    )
 
 
 def build_gpt2(folder: Path) -> Path:
@@ -162,6 +176,7 @@ def build_vit(folder: Path) -> Path:
 def build_all(root: Path) -> dict[str, Path]:
     folders = {kind: build_bert(kind, root / kind) for kind in ("sentiment", "nli", "ner", "mlm", "qa")}
     folders["bart"] = build_bart(root / "bart")
+    folders["t5"] = build_t5(root / "t5")
     folders["gpt2"] = build_gpt2(root / "gpt2")
     folders["vit"] = build_vit(root / "vit")
     return folders

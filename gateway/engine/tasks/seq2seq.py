@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from gateway.engine.tasks import TaskModel
 from gateway.errors import InvalidRequest
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """generate() samples from the global generators and takes none of its own: seed them for this
+    call only, restoring their state after, so other requests' random streams are left alone."""
+    if seed is None:
+        yield
+        return
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for gpu in cuda:
+            with torch.cuda.device(gpu):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 @torch.inference_mode()
@@ -33,11 +51,9 @@ def _generate(tm: TaskModel, texts: list[str], params: dict[str, Any], **extra: 
                 f"{name}={asked[name]} exceeds this model's {limit} positions.", param=f"generate_parameters.{name}"
             )
     kwargs = {**params.get("generate_parameters", {}), **extra}
-    seed = kwargs.pop("seed", None)
-    if seed is not None:
-        torch.manual_seed(seed)
     try:
-        output = tm.model.generate(**enc, **kwargs)
+        with _seeded(kwargs.pop("seed", None), tm.device):
+            output = tm.model.generate(**enc, **kwargs)
     except ValueError as exc:  # generate() checks how its settings combine (e.g. beam groups vs beams)
         raise InvalidRequest(f"Invalid generate_parameters: {exc}", param="generate_parameters") from exc
     clean = params.get("clean_up_tokenization_spaces", False)
