@@ -99,7 +99,7 @@ class UpstreamTimeouts(_Strict):
     per_try: float = Field(
         60.0, gt=0, description="Seconds one attempt may take; for streams, the longest gap between two chunks."
     )
-    total: float = Field(120.0, gt=0, description="Deadline for the call including every retry and backoff.")
+    total: float = Field(120.0, gt=0, description="Deadline for a request including every retry, backoff and fallback.")
 
 
 class UpstreamRetry(_Strict):
@@ -131,7 +131,7 @@ class UpstreamBackendSpec(_Strict):
     retry: UpstreamRetry = Field(default_factory=UpstreamRetry)
     max_connections: int = Field(100, ge=1, description="Pooled keep-alive connections to this upstream.")
     health_path: str | None = Field(
-        None, description="GET path probed while cooled down; default `/models` (openai), `/health` (tgi), none (hf)."
+        None, description="GET path probed while cooled down; default `/models` (openai), `/health` (tgi), a small real POST (hf)."
     )
 
     @field_validator("url")

@@ -66,7 +66,8 @@ class Metrics:
         )
         self.upstream_retries = Counter("gateway_upstream_retries", "Retries per deployment.", ["deployment"], registry=r)
         self.upstream_fallbacks = Counter(
-            "gateway_upstream_fallbacks", "Requests moved to the next deployment.", ["model"], registry=r
+            "gateway_upstream_fallbacks", "Requests moved on to another deployment, by the one they moved to.",
+            ["model", "deployment"], registry=r,
         )
         self.upstream_cooldown = Gauge(
             "gateway_upstream_cooldown", "1 while a deployment is cooled down.", ["deployment"], registry=r

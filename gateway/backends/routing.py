@@ -6,6 +6,11 @@ one model or by many. A call goes to the balanced deployments first (those not i
 failures that another deployment may not have (429 and 5xx) move a request on; a
 client error (4xx) is answered at once. A stream moves on only before its first
 event: after that the client has output, and a break becomes an in-band error.
+
+A request has one deadline across every deployment it tries: the longest
+`timeouts.total` of the model's upstreams. Each upstream works within what is left
+of it; once it has passed no further upstream is tried, but a local deployment
+still is, since it is there for when the upstreams fail, slowness included.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from gateway.backends.base import Backend, GenerationEvent, ModelInfo
+from gateway.backends.base import Backend, GenerationEvent, ModelInfo, QueueStats
+from gateway.backends.upstream import UpstreamBackend
 from gateway.config import ModelSpec
 from gateway.domain import (
     EmbeddingRequest,
@@ -30,6 +36,7 @@ from gateway.domain import (
 from gateway.errors import GatewayError, UpstreamError
 from gateway.metrics import Metrics
 from gateway.upstream.breaker import Breaker
+from gateway.upstream.retry import request_deadline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,6 +49,10 @@ class Deployment:
     backend: Backend
     breaker: Breaker
     outstanding: int = 0
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.backend, UpstreamBackend)
 
 
 def moves_on(error: GatewayError) -> bool:
@@ -62,12 +73,14 @@ class RoutingBackend(Backend):
         by_name = {d.name: d for d in self.deployments}
         self.fallbacks = [by_name[n] for n in self.routing.fallback]
         self.balanced = [d for d in self.deployments if d.name not in self.routing.fallback]
+        totals = [b.upstream.timeouts.total for b in backends.values() if isinstance(b, UpstreamBackend)]
+        self.total = max(totals, default=None)  # seconds from a request's arrival to its deadline
         self._turn = 0
         self._prober: asyncio.Task[None] | None = None
         self.attach_metrics(Metrics())
 
     def attach_metrics(self, metrics: Metrics) -> None:
-        self._fallback_counter = metrics.upstream_fallbacks.labels(self.spec.name)
+        self._fallbacks = metrics.upstream_fallbacks
         self._cooldown_gauges = {d.name: metrics.upstream_cooldown.labels(d.label) for d in self.deployments}
         for d in self.deployments:
             self._cooldown_gauges[d.name].set(0)
@@ -88,6 +101,13 @@ class RoutingBackend(Backend):
         if self._prober is not None:
             self._prober.cancel()
         await asyncio.gather(*(d.backend.close() for d in self.deployments), return_exceptions=True)
+
+    def queue_stats(self) -> QueueStats | None:
+        """The local deployments' engines together: the queue gauges stay for a routed model."""
+        stats = [s for d in self.deployments if (s := d.backend.queue_stats()) is not None]
+        if not stats:
+            return None
+        return QueueStats(sum(s.waiting for s in stats), sum(s.running for s in stats))
 
     def info(self) -> ModelInfo:
         ready = [d for d in self.deployments if d.backend.state == ModelState.READY] or self.deployments
@@ -112,6 +132,20 @@ class RoutingBackend(Backend):
                 usable.sort(key=lambda d: d.outstanding)  # stable: ties keep the round-robin order
         usable += [d for d in self.fallbacks if not d.breaker.open and d.backend.state == ModelState.READY]
         return usable
+
+    def _attempts(self) -> Iterator[tuple[Deployment, float | None]]:
+        """The deployments this request tries, in order, each with the request's deadline (loop time)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self.total is None else loop.time() + self.total
+        tried = 0
+        for d in self.candidates():
+            if d.remote and deadline is not None and loop.time() >= deadline:
+                continue  # no time left to wait on another upstream; a local deployment is still tried
+            if tried:
+                # labelled with where the request went, so a fallback to `local` shows as such
+                self._fallbacks.labels(self.spec.name, d.label).inc()
+            tried += 1
+            yield d, deadline
 
     def _exhausted(self, last: GatewayError | None) -> GatewayError:
         if last is not None:
@@ -167,12 +201,11 @@ class RoutingBackend(Backend):
     # operations ------------------------------------------------------------
     async def _call(self, operation: Callable[[Backend], Awaitable[T]]) -> T:
         last: GatewayError | None = None
-        for number, d in enumerate(self.candidates()):
-            if number:
-                self._fallback_counter.inc()
+        for d, deadline in self._attempts():
             d.outstanding += 1
             try:
-                result = await operation(d.backend)
+                with request_deadline(deadline):
+                    result = await operation(d.backend)
             except GatewayError as error:
                 if not moves_on(error):
                     raise
@@ -201,15 +234,14 @@ class RoutingBackend(Backend):
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         last: GatewayError | None = None
-        for number, d in enumerate(self.candidates()):
-            if number:
-                self._fallback_counter.inc()
+        for d, deadline in self._attempts():
             stream = d.backend.generate_stream(request)
             d.outstanding += 1
             streaming = False
             try:
                 try:
-                    first = await anext(stream)
+                    with request_deadline(deadline):  # set and reset within this one step of the stream
+                        first = await anext(stream)
                 except StopAsyncIteration:
                     self._succeeded(d)
                     return

@@ -1,8 +1,10 @@
 """A model served by another server over HTTP, behind the same Backend interface as a local one.
 
 Each call retries connect errors, timeouts, 429 and 502-504 with backoff, within
-a per-try timeout and one total deadline. A stream is retried only until its first
-event: after that the client has output, and a break becomes an in-band error.
+a per-try timeout and one total deadline (the request's, when a router set one). A
+stream is retried only until its first event: after that the client has output, a
+break becomes an in-band error, and only the idle timeout (`per_try` between two
+chunks) applies, not the total deadline.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from gateway.domain import (
 from gateway.errors import GatewayError, TaskNotSupported, UpstreamError
 from gateway.metrics import Metrics
 from gateway.upstream import dialects
-from gateway.upstream.retry import RetryableFailure, backoff_delay
+from gateway.upstream.retry import RetryableFailure, backoff_delay, call_deadline
 from gateway.upstream.transport import Transport, connection_failure
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,12 @@ class UpstreamBackend(Backend):
 
     async def probe(self) -> bool:
         """Whether the upstream looks alive again (for the circuit breaker)."""
-        if self.transport is None or self.health_path is None:
-            return self.transport is not None
+        if self.transport is None:
+            return False
+        if self.health_path is None:
+            # An HF endpoint has no standard health route: ask it for a small real answer.
+            probe = dialects.hf_probe(self.spec.task)
+            return await self.transport.alive("", self.upstream.timeouts.per_try, probe)
         return await self.transport.alive(self.health_path, self.upstream.timeouts.connect)
 
     # retries ---------------------------------------------------------------
@@ -103,10 +109,13 @@ class UpstreamBackend(Backend):
         """Run `attempt(timeout)` until it succeeds, fails for good, or the deadline leaves no room."""
         loop = asyncio.get_running_loop()
         limits, policy = self.upstream.timeouts, self.upstream.retry
-        deadline = loop.time() + limits.total
+        deadline = call_deadline(loop.time(), limits.total)
         retries = 0
         while True:
             started = loop.time()
+            if started >= deadline:  # the router spent the request's deadline on other deployments
+                self._requests("timeout").inc()
+                raise UpstreamError(f"{self.where} was not tried: the request's deadline had passed.", status_code=504)
             try:
                 result = await attempt(min(limits.per_try, deadline - started))
             except RetryableFailure as failure:
@@ -128,7 +137,8 @@ class UpstreamBackend(Backend):
                 raise
             return result
 
-    async def _post_json(self, path: str, body: dict[str, Any]) -> Any:
+    async def _post_json(self, path: str, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
+        """POST `body` and read the answer with `parse`: an answer it refuses is an error, not "ok"."""
         assert self.transport is not None
         transport = self.transport
         loop = asyncio.get_running_loop()
@@ -145,9 +155,10 @@ class UpstreamBackend(Backend):
             finally:
                 response.release()
             try:
-                return orjson.loads(payload)
+                data = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 raise UpstreamError(f"{self.where} sent a body that is not JSON.") from None
+            return parse(data)
 
         data = await self._with_retries(attempt)
         self._requests("ok").inc()
@@ -159,19 +170,21 @@ class UpstreamBackend(Backend):
         dialect = self.upstream.dialect
         if dialect == "openai":
             path, body = dialects.openai_generation(request, self.model, stream)
-            return path, body, dialects.OpenAIStream(request.sampling.n)
+            return path, body, dialects.OpenAIStream(request.sampling.n, dialects.kept_stops(request))
         body = {"inputs": request.prompt, "parameters": dialects.tgi_parameters(request)}
+        parser = dialects.TGIStream(dialects.dropped_stops(request))
         if dialect == "tgi":
-            return ("/generate_stream" if stream else "/generate"), body, dialects.TGIStream()
+            return ("/generate_stream" if stream else "/generate"), body, parser
         body["stream"] = stream  # HF endpoints: everything is posted to the model URL itself
-        return "", body, dialects.TGIStream()
+        return "", body, parser
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         path, body, _ = self._generation_call(request, stream=False)
-        data = await self._post_json(path, body)
         if self.upstream.dialect == "openai":
-            return dialects.openai_result(data, request.sampling.n)
-        return dialects.tgi_result(data)
+            keep = dialects.kept_stops(request)
+            return await self._post_json(path, body, lambda data: dialects.openai_result(data, request.sampling.n, keep))
+        drop = dialects.dropped_stops(request)
+        return await self._post_json(path, body, lambda data: dialects.tgi_result(data, drop))
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         path, body, parser = self._generation_call(request, stream=True)
@@ -179,11 +192,20 @@ class UpstreamBackend(Backend):
         transport = self.transport
         loop = asyncio.get_running_loop()
         started = loop.time()
+        idle = self.upstream.timeouts.per_try
 
         async def open_and_prime(timeout: float) -> tuple[aiohttp.ClientResponse, list[GenerationEvent]]:
             # Nothing has reached the client until this returns, so a failure here may be retried.
+            # `timeout` (this try, within the deadline) bounds the wait for the first event; every
+            # read, then and after, is bounded by the idle timeout alone.
+            try:
+                return await asyncio.wait_for(prime(), timeout)
+            except asyncio.TimeoutError:
+                raise RetryableFailure(f"{self.where} timed out.", status=504, kind="timeout") from None
+
+        async def prime() -> tuple[aiohttp.ClientResponse, list[GenerationEvent]]:
             began = loop.time()
-            response = await transport.post(path, body, timeout=timeout, stream=True, where=self.where)
+            response = await transport.post(path, body, timeout=idle, stream=True, where=self.where)
             try:
                 first = await self._next_events(response, parser)
             except _StreamBroken as broken:
@@ -250,14 +272,15 @@ class UpstreamBackend(Backend):
             ) from None
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        count = len(request.inputs)
         if self.upstream.dialect == "openai":
             path, body = dialects.openai_embedding(request, self.model)
-            return dialects.openai_embedding_result(await self._post_json(path, body), len(request.inputs))
+            return await self._post_json(path, body, lambda data: dialects.openai_embedding_result(data, count))
         if self.upstream.dialect == "hf":
             body = {"inputs": list(request.inputs)}
             if request.normalize is not None:
                 body["normalize"] = request.normalize
-            return dialects.hf_embedding_result(await self._post_json("", body), len(request.inputs))
+            return await self._post_json("", body, lambda data: dialects.hf_embedding_result(data, count))
         raise TaskNotSupported(f"Model '{self.name}' is served by TGI, which does not compute embeddings.")
 
     async def run_task(self, request: TaskRequest) -> Any:
@@ -265,7 +288,20 @@ class UpstreamBackend(Backend):
             raise TaskNotSupported(
                 f"Model '{self.name}' does not serve the task '{request.task.value}' (its upstream is not an HF endpoint)."
             )
-        body: dict[str, Any] = {"inputs": request.inputs}
-        if request.parameters:
-            body["parameters"] = request.parameters
-        return await self._post_json("", body)
+        items = list(request.inputs)
+        if not any(isinstance(item, bytes) for item in items):
+            return await self._post_json("", dialects.hf_task_body(items, request.parameters), _as_is)
+        # Media: the hosted API takes one image per call, so one call per item, side by side, in order.
+        calls = [
+            asyncio.ensure_future(self._post_json("", dialects.hf_task_body(item, request.parameters), _as_is))
+            for item in items
+        ]
+        try:
+            return list(await asyncio.gather(*calls))
+        finally:
+            for call in calls:
+                call.cancel()  # the others, once one has failed
+
+
+def _as_is(data: Any) -> Any:
+    return data

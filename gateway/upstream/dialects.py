@@ -7,6 +7,7 @@ Every parser raises UpstreamError on a body it cannot read, never KeyError.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from gateway.domain import (
@@ -17,9 +18,11 @@ from gateway.domain import (
     GenerationRequest,
     GenerationResult,
     StreamEnd,
+    Task,
     TokenDelta,
     Usage,
 )
+from gateway.engine.detokenize import StopFilter
 from gateway.errors import UnsupportedParameter, UpstreamError
 
 GenerationEvent = TokenDelta | StreamEnd
@@ -29,6 +32,26 @@ def finish_reason(value: Any) -> FinishReason | None:
     if value is None:
         return None
     return FinishReason.LENGTH if value == "length" else FinishReason.STOP
+
+
+def kept_stops(request: GenerationRequest) -> tuple[str, ...]:
+    """The stop sequences a request wants left at the end of its text (TGI routes)."""
+    return request.sampling.stop if request.keep_stop else ()
+
+
+def dropped_stops(request: GenerationRequest) -> tuple[str, ...]:
+    """The stop sequences to cut from a TGI upstream's text, which keeps them (OpenAI routes)."""
+    return () if request.keep_stop else request.sampling.stop
+
+
+def restored_stop(choice: dict[str, Any], keep: tuple[str, ...]) -> str:
+    """The stop sequence to put back at the end of a choice whose request keeps it (TGI routes).
+
+    OpenAI-style servers drop it, and "stop" does not tell a stop sequence from end-of-sequence;
+    only a server that names the match (vLLM's `stop_reason`) says what to put back.
+    """
+    matched = choice.get("stop_reason")
+    return matched if isinstance(matched, str) and matched in keep else ""
 
 
 def malformed(what: str) -> UpstreamError:
@@ -85,7 +108,7 @@ def _usage(data: dict[str, Any]) -> Usage:
     return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
 
-def openai_result(data: Any, n: int) -> GenerationResult:
+def openai_result(data: Any, n: int, keep_stop: tuple[str, ...] = ()) -> GenerationResult:
     try:
         choices = []
         for c in data["choices"]:
@@ -93,7 +116,8 @@ def openai_result(data: Any, n: int) -> GenerationResult:
             text = message.get("content") if isinstance(message, dict) else c["text"]
             if text is not None and not isinstance(text, str):
                 raise TypeError("text")
-            choices.append(Choice(int(c.get("index", len(choices))), text or "", finish_reason(c.get("finish_reason"))))
+            text = (text or "") + restored_stop(c, keep_stop)
+            choices.append(Choice(int(c.get("index", len(choices))), text, finish_reason(c.get("finish_reason"))))
         usage = _usage(data)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise malformed("completion") from None
@@ -110,10 +134,11 @@ class OpenAIStream:
     once every choice has its finish_reason.
     """
 
-    def __init__(self, n: int = 1) -> None:
+    def __init__(self, n: int = 1, keep_stop: tuple[str, ...] = ()) -> None:
         self.usage = Usage()
         self.done = False
         self.n = n
+        self.keep_stop = keep_stop
         self.finished: set[int] = set()
 
     @property
@@ -131,6 +156,8 @@ class OpenAIStream:
                 delta = c.get("delta")
                 text = delta.get("content") if isinstance(delta, dict) else c.get("text")
                 reason = finish_reason(c.get("finish_reason"))
+                if reason is not None:
+                    text = (text or "") + restored_stop(c, self.keep_stop)
                 if text or reason is not None:
                     index = int(c.get("index", 0))
                     if reason is not None:
@@ -198,7 +225,7 @@ def tgi_parameters(request: GenerationRequest) -> dict[str, Any]:
     return params
 
 
-def tgi_result(data: Any) -> GenerationResult:
+def tgi_result(data: Any, drop_stop: tuple[str, ...] = ()) -> GenerationResult:
     if isinstance(data, list) and data:
         data = data[0]  # HF endpoints answer a one-element list
     try:
@@ -210,15 +237,22 @@ def tgi_result(data: Any) -> GenerationResult:
         raise malformed("generation") from None
     if not isinstance(text, str):
         raise malformed("generation")
+    if drop_stop:
+        cut = StopFilter(drop_stop)
+        text = cut.feed(text) + cut.flush()
     return GenerationResult(choices=[Choice(0, text, reason)], usage=usage)
 
 
 class TGIStream:
-    """TGI `/generate_stream` events (one token each; the last carries `details`) to domain events."""
+    """TGI `/generate_stream` events (one token each; the last carries `details`) to domain events.
 
-    def __init__(self) -> None:
+    TGI keeps a matched stop sequence in its text; `drop_stop` cuts it for the routes that drop it.
+    """
+
+    def __init__(self, drop_stop: tuple[str, ...] = ()) -> None:
         self.usage = Usage()
         self.done = False
+        self.stop_filter = StopFilter(drop_stop) if drop_stop else None
 
     @property
     def complete(self) -> bool:
@@ -240,6 +274,10 @@ class TGIStream:
                 self.done = True
             special = bool(token.get("special"))
             text = "" if special else token.get("text") or ""
+            if self.stop_filter is not None:
+                text = self.stop_filter.feed(text)
+                if reason is not None:
+                    text += self.stop_filter.flush()
             return [TokenDelta(0, text, token.get("id"), token.get("logprob"), special, reason)]
         except (KeyError, TypeError, ValueError, AttributeError):
             raise malformed("stream event") from None
@@ -257,3 +295,25 @@ def hf_embedding_result(data: Any, count: int) -> EmbeddingResult:
     except (TypeError, ValueError):
         raise malformed("feature-extraction response (expected one pooled vector per input)") from None
     return EmbeddingResult(vectors=vectors, usage=Usage())
+
+
+# --- HF per-task endpoints -------------------------------------------------------------------------
+
+
+def hf_task_body(inputs: Any, parameters: dict[str, Any]) -> dict[str, Any]:
+    """`{"inputs", "parameters"}` for an HF endpoint. Media (an image's bytes) goes as a base64
+    string, the form the hosted API takes inside JSON."""
+    if isinstance(inputs, bytes):
+        inputs = base64.b64encode(inputs).decode("ascii")
+    body: dict[str, Any] = {"inputs": inputs}
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+def hf_probe(task: Task | None) -> dict[str, Any]:
+    """The smallest real request to an HF endpoint, for a probe: one token at most when it generates.
+    Whatever the task wants, any answer but 429 or 5xx shows the endpoint is serving again."""
+    if task == Task.TEXT_GENERATION:
+        return {"inputs": "ping", "parameters": {"max_new_tokens": 1}}
+    return {"inputs": "ping"}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
@@ -11,6 +14,27 @@ from gateway.errors import GatewayError, Overloaded, UpstreamError
 
 # Statuses an upstream answers when a later attempt may well succeed.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+# The loop time by which the current request must be answered, set by the router around
+# each deployment it tries, so retries and fallbacks share one deadline instead of each
+# upstream starting its own. A context variable keeps it off the Backend interface.
+_request_deadline: ContextVar[float | None] = ContextVar("upstream_request_deadline", default=None)
+
+
+@contextmanager
+def request_deadline(deadline: float | None) -> Iterator[None]:
+    """Within this block, upstream calls end by `deadline` (loop time) at the latest."""
+    token = _request_deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _request_deadline.reset(token)
+
+
+def call_deadline(now: float, total: float) -> float:
+    """When a call starting `now` must end: its own `total`, cut short by the request's deadline."""
+    outer = _request_deadline.get()
+    return now + total if outer is None else min(now + total, outer)
 
 
 class RetryableFailure(Exception):

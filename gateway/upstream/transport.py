@@ -100,9 +100,11 @@ class Transport:
         if limits is None:
             limits = self._timeout(timeout, stream)
         try:
-            response = await self.session.post(
-                self.base_url + path, data=orjson.dumps(body), timeout=limits, allow_redirects=False
-            )
+            data = orjson.dumps(body)
+        except TypeError as exc:  # orjson.JSONEncodeError: a value the upstream's JSON API cannot carry
+            raise InvalidRequest(f"{where} cannot be sent this request: {exc}.") from None
+        try:
+            response = await self.session.post(self.base_url + path, data=data, timeout=limits, allow_redirects=False)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise connection_failure(exc, where) from None
         if response.status >= 300:
@@ -115,12 +117,15 @@ class Transport:
             raise status_failure(response.status, payload, response.headers, where)
         return response
 
-    async def alive(self, path: str, timeout: float) -> bool:
-        """Whether the upstream answers a GET on `path` with anything but an overload or server error."""
+    async def alive(self, path: str, timeout: float, body: dict[str, Any] | None = None) -> bool:
+        """Whether the upstream answers a GET on `path` (a POST of `body` if given) with anything
+        but an overload or server error."""
         assert self.session is not None
+        method = "GET" if body is None else "POST"
+        data = None if body is None else orjson.dumps(body)
         try:
-            async with self.session.get(
-                self.base_url + path, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+            async with self.session.request(
+                method, self.base_url + path, data=data, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
             ) as response:
                 return response.status < 500 and response.status != 429
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):

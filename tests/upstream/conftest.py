@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -8,6 +9,9 @@ import pytest
 
 from tests.helpers import LiveServer, settings_for
 from tests.upstream.fault_server import FaultUpstream
+
+# The HF client refuses every request, localhost included, under HF_HUB_OFFLINE.
+os.environ.pop("HF_HUB_OFFLINE", None)
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """A scriptable upstream on loopback: speaks OpenAI, TGI and HF per-task, and fails on demand.
 
 Each request pops the next behaviour queued for its path (default "ok"), so a test
-states exactly what the upstream does, then counts the hits it received.
+states exactly what the upstream does, then counts the hits it received. A stream that
+goes bad mid-way (malformed event, error event, stall) then stays open, as a real
+upstream may: only the gateway closing it ends it, which is what the tests check.
 """
 
 from __future__ import annotations
@@ -34,15 +36,17 @@ class FaultUpstream:
         self.active_streams = 0
         self.retry_after = "1"
         self.slow_seconds = 2.0
+        self.stream_gap = 0.5  # seconds between the events of a "trickle" stream
         routes = [
-            Route("/v1/chat/completions", self.openai, methods=["POST"]),
-            Route("/v1/completions", self.openai, methods=["POST"]),
-            Route("/v1/embeddings", self.openai, methods=["POST"]),
+            Route("/v1/chat/completions", self._scripted(self.openai), methods=["POST"]),
+            Route("/v1/completions", self._scripted(self.openai), methods=["POST"]),
+            Route("/v1/embeddings", self._scripted(self.openai), methods=["POST"]),
             Route("/v1/models", self.health, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
-            Route("/generate", self.tgi, methods=["POST"]),
-            Route("/generate_stream", self.tgi, methods=["POST"]),
-            Route("/hf/model", self.hf, methods=["POST"]),
+            Route("/generate", self._scripted(self.tgi), methods=["POST"]),
+            Route("/generate_stream", self._scripted(self.tgi), methods=["POST"]),
+            Route("/hf/model", self._scripted(self.hf), methods=["POST"]),
+            Route("/hf/classifier", self._scripted(self.hf_task), methods=["POST"]),
         ]
         self.app = Starlette(routes=routes)
         self.port = free_port()
@@ -70,6 +74,13 @@ class FaultUpstream:
     def open_connections(self) -> int:
         return len(self.server.server_state.connections)
 
+    def _reset(self, request: Request) -> None:
+        """Abort this request's TCP connection (an RST), as a crashed upstream or a proxy would."""
+        client = tuple(request.scope["client"])
+        for connection in list(self.server.server_state.connections):
+            if tuple(getattr(connection, "client", None) or ()) == client:
+                connection.transport.abort()
+
     # --- behaviours -----------------------------------------------------------
     async def _intake(self, request: Request) -> tuple[str, dict[str, Any]]:
         path = request.url.path
@@ -79,6 +90,16 @@ class FaultUpstream:
         self.headers.append(dict(request.headers))
         script = self.script[path]
         return (script.popleft() if script else "ok"), body
+
+    def _scripted(self, answer: Any) -> Any:
+        """An endpoint that takes the request in, fails as scripted, or else lets `answer` answer it."""
+
+        async def endpoint(request: Request) -> Response:
+            behaviour, body = await self._intake(request)
+            failure = self._failure(behaviour)
+            return failure if failure is not None else await answer(request, behaviour, body)
+
+        return endpoint
 
     def _failure(self, behaviour: str) -> Response | None:
         if behaviour == "429":
@@ -92,6 +113,8 @@ class FaultUpstream:
             return Response(body, status_code=int(behaviour), media_type="application/json")
         if behaviour == "malformed":
             return Response(b'{"choices": [', media_type="application/json")
+        if behaviour == "no_choices":  # valid JSON, nothing to answer with
+            return Response(orjson.dumps({"id": "x", "object": "chat.completion", "choices": []}))
         return None
 
     async def health(self, request: Request) -> Response:
@@ -100,22 +123,31 @@ class FaultUpstream:
             return Response(b"{}", status_code=503)
         return Response(orjson.dumps({"object": "list", "data": []}), media_type="application/json")
 
-    def _sse(self, events: list[bytes], behaviour: str, done: bytes | None) -> StreamingResponse:
+    def _sse(self, request: Request, events: list[bytes], behaviour: str, done: bytes | None) -> StreamingResponse:
+        gap = {"slow_stream": 0.5, "trickle": self.stream_gap}.get(behaviour, 0)
+
         async def body() -> Any:
             self.active_streams += 1
             try:
                 for number, event in enumerate(events):
                     if behaviour == "reset" and number == 2:
-                        raise ConnectionResetError("injected reset mid-stream")
+                        await asyncio.sleep(0.05)  # an RST discards what is still buffered: let it go out
+                        self._reset(request)
+                        return
                     if behaviour == "reset_early":
                         raise ConnectionResetError("injected reset before the first event")
                     if behaviour == "truncated" and number == 2:
                         return  # a clean end of the body, with the answer unfinished
                     if behaviour == "malformed_stream" and number == 1:
                         yield b"data: {not json\n\n"
-                        return
+                        await asyncio.sleep(30)  # and hang on: the gateway must hang up
+                    if behaviour == "error_event" and number == 1:
+                        yield b'data: {"error": {"message": "out of memory"}}\n\n'
+                        await asyncio.sleep(30)
+                    if behaviour == "stall" and number == 2:
+                        await asyncio.sleep(30)  # no more events, the connection still open
                     yield b"data: " + event + b"\n\n"
-                    await asyncio.sleep(0.5 if behaviour == "slow_stream" else 0)
+                    await asyncio.sleep(gap)
                 if done is not None and behaviour != "no_done":
                     yield done
             finally:
@@ -123,11 +155,7 @@ class FaultUpstream:
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    async def openai(self, request: Request) -> Response:
-        behaviour, body = await self._intake(request)
-        failure = self._failure(behaviour)
-        if failure is not None:
-            return failure
+    async def openai(self, request: Request, behaviour: str, body: dict[str, Any]) -> Response:
         if behaviour == "slow":
             await asyncio.sleep(self.slow_seconds)
         path = request.url.path
@@ -150,17 +178,13 @@ class FaultUpstream:
             events.append(orjson.dumps({"id": "x", "choices": [choice]}))
         usage = {"prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5 + len(words)}
         events.append(orjson.dumps({"id": "x", "choices": [], "usage": usage}))
-        return self._sse(events, behaviour, b"data: [DONE]\n\n")
+        return self._sse(request, events, behaviour, b"data: [DONE]\n\n")
 
-    async def tgi(self, request: Request) -> Response:
-        behaviour, body = await self._intake(request)
-        failure = self._failure(behaviour)
-        if failure is not None:
-            return failure
+    async def tgi(self, request: Request, behaviour: str, body: dict[str, Any]) -> Response:
         stream = request.url.path.endswith("/generate_stream")
-        return self._tgi_answer(body, behaviour, stream)
+        return self._tgi_answer(request, behaviour, stream)
 
-    def _tgi_answer(self, body: dict[str, Any], behaviour: str, stream: bool) -> Response:
+    def _tgi_answer(self, request: Request, behaviour: str, stream: bool) -> Response:
         if not stream:
             details = {"finish_reason": "length", "generated_tokens": len(WORDS), "seed": None}
             return Response(orjson.dumps({"generated_text": "".join(WORDS), "details": details}))
@@ -176,20 +200,20 @@ class FaultUpstream:
                 else None,
             }
             events.append(orjson.dumps(event))
-        return self._sse(events, behaviour, None)
+        return self._sse(request, events, behaviour, None)
 
-    async def hf(self, request: Request) -> Response:
-        """An HF Inference Endpoint: text generation, feature extraction or any task, at one URL."""
-        behaviour, body = await self._intake(request)
-        failure = self._failure(behaviour)
-        if failure is not None:
-            return failure
-        params = body.get("parameters") or {}
-        if "max_new_tokens" in params:  # text generation, TGI-style body
-            if body.get("stream"):
-                return self._tgi_answer(body, behaviour, True)
-            return Response(orjson.dumps([{"generated_text": "".join(WORDS)}]))
+    async def hf(self, request: Request, behaviour: str, body: dict[str, Any]) -> Response:
+        """An HF Inference Endpoint for text generation (a prompt) or feature extraction (a list)."""
         inputs = body["inputs"]
         if isinstance(inputs, list):  # feature extraction: one vector per input
             return Response(orjson.dumps([[float(len(text)), 1.0] for text in inputs]))
-        return Response(orjson.dumps([{"label": "POSITIVE", "score": 0.9, "echo": body}]))
+        if body.get("stream"):
+            return self._tgi_answer(request, behaviour, True)
+        return Response(orjson.dumps([{"generated_text": "".join(WORDS)}]))
+
+    async def hf_task(self, request: Request, behaviour: str, body: dict[str, Any]) -> Response:
+        """An HF endpoint for a classification task: one output per item of a list, one for a single input."""
+        inputs = body["inputs"]
+        if isinstance(inputs, list):
+            return Response(orjson.dumps([[{"label": "POSITIVE", "score": 0.9, "echo": item}] for item in inputs]))
+        return Response(orjson.dumps([{"label": "POSITIVE", "score": 0.9, "echo": inputs}]))

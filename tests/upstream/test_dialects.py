@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
+import httpx
 import openai
 import pytest
+from huggingface_hub import InferenceClient
 from pydantic import ValidationError
 
 from gateway.backends.upstream import UpstreamBackend
 from gateway.config import ModelSpec, Settings
 from gateway.domain import Task, TaskRequest
-from gateway.errors import TaskNotSupported
+from gateway.errors import InvalidRequest, TaskNotSupported
 from tests.upstream.conftest import front, sdk, upstream
 
 
@@ -62,20 +65,46 @@ def _backend(url: str, dialect: str) -> UpstreamBackend:
     return UpstreamBackend(spec, spec.backend)
 
 
-def test_run_task_posts_inputs_and_parameters_to_the_model_url(fault) -> None:
-    async def call() -> object:
-        backend = _backend(f"{fault.url}/hf/model", "hf")
+def test_task_routes_post_inputs_and_parameters_to_the_model_url(fault) -> None:
+    model = {"name": "c", "task": "text-classification", "backend": upstream(f"{fault.url}/hf/classifier", dialect="hf")}
+    with front([model]) as gw:
+        one = httpx.post(f"{gw.url}/models/c", json={"inputs": "I like it", "parameters": {"top_k": 1}})
+        two = InferenceClient(base_url=f"{gw.url}/models/c").text_classification("so so")
+    assert one.status_code == 200
+    assert one.json() == [[{"label": "POSITIVE", "score": 0.9, "echo": "I like it"}]]
+    assert [(o.label, o.score) for o in two] == [("POSITIVE", 0.9)]
+    assert fault.bodies[0] == {"inputs": ["I like it"], "parameters": {"top_k": 1}}
+
+
+def test_images_go_to_an_hf_endpoint_as_base64(fault) -> None:
+    """The hosted API takes an image as a base64 string in `inputs`, one image per call."""
+    image, other = b"\x89PNG\r\n\x1a\n-one", b"\x89PNG\r\n\x1a\n-two"
+    model = {"name": "v", "task": "image-classification", "backend": upstream(f"{fault.url}/hf/classifier", dialect="hf")}
+    with front([model]) as gw:
+        raw = httpx.post(f"{gw.url}/models/v", content=image, headers={"content-type": "image/png"})
+        encoded = [base64.b64encode(i).decode() for i in (image, other)]
+        both = httpx.post(f"{gw.url}/models/v", json={"inputs": encoded, "parameters": {"top_k": 2}})
+    assert raw.status_code == 200, raw.text
+    assert raw.json() == [{"label": "POSITIVE", "score": 0.9, "echo": encoded[0]}]
+    assert both.status_code == 200, both.text
+    assert both.json() == [[{"label": "POSITIVE", "score": 0.9, "echo": e}] for e in encoded]
+    assert fault.bodies[0] == {"inputs": encoded[0]}
+    assert sorted(b["inputs"] for b in fault.bodies[1:]) == sorted(encoded)
+    assert all(b["parameters"] == {"top_k": 2} for b in fault.bodies[1:])
+
+
+def test_a_body_that_cannot_be_json_is_a_client_error_not_a_500(fault) -> None:
+    async def call() -> None:
+        backend = _backend(f"{fault.url}/hf/classifier", "hf")
         await backend.start()
         try:
-            return await backend.run_task(
-                TaskRequest(Task.TEXT_CLASSIFICATION, "I like it", {"top_k": 1})
-            )
+            await backend.run_task(TaskRequest(Task.TEXT_CLASSIFICATION, [{"a", "set"}]))
         finally:
             await backend.close()
 
-    result = asyncio.run(call())
-    assert result == [{"label": "POSITIVE", "score": 0.9, "echo": {"inputs": "I like it", "parameters": {"top_k": 1}}}]
-    assert fault.hits["/hf/model"] == 1
+    with pytest.raises(InvalidRequest, match="cannot be sent"):
+        asyncio.run(call())
+    assert fault.hits["/hf/classifier"] == 0
 
 
 def test_run_task_on_an_openai_upstream_is_not_supported(fault) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -27,6 +28,12 @@ def wait_until(condition, timeout: float = 5.0) -> bool:
     return condition()
 
 
+def hung_up(fault, pooled: int = 0) -> bool:
+    """No connection left hanging: no stream still open upstream, and at most `pooled` connections
+    (idle keep-alive ones in the gateway's pool; a connection that failed mid-way must be closed)."""
+    return wait_until(lambda: fault.active_streams == 0 and fault.open_connections() <= pooled, timeout=1.5)
+
+
 def test_429_with_retry_after_is_retried_after_the_wait(fault) -> None:
     fault.retry_after = "0.3"
     fault.queue("/v1/chat/completions", "429")
@@ -45,6 +52,7 @@ def test_429_exhausted_gives_the_client_429_with_retry_after(fault) -> None:
     with serve(f"{fault.url}/v1") as gw:
         with pytest.raises(openai.RateLimitError) as info:
             sdk(gw).chat.completions.create(model="m", messages=CHAT)
+        assert hung_up(fault, pooled=1)  # the three tries reused one keep-alive connection
     assert fault.hits["/v1/chat/completions"] == 3  # first try + max_retries=2
     assert info.value.response.headers["retry-after"] == "1"
     assert info.value.type == "rate_limit_error"
@@ -67,6 +75,7 @@ def test_503_exhausted_is_503_with_retry_after(fault) -> None:
     with serve(f"{fault.url}/v1") as gw:
         with pytest.raises(openai.InternalServerError) as info:
             sdk(gw).chat.completions.create(model="m", messages=CHAT)
+        assert hung_up(fault, pooled=1)
     assert info.value.status_code == 503
     assert info.value.response.headers["retry-after"] == "1"
     assert fault.hits["/v1/chat/completions"] == 3
@@ -88,6 +97,9 @@ def test_slow_upstream_times_out_per_try_and_retries(fault) -> None:
         with pytest.raises(openai.InternalServerError) as info:
             sdk(gw).chat.completions.create(model="m", messages=CHAT)
         elapsed = time.monotonic() - started
+        # Both timed-out connections were closed by the gateway while the upstream was still sleeping
+        # on them (2 s): left open, each would turn into a pooled one when its answer came.
+        assert hung_up(fault)
     assert info.value.status_code == 504
     assert fault.hits["/v1/chat/completions"] == 2
     assert elapsed < 1.5
@@ -117,6 +129,7 @@ def test_malformed_json_is_502_and_not_retried(fault) -> None:
     with serve(f"{fault.url}/v1") as gw:
         with pytest.raises(openai.InternalServerError) as info:
             sdk(gw).chat.completions.create(model="m", messages=CHAT)
+        assert hung_up(fault, pooled=1)
     assert info.value.status_code == 502
     assert info.value.code == "upstream_error"
     assert fault.hits["/v1/chat/completions"] == 1
@@ -157,10 +170,13 @@ def test_stream_broken_before_its_first_event_is_retried(fault) -> None:
     assert fault.hits["/v1/chat/completions"] == 2
 
 
-@pytest.mark.parametrize("behaviour", ["reset", "malformed_stream"])
+BREAKS = ["reset", "malformed_stream", "error_event", "stall"]  # stall: past the idle timeout (per_try)
+
+
+@pytest.mark.parametrize("behaviour", BREAKS)
 def test_stream_broken_midway_gives_an_in_band_error(fault, behaviour) -> None:
     fault.queue("/v1/chat/completions", behaviour)
-    with serve(f"{fault.url}/v1") as gw:
+    with serve(f"{fault.url}/v1", timeouts={"per_try": 0.5}) as gw:
         received = []
         with pytest.raises(openai.APIError) as info:
             for chunk in sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True):
@@ -168,8 +184,39 @@ def test_stream_broken_midway_gives_an_in_band_error(fault, behaviour) -> None:
         assert not isinstance(info.value, openai.APIStatusError)  # in-band, after the 200
         assert received  # the chunks before the break did reach the client
         assert info.value.code == "upstream_error"
-        assert wait_until(lambda: fault.active_streams == 0)
+        # The upstream keeps a broken stream open: only the gateway hanging up ends it.
+        assert hung_up(fault)
     assert fault.hits["/v1/chat/completions"] == 1  # never retried once output went out
+
+
+@pytest.mark.parametrize("behaviour", BREAKS)
+def test_stream_broken_midway_ends_cleanly_on_the_wire(fault, behaviour) -> None:
+    fault.queue("/v1/chat/completions", behaviour)
+    body = {"model": "m", "messages": CHAT, "stream": True}
+    with serve(f"{fault.url}/v1", timeouts={"per_try": 0.5}) as gw:
+        started = time.monotonic()
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, timeout=10) as response:
+            assert response.status_code == 200
+            events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        # iter_lines ran out: the gateway ended the response itself (for a stall, after the idle timeout).
+        assert time.monotonic() - started < 3
+        assert hung_up(fault)
+    *chunks, error, done = events
+    assert chunks and all(json.loads(c)["choices"] is not None for c in chunks)
+    assert json.loads(error)["error"]["code"] == "upstream_error"
+    assert done == "[DONE]"
+
+
+def test_idle_timeout_not_total_deadline_bounds_a_flowing_stream(fault) -> None:
+    fault.stream_gap = 0.4
+    fault.queue("/v1/chat/completions", "trickle")
+    # A total deadline shorter than the stream: once tokens flow, only the gaps between them count.
+    with serve(f"{fault.url}/v1", timeouts={"per_try": 1.0, "total": 0.3}) as gw:
+        started = time.monotonic()
+        chunks = list(sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=True))
+        elapsed = time.monotonic() - started
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the upstream"
+    assert elapsed > 1.2  # four gaps of 0.4 s: well past the 0.3 s total
 
 
 def test_stream_without_done_marker_is_complete_once_every_choice_finished(fault) -> None:

@@ -1,7 +1,9 @@
-"""Our gateway in front of a second gateway process (fake models) on loopback: every OpenAI route."""
+"""Our gateway in front of a second gateway process (fake models) on loopback: every OpenAI route.
+test_tiny_model_chain.py does the same with real (tiny) models and the HF and TGI routes."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from tests.upstream.conftest import front, sdk, upstream
 DOWNSTREAM_MODELS = [
     {"name": "down-chat", "task": "text-generation", "backend": {"kind": "fake", "delay_ms": 5}},
     {"name": "down-embed", "task": "feature-extraction", "backend": {"kind": "fake", "dimensions": 6}},
+    {"name": "down-slow", "task": "text-generation", "backend": {"kind": "fake", "delay_ms": 300}},
 ]
 
 
@@ -28,6 +31,7 @@ def chain(downstream: str) -> Iterator[object]:
     models = [
         {"name": "chat", "task": "text-generation", "backend": upstream(f"{downstream}/v1", model="down-chat")},
         {"name": "embed", "task": "feature-extraction", "backend": upstream(f"{downstream}/v1", model="down-embed")},
+        {"name": "slow", "task": "text-generation", "backend": upstream(f"{downstream}/v1", model="down-slow")},
     ]
     with front(models) as server:
         server.wait_ready(30)
@@ -64,6 +68,20 @@ def test_chat_stream_passes_each_chunk(chain, downstream) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert reasons == [c.choices[0].finish_reason for c in direct if c.choices] == [None, None, None, "stop"]  # the fake echoed its whole prompt
+
+
+def test_each_chunk_reaches_the_client_while_the_upstream_still_generates(chain) -> None:
+    arrivals = []
+    started = time.monotonic()
+    for chunk in sdk(chain).chat.completions.create(
+        model="slow", messages=[{"role": "user", "content": "one two three four"}], temperature=0, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.monotonic() - started)
+    # The upstream makes a token every 0.3 s: a gateway that buffered would hand all four over at the end.
+    assert len(arrivals) == 4
+    assert arrivals[-1] >= 0.9
+    assert arrivals[0] < arrivals[-1] - 0.6
 
 
 def test_completions_stream_and_not(chain) -> None:

@@ -42,7 +42,7 @@ def test_upstream_falls_back_to_local(fault) -> None:
         reply = sdk(gw).chat.completions.create(model="m", messages=ECHO, temperature=0)
         assert reply.choices[0].message.content == "served locally"
         assert fault.hits["/v1/chat/completions"] == 3  # its own retries first, then the fallback
-        assert metric(gw, "gateway_upstream_fallbacks_total", model="m") == 1
+        assert metric(gw, "gateway_upstream_fallbacks_total", deployment="m/local", model="m") == 1
         assert metric(gw, "gateway_upstream_retries_total", deployment="m/remote") == 2
         assert metric(gw, "gateway_upstream_requests_total", deployment="m/remote", outcome="status_5xx") == 3
 
@@ -221,4 +221,88 @@ def test_client_disconnect_closes_a_routed_upstream_stream(fault) -> None:
         router = gw.state.registry.lookup("m").backend
         assert wait_until(lambda: router.deployments[0].outstanding == 0)
         assert metric(gw, "gateway_upstream_requests_total", deployment="m/remote", outcome="client_closed") == 1
-        assert metric(gw, "gateway_upstream_fallbacks_total", model="m") == 0
+        assert metric(gw, "gateway_upstream_fallbacks_total", deployment="m/local", model="m") == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_deadline_per_request_across_upstream_fallbacks(stream) -> None:
+    def limits(retries: int) -> dict:
+        return {"timeouts": {"per_try": 0.3, "total": 1.0}, "retry": {"max_retries": retries}}
+
+    with ExitStack() as stack:
+        a, b, c = (stack.enter_context(FaultUpstream()) for _ in range(3))
+        for server in (a, b, c):
+            server.queue("/v1/chat/completions", *["slow"] * 10)
+        model = routed(
+            [{"name": "a", "backend": upstream(f"{a.url}/v1", **limits(1))},  # two tries: 0.6 s
+             {"name": "b", "backend": upstream(f"{b.url}/v1", **limits(10))},
+             {"name": "c", "backend": upstream(f"{c.url}/v1", **limits(10))}],
+            fallback=["b", "c"],
+        )
+        with front([model]) as gw:
+            gw.wait_ready(10)
+            started = time.monotonic()
+            with pytest.raises(openai.InternalServerError) as info:
+                result = sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=stream)
+                list(result) if stream else None
+            elapsed = time.monotonic() - started
+            assert metric(gw, "gateway_upstream_fallbacks_total", deployment="m/b", model="m") == 1
+            assert metric(gw, "gateway_upstream_fallbacks_total", deployment="m/c", model="m") == 0
+        assert info.value.status_code == 504
+        # One 1 s deadline for the request: b gets what a left of it (not 1 s of its own), c nothing.
+        assert elapsed < 1.35
+        assert a.hits["/v1/chat/completions"] == 2 and b.hits["/v1/chat/completions"] >= 1
+        assert c.hits["/v1/chat/completions"] == 0
+
+
+def test_a_local_fallback_is_still_tried_once_the_deadline_has_passed(fault) -> None:
+    fault.queue("/v1/chat/completions", *["slow"] * 10)
+    remote = upstream(f"{fault.url}/v1", timeouts={"per_try": 0.3, "total": 0.6}, retry={"max_retries": 10})
+    model = routed([{"name": "remote", "backend": remote}, {"name": "local", "backend": FAKE}], fallback=["local"])
+    with front([model]) as gw:
+        gw.wait_ready(10)
+        started = time.monotonic()
+        reply = sdk(gw).chat.completions.create(model="m", messages=ECHO, temperature=0)
+        assert 0.55 <= time.monotonic() - started < 1.2
+        assert metric(gw, "gateway_upstream_fallbacks_total", deployment="m/local", model="m") == 1
+    assert reply.choices[0].message.content == "served locally"
+
+
+def test_upstream_latency_and_time_to_first_byte_are_observed(fault) -> None:
+    with front([{"name": "m", "task": "text-generation", "backend": upstream(f"{fault.url}/v1")}]) as gw:
+        client = sdk(gw)
+        client.chat.completions.create(model="m", messages=CHAT)
+        list(client.chat.completions.create(model="m", messages=CHAT, stream=True))
+        for name in ("gateway_upstream_duration_seconds_count", "gateway_upstream_time_to_first_byte_seconds_count"):
+            assert metric(gw, name, deployment="m") == 2
+
+
+def test_an_answer_without_choices_counts_as_an_error(fault) -> None:
+    fault.queue("/v1/chat/completions", "no_choices")
+    with front([{"name": "m", "task": "text-generation", "backend": upstream(f"{fault.url}/v1")}]) as gw:
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+        assert info.value.status_code == 502
+        assert metric(gw, "gateway_upstream_requests_total", deployment="m", outcome="error") == 1
+        assert metric(gw, "gateway_upstream_requests_total", deployment="m", outcome="ok") == 0
+
+
+def test_an_hf_endpoint_is_probed_with_a_real_request_before_it_comes_back(fault) -> None:
+    fault.queue("/hf/model", "503", "503", "503", "503")  # the failing call, then three failing probes
+    remote = upstream(f"{fault.url}/hf/model", dialect="hf", retry={"max_retries": 0})
+    model = routed(
+        [{"name": "remote", "backend": remote}, {"name": "local", "backend": FAKE}],
+        fallback=["local"],
+        cooldown={"failures": 1, "seconds": 0.2, "probe_interval": 0.1},
+    )
+    with front([model]) as gw:
+        gw.wait_ready(10)
+        client = sdk(gw)
+        assert client.completions.create(model="m", prompt="served locally", temperature=0).choices[0].text
+        assert metric(gw, "gateway_upstream_cooldown", deployment="m/remote") == 1
+        assert wait_until(lambda: fault.hits["/hf/model"] >= 4)
+        assert metric(gw, "gateway_upstream_cooldown", deployment="m/remote") == 1  # failing probes keep it out
+        assert wait_until(lambda: metric(gw, "gateway_upstream_cooldown", deployment="m/remote") == 0)
+        probe = fault.bodies[-1]
+        assert probe == {"inputs": "ping", "parameters": {"max_new_tokens": 1}}  # a real, one-token request
+        assert client.completions.create(model="m", prompt="x", max_tokens=4).choices[0].text == "Hello from the upstream"
