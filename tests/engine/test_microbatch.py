@@ -4,7 +4,8 @@ exactly what it would get alone; one bad request in a batch fails alone; a full 
 from __future__ import annotations
 
 import asyncio
-import re
+import base64
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import openai
 import pytest
 
 from gateway.engine.device import device_worker
+from tests.engine.prom import grew, model_samples
 from tests.helpers import LiveServer, settings_for
 from tests.hf import tiny_models
 
@@ -36,6 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         _local("ner", tiny_models.build_bert("ner", root / "ner"), max_wait_ms=50),
         _local("mlm", tiny_models.build_bert("mlm", root / "mlm"), max_wait_ms=50),
         _local("nli", tiny_models.build_bert("nli", root / "nli"), max_wait_ms=50),
+        _local("vit", tiny_models.build_vit(root / "vit"), max_wait_ms=50),
         _local("small-queue", tiny_models.build_bert("sentiment", root / "sentiment2"), max_queue=1),
         {**_local("embed-small-queue", MINILM, max_queue=1), "task": "feature-extraction"},
     ]
@@ -44,11 +47,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         yield live
 
 
-def batches(server: LiveServer, model: str) -> tuple[float, float]:
-    text = httpx.get(f"{server.url}/metrics").text
-    count = re.search(rf'^gateway_batch_size_count\{{model="{model}"\}} ([0-9.e+]+)$', text, re.M)
-    total = re.search(rf'^gateway_batch_size_sum\{{model="{model}"\}} ([0-9.e+]+)$', text, re.M)
-    return (float(count.group(1)), float(total.group(1))) if count and total else (0.0, 0.0)
+def mean_batch(before: dict[str, float], after: dict[str, float]) -> float:
+    """Inputs per forward pass between two reads of a model's metrics."""
+    return grew(before, after, "gateway_batch_size_sum") / grew(before, after, "gateway_batch_size_count")
+
+
+def noise_png(seed: int) -> str:
+    """A base64 PNG of random pixels: every image, and so every answer, differs."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def test_concurrent_embeddings_share_a_batch_and_equal_lone_ones(server: LiveServer) -> None:
@@ -56,10 +66,15 @@ def test_concurrent_embeddings_share_a_batch_and_equal_lone_ones(server: LiveSer
 
     async def run() -> tuple[list, list]:
         alone = [(await client.embeddings.create(model="embed", input=s)).data[0].embedding for s in SENTENCES]
-        before = batches(server, "embed")
+        before = model_samples(server.url, "embed")
         together = await asyncio.gather(*(client.embeddings.create(model="embed", input=s) for s in SENTENCES))
-        after = batches(server, "embed")
-        assert (after[1] - before[1]) / (after[0] - before[0]) > 2, "expected shared forward passes"
+        after = model_samples(server.url, "embed")
+        assert mean_batch(before, after) > 2, "expected shared forward passes"
+        # each request's time in the queue is observed once, and each forward pass's duration
+        assert grew(before, after, "gateway_queue_time_seconds_count") == len(SENTENCES)
+        assert grew(before, after, "gateway_queue_time_seconds_sum") > 0
+        assert grew(before, after, "gateway_batch_duration_seconds_count") == grew(before, after, "gateway_batch_size_count")
+        assert grew(before, after, "gateway_batch_duration_seconds_sum") > 0
         return alone, [r.data[0].embedding for r in together]
 
     alone, together = asyncio.run(run())
@@ -75,27 +90,30 @@ async def _hf_async(client: httpx.AsyncClient, model: str, body: dict) -> httpx.
 
 
 @pytest.mark.parametrize(
-    "model, body",
+    "model, body, distinct",
+    # distinct: the tiny model's answers differ between the inputs, so a mix-up between requests
+    # would show (the random classifiers score every text about the same)
     [
-        ("sentiment", lambda i: {"inputs": f"i love it {i}"}),
-        ("ner", lambda i: {"inputs": f"my name is sarah and i live in london {i}", "parameters": {"aggregation_strategy": "simple"}}),
-        ("mlm", lambda i: {"inputs": f"life is [MASK] {i} ."}),
-        ("nli", lambda i: {"inputs": f"the game tonight was great {i}", "parameters": {"candidate_labels": ["sports", "politics"]}}),
+        ("sentiment", lambda i: {"inputs": f"i love it {i}"}, False),
+        ("ner", lambda i: {"inputs": f"my name is sarah and i live in london {i}", "parameters": {"aggregation_strategy": "simple"}}, False),
+        ("mlm", lambda i: {"inputs": f"life is [MASK] {i} ."}, True),
+        ("nli", lambda i: {"inputs": f"the game tonight was great {i}", "parameters": {"candidate_labels": ["sports", "politics"]}}, False),
+        ("vit", lambda i: {"inputs": noise_png(i)}, True),
     ],
 )
-def test_encoder_tasks_batched_answer_as_alone(server: LiveServer, model: str, body) -> None:  # noqa: ANN001
+def test_encoder_tasks_batched_answer_as_alone(server: LiveServer, model: str, body, distinct: bool) -> None:  # noqa: ANN001
     bodies = [body(i) for i in range(8)]
     alone = [_hf(server, model, b).json() for b in bodies]
 
     async def run() -> list:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            before = batches(server, model)
+            before = model_samples(server.url, model)
             replies = await asyncio.gather(*(_hf_async(client, model, b) for b in bodies))
-            after = batches(server, model)
-            assert (after[1] - before[1]) / (after[0] - before[0]) > 1
+            assert mean_batch(before, model_samples(server.url, model)) > 1
             return [r.json() for r in replies]
 
     together = asyncio.run(run())
+    assert not distinct or len({repr(_rounded(a)) for a in alone}) == len(bodies)
     assert _rounded(together) == _rounded(alone)
 
 
