@@ -43,12 +43,12 @@ def create_app(settings: Settings, *, backend_factory: BackendFactory = default_
     )
     app.state.gateway = state
     install_error_handlers(app)
-    # Hot inference routes first: the router tries routes in order on every request. The
-    # catch-all `/models/{model_id:path}` routes come last.
-    for module in (openai_chat, openai_completions, openai_embeddings, openai_models, ops, tgi, hf_tasks):
-        # The routes themselves, not include_router: FastAPI matches an included router lazily on
-        # every request (twice), which cost a measurable share of the upstream hot path.
-        app.router.routes.extend(module.router.routes)
+    # The router tries routes in order on every request: the hot inference routes go first, ahead
+    # of FastAPI's own /openapi.json and /docs; the catch-all `/models/{model_id:path}` routes last.
+    # The routes themselves, not include_router: FastAPI matches an included router lazily on
+    # every request (twice), which cost a measurable share of the upstream hot path.
+    modules = (openai_chat, openai_completions, openai_embeddings, openai_models, ops, tgi, hf_tasks)
+    app.router.routes[:0] = [route for module in modules for route in module.router.routes]
     app.add_middleware(
         GatewayMiddleware,
         metrics=metrics,

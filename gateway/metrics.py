@@ -12,6 +12,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.domain import Usage
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 6, 12, 30)
 _SMALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -19,6 +21,7 @@ _SMALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 
 class Metrics:
     def __init__(self) -> None:
+        self._models: dict[str, ModelMetrics] = {}
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "gateway_requests", "HTTP requests by route, model and status code.", ["route", "model", "status"], registry=r
@@ -81,6 +84,15 @@ class Metrics:
             buckets=_SMALL_BUCKETS, registry=r,
         )
 
+    def of_model(self, model: str) -> ModelMetrics:
+        """One model's per-request metrics, bound once: labels() takes a lock and builds a tuple."""
+        bound = self._models.get(model)
+        if bound is None:
+            bound = self._models[model] = ModelMetrics(
+                self.time_to_first_token.labels(model), self.prompt_tokens.labels(model), self.generated_tokens.labels(model)
+            )
+        return bound
+
     def engine_observer(self, model: str) -> EngineMetrics:
         return EngineMetrics(
             self.queue_time.labels(model), self.batch_size.labels(model), self.batch_duration.labels(model)
@@ -88,6 +100,17 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ModelMetrics:
+    def __init__(self, time_to_first_token: Any, prompt_tokens: Any, generated_tokens: Any) -> None:
+        self.time_to_first_token = time_to_first_token
+        self._prompt_tokens, self._generated_tokens = prompt_tokens, generated_tokens
+
+    def count_tokens(self, usage: Usage) -> None:
+        self._prompt_tokens.inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            self._generated_tokens.inc(usage.completion_tokens)
 
 
 class EngineMetrics:

@@ -7,18 +7,17 @@ counter and latency histogram.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import re
 import secrets
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.error_handlers import error_response
 from gateway.errors import GatewayError, InvalidRequest, Unauthorized
+from gateway.ids import unique_hex
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,12 +38,6 @@ class GatewayMiddleware:
         self.key_digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
         self.max_body_bytes = max_body_bytes
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        # Request ids: a random per-process prefix and a counter, unique without a syscall per request.
-        self._id_prefix = uuid.uuid4().hex[:16]
-        self._id_counter = itertools.count()
-
-    def _new_id(self) -> str:
-        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         if not self.key_digests:
@@ -64,7 +57,7 @@ class GatewayMiddleware:
         started = time.perf_counter()
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if incoming and _SAFE_ID.match(incoming) else self._new_id()
+        request_id = incoming if incoming and _SAFE_ID.match(incoming) else unique_hex()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["received_at"] = started

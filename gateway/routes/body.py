@@ -12,7 +12,9 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.routing import request_response
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -28,6 +30,20 @@ async def parse_body(request: Request, model: type[M]) -> M:
                 error["msg"] = "the body is not valid JSON"
                 error["loc"] = ()
         raise RequestValidationError(errors) from None
+
+
+class RawRequestRoute(APIRoute):
+    """A route whose endpoint takes only the Request and reads its own body with parse_body.
+
+    FastAPI's handler solves dependencies and validates parameters on every request; these
+    endpoints have neither, so that machinery was pure cost on the hot path (about a tenth of the
+    gateway's CPU time per upstream request, docs/benchmarks-upstream.md). Errors still reach the
+    app's exception handlers, and the route keeps its place in the OpenAPI document.
+    """
+
+    def __init__(self, path: str, endpoint: Any, **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.app = request_response(endpoint)
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:

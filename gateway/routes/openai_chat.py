@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,10 +11,11 @@ from starlette.responses import Response
 
 from gateway.backends.base import GenerationEvent
 from gateway.domain import StreamEnd, Task
+from gateway.ids import unique_hex
 from gateway.json_response import FastJSONResponse
 from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import ChatCompletionRequest
-from gateway.routes.body import openapi_body, parse_body
+from gateway.routes.body import RawRequestRoute, openapi_body, parse_body
 from gateway.services.generation import resolve_backend, run_generation, stream_generation, until_disconnect
 from gateway.state import AppState
 from gateway.streaming import primed, sse_response
@@ -53,7 +53,7 @@ async def serve_chat(body: ChatCompletionRequest, request: Request, state: AppSt
     ignored = body.ignored_fields()
     entry, backend = await resolve_backend(state, request, body.model, Task.TEXT_GENERATION)
     generation = body.to_domain(request.state.request_id)
-    id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model
+    id, created, model = f"chatcmpl-{unique_hex()}", int(time.time()), body.model
     if not body.stream:
         result = await until_disconnect(
             request, run_generation(state, entry, backend, generation, request.state.received_at)
@@ -76,5 +76,6 @@ router.add_api_route(
     create_chat_completion,
     methods=["POST"],
     response_model=None,
+    route_class_override=RawRequestRoute,
     openapi_extra=openapi_body(ChatCompletionRequest),
 )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -13,22 +12,26 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.domain import StreamEnd, Task, Usage
+from gateway.ids import unique_hex
 from gateway.json_response import FastJSONResponse
 from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import CompletionRequest
+from gateway.routes.body import RawRequestRoute, openapi_body, parse_body
 from gateway.routes.openai_chat import ignored_header
 from gateway.services.generation import resolve_backend, run_generation, stream_generation, until_disconnect
-from gateway.state import StateDep
+from gateway.state import AppState
 from gateway.streaming import primed, sse_response
 
 router = APIRouter(tags=["openai"])
 
 
-async def create_completion(body: CompletionRequest, request: Request, state: StateDep) -> Response:
+async def create_completion(request: Request) -> Response:
+    body = await parse_body(request, CompletionRequest)
+    state: AppState = request.app.state.gateway
     ignored = body.ignored_fields()
     entry, backend = await resolve_backend(state, request, body.model, Task.TEXT_GENERATION)
     generations = body.to_domain(request.state.request_id)
-    id, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model
+    id, created, model = f"cmpl-{unique_hex()}", int(time.time()), body.model
     if not body.stream:
         received_at = request.state.received_at
         work = asyncio.gather(*(run_generation(state, entry, backend, g, received_at) for g in generations))
@@ -63,4 +66,11 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     )
 
 
-router.add_api_route("/v1/completions", create_completion, methods=["POST"], response_model=None)
+router.add_api_route(
+    "/v1/completions",
+    create_completion,
+    methods=["POST"],
+    response_model=None,
+    route_class_override=RawRequestRoute,
+    openapi_extra=openapi_body(CompletionRequest),
+)

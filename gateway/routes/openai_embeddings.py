@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from gateway.domain import Task
 from gateway.json_response import FastJSONResponse
 from gateway.protocol.openai import EmbeddingsRequest, encode_embedding
-from gateway.routes.body import openapi_body, parse_body
+from gateway.routes.body import RawRequestRoute, openapi_body, parse_body
 from gateway.routes.openai_chat import ignored_header
 from gateway.services.generation import resolve_backend
 from gateway.state import AppState
@@ -23,7 +23,7 @@ async def create_embeddings(request: Request) -> FastJSONResponse:
     ignored = body.ignored_fields()
     entry, backend = await resolve_backend(state, request, body.model, Task.FEATURE_EXTRACTION)
     result = await backend.embed(body.to_domain())
-    state.metrics.prompt_tokens.labels(entry.spec.name).inc(result.usage.prompt_tokens)
+    state.metrics.of_model(entry.spec.name).count_tokens(result.usage)
     data = [
         {"object": "embedding", "index": i, "embedding": encode_embedding(vector, body.encoding_format)}
         for i, vector in enumerate(result.vectors)
@@ -39,5 +39,6 @@ router.add_api_route(
     create_embeddings,
     methods=["POST"],
     response_model=None,
+    route_class_override=RawRequestRoute,
     openapi_extra=openapi_body(EmbeddingsRequest),
 )

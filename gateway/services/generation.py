@@ -61,15 +61,14 @@ async def metered(
     state: AppState, model: str, events: AsyncIterator[GenerationEvent], started: float
 ) -> AsyncIterator[GenerationEvent]:
     """Pass events through, recording time to first token and token counts."""
-    metrics = state.metrics
+    metrics = state.metrics.of_model(model)
     first = True
     async for event in events:
         if first and not isinstance(event, StreamEnd):
-            metrics.time_to_first_token.labels(model).observe(time.perf_counter() - started)
+            metrics.time_to_first_token.observe(time.perf_counter() - started)
             first = False
         if isinstance(event, StreamEnd):
-            metrics.prompt_tokens.labels(model).inc(event.usage.prompt_tokens)
-            metrics.generated_tokens.labels(model).inc(event.usage.completion_tokens)
+            metrics.count_tokens(event.usage)
         yield event
 
 
@@ -86,17 +85,24 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
     Starlette does not cancel a non-streaming handler whose client went away, so
     a long generation would run to the end for nobody. Once the body has been
-    read, the next ASGI receive() only returns when the client disconnects.
+    read, the next ASGI receive() only returns when the client disconnects. The
+    work runs in this task (one listener task per request, not two tasks and a
+    wait: this is on every request's path).
     """
-    task = asyncio.ensure_future(work)
+    handler = asyncio.current_task()
+    assert handler is not None
+    finished = False
+
+    def on_disconnect(listener: asyncio.Future[object]) -> None:
+        if not finished and not listener.cancelled():
+            handler.cancel("client disconnected")
+
     listener = asyncio.ensure_future(request.receive())
+    listener.add_done_callback(on_disconnect)
     try:
-        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:
-            task.cancel()
-            raise asyncio.CancelledError("client disconnected")
-        return task.result()
+        return await work
     finally:
+        finished = True
         listener.cancel()
 
 
@@ -110,8 +116,7 @@ async def run_generation(
     # A backend with its own whole-answer call (upstream) hands over every token at once.
     started = time.perf_counter() if received_at is None else received_at
     result = await backend.generate(request)
-    model = entry.spec.name
-    state.metrics.time_to_first_token.labels(model).observe(time.perf_counter() - started)
-    state.metrics.prompt_tokens.labels(model).inc(result.usage.prompt_tokens)
-    state.metrics.generated_tokens.labels(model).inc(result.usage.completion_tokens)
+    metrics = state.metrics.of_model(entry.spec.name)
+    metrics.time_to_first_token.observe(time.perf_counter() - started)
+    metrics.count_tokens(result.usage)
     return result
