@@ -287,10 +287,13 @@ def main() -> int:
 
 def measure(ports: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, dict[int, list[dict[str, float]]]] = {name: {1: [], 16: []} for name in ports}
+    names = list(ports)
     for number in range(args.rounds):
+        # The order rotates from round to round, so no target always runs first or right after another.
+        order = names[number % len(names) :] + names[: number % len(names)]
         for concurrency in (1, 16):
-            for name, port in ports.items():
-                raw[name][concurrency].append(asyncio.run(drive(port, concurrency, args.requests, args.warmup)))
+            for name in order:
+                raw[name][concurrency].append(asyncio.run(drive(ports[name], concurrency, args.requests, args.warmup)))
         print(f"round {number + 1}/{args.rounds} done", file=sys.stderr)
     medians = {
         name: {
