@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -197,7 +198,6 @@ class LocalBackend(Backend):
         self.task: Task | None = spec.task or config_task(self.local)
         self._history = LoadHistory(settings.cache_dir / "load-times.json")
         self._history_key = f"{self.local.source}@{self.local.revision or ''} {self.local.device}/{self.local.dtype}"
-        self._bytes: int | None = None
         self.tokenizer: Any = None
         self.model: Any = None
         self.device: Any = None
@@ -243,8 +243,7 @@ class LocalBackend(Backend):
                 max_queue=self.local.max_queue,
             )
             self.batcher.observer = self._observer
-        self._bytes = checkpoint_bytes(self.local)
-        self._history.record(self._history_key, time.monotonic() - began, self._bytes)
+        self._history.record(self._history_key, time.monotonic() - began, checkpoint_bytes(self.local))
 
     def _load_locked(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -290,10 +289,14 @@ class LocalBackend(Backend):
             return QueueStats(waiting=0, running=0)
         return QueueStats(waiting=engine.queue_depth(), running=engine.running)
 
+    @functools.cached_property
+    def _expected_load_seconds(self) -> float | None:
+        # Asked on every 503 while the model loads (clients poll): the history file and the
+        # checkpoint's size are read once, not per request on the event loop.
+        return self._history.expected_seconds(self._history_key, checkpoint_bytes(self.local))
+
     def estimated_load_seconds(self) -> float | None:
-        if self._bytes is None:
-            self._bytes = checkpoint_bytes(self.local)
-        expected = self._history.expected_seconds(self._history_key, self._bytes)
+        expected = self._expected_load_seconds
         if expected is None:
             return None
         elapsed = 0.0 if self.load_started is None else time.monotonic() - self.load_started
