@@ -46,6 +46,10 @@ class FinishReason(str, enum.Enum):
         return "length" if self is FinishReason.LENGTH else "stop"
 
 
+# Seeds are 64-bit signed integers, the range OpenAI accepts; a larger one overflows a sampler's generator.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings. `temperature == 0` means greedy."""

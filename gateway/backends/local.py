@@ -203,6 +203,8 @@ class LocalBackend(Backend):
         self.device: Any = None
         self.dtype: Any = None
         self.engine: Any = None  # GenerationEngine (continuous batching) for generative models
+        self.vocab_rows = 0  # token IDs a generative model's embedding has rows for
+        self.text_bound: Any = None  # the longest prompt text that can fit, if known (engine/prompt_limits.py)
         self.batcher: Any = None  # MicroBatcher for embeddings and the other HF tasks
         self.embedder: Any = None
         self.tasks: Any = None  # TaskModel for the other HF tasks
@@ -233,6 +235,10 @@ class LocalBackend(Backend):
 
             self.engine = create_engine(self.model, self.tokenizer, self.local, self.name, self._executor)
             self.engine.observer = self._observer
+            from gateway.engine.prompt_limits import text_bound
+
+            self.vocab_rows = int(self.model.get_input_embeddings().weight.shape[0])
+            self.text_bound = text_bound(self.tokenizer)
         else:
             # Embeddings and the other encoder tasks: concurrent requests share forward passes.
             self.batcher = MicroBatcher(
@@ -333,6 +339,37 @@ class LocalBackend(Backend):
         return self.local.max_input_tokens or max_total - 1
 
     # generation ------------------------------------------------------------
+    def _prompt_limit(self) -> int:
+        return self.local.max_input_tokens or self.context_length() - 1
+
+    def _refuse_long_text(self, text: str, request: GenerationRequest, param: str) -> None:
+        """Refuse, before tokenizing, a text too long for any tokenization of it to fit."""
+        if self.text_bound is None or request.truncate:
+            return  # no bound for this tokenizer; or TGI's `truncate` keeps the end of any prompt
+        limit = self._prompt_limit()
+        size = self.text_bound.too_long(text, limit)
+        if size is not None:
+            raise InvalidRequest(
+                f"The prompt has {size} characters: more than the {limit} tokens this model accepts, "
+                f"whatever the text (no token of its vocabulary spans over {self.text_bound.chars_per_token}).",
+                param=param,
+            )
+
+    def _known_ids(self, ids: list[int]) -> list[int]:
+        """Token IDs given as the prompt, each checked against the vocabulary: one out of range would
+        fail the embedding lookup of the whole batch, every neighbour's stream with it."""
+        rows = self.vocab_rows
+        if not ids or (0 <= min(ids) and max(ids) < rows):
+            return ids
+        for position, token in enumerate(ids):
+            if not 0 <= token < rows:
+                raise InvalidRequest(
+                    f"Token ID {token} at position {position} of the prompt is outside this model's "
+                    f"vocabulary (IDs 0 to {rows - 1}).",
+                    param="prompt",
+                )
+        return ids
+
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         tok = self.tokenizer
         if request.messages is not None:
@@ -346,14 +383,16 @@ class LocalBackend(Backend):
                 add_generation_prompt=True,
                 tokenize=False,
             )
+            self._refuse_long_text(text, request, "messages")  # rendering is cheap, tokenizing is not
             return list(tok(text, add_special_tokens=False)["input_ids"])
         if isinstance(request.prompt, list):
-            return list(request.prompt)
+            return self._known_ids(list(request.prompt))
+        self._refuse_long_text(request.prompt or "", request, "prompt")
         return list(tok(request.prompt or "")["input_ids"])
 
     def _budget(self, prompt_ids: list[int], asked: int | None) -> int:
         context = self.context_length()
-        limit = self.local.max_input_tokens or context - 1
+        limit = self._prompt_limit()
         if not prompt_ids:
             raise InvalidRequest("The prompt is empty.", param="prompt")
         if len(prompt_ids) > limit:

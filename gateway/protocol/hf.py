@@ -16,7 +16,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.domain import Task, TaskRequest
+from gateway.domain import SEED_MAX, SEED_MIN, Task, TaskRequest
 from gateway.errors import InvalidRequest
 
 MEDIA_TASKS = frozenset({Task.IMAGE_CLASSIFICATION})
@@ -24,6 +24,14 @@ MEDIA_TASKS = frozenset({Task.IMAGE_CLASSIFICATION})
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def exact_integer(value: Any) -> Any:
+    """A `before` validator for integers that must be exact (seeds): orjson reads a JSON integer
+    past 64 bits as a float, so a float here may not be the number the client sent."""
+    if isinstance(value, (float, bool)):
+        raise ValueError("must be an integer within 64 bits")
+    return value
 
 
 class Options(_Params):
@@ -117,7 +125,9 @@ class GenerateParameters(_Params):
     eta_cutoff: float | None = Field(None, ge=0, lt=1)
     penalty_alpha: float | None = Field(None, ge=0)
     use_cache: bool | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+
+    _exact_seed = field_validator("seed", mode="before")(exact_integer)
 
 
 class Seq2SeqParams(_Params):

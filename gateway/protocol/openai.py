@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.domain import ChatMessage, EmbeddingRequest, GenerationRequest, SamplingParams
+from gateway.domain import SEED_MAX, SEED_MIN, ChatMessage, EmbeddingRequest, GenerationRequest, SamplingParams
 from gateway.errors import InvalidRequest, UnsupportedParameter
 
 NO_EFFECT_FIELDS = frozenset(
@@ -120,7 +120,7 @@ class _SamplingFields(_WireModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     # Extensions many OpenAI-compatible servers take through `extra_body`.

@@ -12,8 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.domain import FinishReason, GenerationRequest, SamplingParams, TokenDelta
+from gateway.domain import SEED_MAX, FinishReason, GenerationRequest, SamplingParams, TokenDelta
 from gateway.errors import InvalidRequest, UnsupportedParameter
+from gateway.protocol.hf import exact_integer
 
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when a request does not say
 MAX_TOP_N_TOKENS = 5  # TGI's default --max-top-n-tokens
@@ -47,7 +48,7 @@ class TGIParameters(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     do_sample: bool | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)  # TGI's seeds are unsigned; ours also fit in int64
     stop: list[str] | None = None
     return_full_text: bool | None = None
     details: bool = False
@@ -57,6 +58,8 @@ class TGIParameters(BaseModel):
     typical_p: float | None = None
     grammar: dict[str, Any] | None = None
     adapter_id: str | None = None
+
+    _exact_seed = field_validator("seed", mode="before")(exact_integer)
 
     @field_validator("stop", mode="before")
     @classmethod

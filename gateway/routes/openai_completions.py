@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -18,7 +17,14 @@ from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import CompletionRequest
 from gateway.routes.body import RawRequestRoute, openapi_body, parse_body
 from gateway.routes.openai_chat import ignored_header
-from gateway.services.generation import name_model, resolve_backend, run_generation, stream_generation, until_disconnect
+from gateway.services.generation import (
+    gather_or_cancel,
+    name_model,
+    resolve_backend,
+    run_generation,
+    stream_generation,
+    until_disconnect,
+)
 from gateway.state import AppState
 from gateway.streaming import primed, sse_response
 
@@ -35,7 +41,7 @@ async def create_completion(request: Request) -> Response:
     id, created, model = f"cmpl-{unique_hex()}", int(time.time()), body.model
     if not body.stream:
         received_at = request.state.received_at
-        work = asyncio.gather(*(run_generation(state, entry, backend, g, received_at) for g in generations))
+        work = gather_or_cancel(*(run_generation(state, entry, backend, g, received_at) for g in generations))
         results = await until_disconnect(request, work)
         return FastJSONResponse(
             wire.completion(list(results), id=id, model=model, created=created), headers=ignored_header(ignored)

@@ -6,7 +6,6 @@ They serve the default text-generation model; `POST /models/{id}` reuses
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -22,7 +21,13 @@ from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.json_response import FastJSONResponse
 from gateway.protocol import tgi
 from gateway.protocol.hf import HFCall, parse_call, read_body
-from gateway.services.generation import check_task, run_generation, stream_generation
+from gateway.services.generation import (
+    check_task,
+    gather_or_cancel,
+    run_generation,
+    stream_generation,
+    until_disconnect,
+)
 from gateway.state import AppState, StateDep
 from gateway.streaming import primed, sse_response
 
@@ -96,7 +101,8 @@ async def text_generation(
             )
         return body, result.usage
 
-    results = list(await asyncio.gather(*(one(p) for p in prompts)))
+    # Cancelled if the client leaves: nobody would read the answer (the body has been read by now).
+    results = await until_disconnect(request, gather_or_cancel(*(one(p) for p in prompts)))
     bodies = [body for body, _ in results]
     # As TGI does: the token counts in headers (its non-streamed details carry no input length).
     usage = Usage()

@@ -117,6 +117,17 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         listener.cancel()
 
 
+async def gather_or_cancel(*work: Awaitable[T]) -> list[T]:
+    """All of `work` concurrently; the first failure cancels the rest (asyncio.gather would leave
+    them generating for nobody) and is raised as it is."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()  # no-op on the finished ones
+
+
 async def run_generation(
     state: AppState, entry: Entry, backend: Backend, request: GenerationRequest, received_at: float | None = None
 ) -> GenerationResult:

@@ -61,22 +61,31 @@ class RetryableFailure(Exception):
         return UpstreamError(self.message, status_code=self.status, headers=headers)
 
 
+# The longest wait a Retry-After is taken to ask for. An upstream that asks for longer, for
+# an unreadable time ("inf", "soon") or a negative one is treated as asking for a long wait:
+# not retried here, and its client is told to come back after this long.
+MAX_RETRY_AFTER = 3600.0
+
+
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), at most MAX_RETRY_AFTER;
+    None when absent."""
+    if value is None or not value.strip():
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return MAX_RETRY_AFTER
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = max(0.0, (when - datetime.now(timezone.utc)).total_seconds())  # a past date: now
+    if not 0 <= seconds <= MAX_RETRY_AFTER:  # also NaN and inf
+        return MAX_RETRY_AFTER
+    return seconds
 
 
 def backoff_delay(retry: int, base: float, cap: float, retry_after: float | None = None) -> float:

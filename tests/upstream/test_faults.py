@@ -70,6 +70,25 @@ def test_retry_after_beyond_the_cap_is_passed_to_the_client_at_once(fault) -> No
     assert info.value.response.headers["retry-after"] == "30"
 
 
+@pytest.mark.parametrize("value", ["inf", "1e999", "99999999999999999999", "-5", "nan", "soon"])
+def test_unreadable_or_endless_retry_after_is_a_long_wait_passed_on_capped(fault, value) -> None:
+    """Not retried (the upstream asked for a long wait), and the client hears of it with a
+    Retry-After it can use, never a 500."""
+    fault.retry_after = value
+    fault.queue("/v1/chat/completions", "429")
+    fault.queue("/v1/completions", "429")  # where an HF text-generation call goes
+    with serve(f"{fault.url}/v1") as gw:
+        started = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as info:
+            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+        assert time.monotonic() - started < 2
+        hf = httpx.post(f"{gw.url}/models/m", json={"inputs": "hi"}, timeout=10)
+    assert fault.hits["/v1/chat/completions"] == 1 and fault.hits["/v1/completions"] == 1  # not retried
+    assert info.value.response.headers["retry-after"] == "3600"
+    assert hf.status_code == 429 and hf.headers["retry-after"] == "3600"
+    assert hf.json()["error_type"] == "overloaded"
+
+
 def test_503_exhausted_is_503_with_retry_after(fault) -> None:
     fault.queue("/v1/chat/completions", "503", "503", "503")
     with serve(f"{fault.url}/v1") as gw:

@@ -11,15 +11,18 @@ import pytest
 from gateway.errors import Overloaded, UpstreamError
 from gateway.upstream import dialects
 from gateway.upstream.breaker import Breaker
-from gateway.upstream.retry import RetryableFailure, backoff_delay, parse_retry_after
+from gateway.upstream.retry import MAX_RETRY_AFTER, RetryableFailure, backoff_delay, parse_retry_after
 
 
 def test_retry_after_seconds_dates_and_garbage() -> None:
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("0.25") == 0.25
-    assert parse_retry_after("-4") == 0.0
     assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
+    assert parse_retry_after("") is None
+    # an unreadable, negative, infinite or huge wait is taken as a long one, capped
+    for value in ("soon", "-4", "inf", "-inf", "nan", "1e999", "99999999999999999999", "Wed, 21 Oct 9999 07:28:00 GMT"):
+        assert parse_retry_after(value) == MAX_RETRY_AFTER, value
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date gone by: now
     later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
     assert 25 <= parse_retry_after(later) <= 30
 
@@ -37,6 +40,8 @@ def test_exhausted_failures_keep_the_upstream_status() -> None:
     assert isinstance(limited, Overloaded) and limited.headers == {"Retry-After": "3"}
     down = RetryableFailure("x", status=503, kind="status_5xx").to_error()
     assert isinstance(down, UpstreamError) and down.status_code == 503 and down.headers == {"Retry-After": "1"}
+    endless = RetryableFailure("x", status=429, kind="status_429", retry_after=parse_retry_after("inf")).to_error()
+    assert endless.headers == {"Retry-After": str(int(MAX_RETRY_AFTER))}
     timeout = RetryableFailure("x", status=504, kind="timeout").to_error()
     assert timeout.status_code == 504 and "Retry-After" not in timeout.headers
 
