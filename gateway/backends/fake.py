@@ -97,7 +97,7 @@ class FakeBackend(Backend):
                 norm = math.sqrt(sum(v * v for v in vec)) or 1.0
                 vec = [v / norm for v in vec]
             vectors.append(vec)
-        tokens = sum(len(str(t).split()) for t in request.inputs)
+        tokens = sum(len(t) if isinstance(t, list) else len(t.split()) for t in request.inputs)
         return EmbeddingResult(vectors=vectors, usage=Usage(prompt_tokens=tokens))
 
     async def count_tokens(self, text: str) -> int | None:

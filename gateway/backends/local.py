@@ -268,7 +268,7 @@ class LocalBackend(Backend):
             self.tokenizer, self.model, self.device, self.dtype = load_model(self.local, self.cache_dir, auto_cls)
             path, _ = checkpoint_path(self.local, self.cache_dir, auto_cls)
             pooling = read_pooling_config(path, self.local.pooling, self.local.normalize)
-            self.embedder = Embedder(self.model, self.tokenizer, self.device, pooling)
+            self.embedder = Embedder(self.model, self.tokenizer, self.device, pooling, self.local.max_input_tokens)
         else:
             from gateway.engine.tasks import TaskModel
 
@@ -309,9 +309,12 @@ class LocalBackend(Backend):
         return max(1.0, expected - elapsed)
 
     def context_length(self) -> int:
-        """Longest sequence served: the engine's slot length for generation, else the model's context."""
+        """Longest sequence served: the engine's slot length for generation, the embedder's input limit
+        (the one enforced) for an embedding model, else the model's context."""
         if self.engine is not None:
             return int(self.engine.max_len)
+        if self.task in EMBEDDING_TASKS and self.embedder is not None:
+            return int(self.embedder.max_length)
         from gateway.engine.textgen import context_length
 
         return (context_length(self.model.config) if self.model is not None else None) or 2048
@@ -323,10 +326,17 @@ class LocalBackend(Backend):
             task=self.task,
             dtype=str(self.dtype).removeprefix("torch.") if loaded else None,
             device=str(self.device) if loaded else None,
-            max_input_tokens=self.local.max_input_tokens or (max_total - 1 if max_total else None),
+            max_input_tokens=self._max_input_tokens(max_total),
             max_total_tokens=max_total,
             extra={"source": self.local.source},
         )
+
+    def _max_input_tokens(self, max_total: int | None) -> int | None:
+        if max_total is None:
+            return None
+        if self.engine is None:  # nothing is generated after the input: it may fill the context
+            return min(max_total, self.local.max_input_tokens or max_total)
+        return self.local.max_input_tokens or max_total - 1
 
     # generation ------------------------------------------------------------
     def _prompt_limit(self) -> int:
@@ -480,10 +490,14 @@ class LocalBackend(Backend):
             raise InvalidRequest(
                 f"dimensions={request.dimensions} exceeds the model's {embedder.dimensions}.", param="dimensions"
             )
-        texts = [t if isinstance(t, str) else self.tokenizer.decode(t) for t in request.inputs]
+        # Token IDs are embedded as given (not decoded and tokenised again): checked here, before they
+        # share a batch with other requests.
+        embedder.check_ids(request.inputs)
         normalize, truncate = request.normalize, request.truncate
         rows = await self.batcher.run(
-            ("embed", normalize, truncate), texts, lambda items: embedder.encode_rows(items, normalize, truncate)
+            ("embed", normalize, truncate),
+            list(request.inputs),
+            lambda items: embedder.encode_rows(items, normalize, truncate),
         )
         vectors = [vector for vector, _ in rows]
         if request.dimensions is not None:

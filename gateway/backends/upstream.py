@@ -137,8 +137,11 @@ class UpstreamBackend(Backend):
                 raise
             return result
 
-    async def _post_json(self, path: str, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
-        """POST `body` and read the answer with `parse`: an answer it refuses is an error, not "ok"."""
+    async def _post_json(
+        self, path: str, body: dict[str, Any], parse: Callable[..., T], header: str | None = None
+    ) -> T:
+        """POST `body` and read the answer with `parse`: an answer it refuses is an error, not "ok".
+        With `header`, `parse` also gets that response header's value (None when absent)."""
         assert self.transport is not None
         transport = self.transport
         loop = asyncio.get_running_loop()
@@ -158,7 +161,7 @@ class UpstreamBackend(Backend):
                 data = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 raise UpstreamError(f"{self.where} sent a body that is not JSON.") from None
-            return parse(data)
+            return parse(data) if header is None else parse(data, response.headers.get(header))
 
         data = await self._with_retries(attempt)
         self._requests("ok").inc()
@@ -184,7 +187,10 @@ class UpstreamBackend(Backend):
             keep = dialects.kept_stops(request)
             return await self._post_json(path, body, lambda data: dialects.openai_result(data, request.sampling.n, keep))
         drop = dialects.dropped_stops(request)
-        return await self._post_json(path, body, lambda data: dialects.tgi_result(data, drop))
+        # TGI gives the prompt's length in a header only (its non-streamed details have no input_length).
+        return await self._post_json(
+            path, body, lambda data, prompt: dialects.tgi_result(data, drop, prompt), header="x-prompt-tokens"
+        )
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         path, body, parser = self._generation_call(request, stream=True)

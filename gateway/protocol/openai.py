@@ -3,10 +3,11 @@
 Extra-field policy: a field this server cannot honour is a 400 naming it, at any
 depth (`stream_options.continuous_usage_stats`, `messages[1].tool_calls`). The
 only fields accepted without effect are the ones that never change the output
-(`NO_EFFECT_FIELDS`, a message's `name`, `stream_options` on a request that does
-not stream); they are reported back in the `x-gateway-ignored-params` response
-header. Fields equal to their neutral default (`logprobs: false`, `tools: []`,
-...) are accepted, since they ask for nothing.
+(`NO_EFFECT_FIELDS`, a message's `name`); they are reported back in the
+`x-gateway-ignored-params` response header. Fields equal to their neutral default
+(`logprobs: false`, `tools: []`, ...) are accepted, since they ask for nothing; the
+value must have the neutral value's type too, as `logprobs: 0` on /v1/completions
+asks for the sampled tokens' log-probabilities while `logprobs: false` asks for none.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def check_extras(
         if name in no_effect:
             ignored.append(param)
         elif neutral and name in neutral:
-            if value not in neutral[name]:
+            if not any(type(value) is type(n) and value == n for n in neutral[name]):
                 raise UnsupportedParameter(param)
         else:
             raise UnsupportedParameter(param, unknown)
@@ -155,9 +156,11 @@ class _SamplingFields(_WireModel):
     def ignored_fields(self) -> list[str]:
         ignored = super().ignored_fields()
         if self.stream_options is not None:
+            if not self.stream:  # as OpenAI and vLLM answer
+                raise InvalidRequest(
+                    "The 'stream_options' parameter is only allowed when 'stream' is true.", param="stream_options"
+                )
             self.stream_options.check()
-            if not self.stream:
-                ignored.append("stream_options")  # a whole answer always carries usage
         return ignored
 
 
@@ -260,11 +263,20 @@ class EmbeddingsRequest(_WireModel):
             inputs = (list(data),)
         else:
             inputs = tuple(data)
-        if not inputs or any(isinstance(x, str) and not x for x in inputs):
-            raise InvalidRequest("Input must be a non-empty string or a list of non-empty strings.", param="input")
+        if not inputs or any(not x for x in inputs):
+            raise InvalidRequest(
+                "Input must be a non-empty string, a non-empty list of token IDs, or a list of them.", param="input"
+            )
         if len(inputs) > 2048:
             raise InvalidRequest("At most 2048 inputs per request.", param="input")
-        return EmbeddingRequest(inputs=inputs, dimensions=self.dimensions)
+        for index, item in enumerate(inputs):
+            if isinstance(item, list):
+                bad = next((t for t in item if not 0 <= t < 2**63), None)
+                if bad is not None:  # the backend checks the model's vocabulary; this keeps huge ints out of torch
+                    shown = bad if -(2**63) <= bad < 2**63 else "beyond the 64-bit range"
+                    raise InvalidRequest(f"Input {index} has an invalid token ID ({shown}).", param="input")
+        # OpenAI refuses an input longer than the model accepts rather than embedding part of it.
+        return EmbeddingRequest(inputs=inputs, dimensions=self.dimensions, truncate=False)
 
 
 def encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:

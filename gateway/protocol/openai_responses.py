@@ -8,11 +8,13 @@ from gateway.domain import GenerationResult, TokenDelta, Usage
 from gateway.errors import GatewayError
 
 
-def usage_body(usage: Usage) -> dict[str, int]:
+def usage_body(usage: Usage) -> dict[str, Any]:
+    # OpenAI always sends prompt_tokens_details; clients read cached_tokens from it.
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 
@@ -75,8 +77,7 @@ def completion(results: list[GenerationResult], *, id: str, model: str, created:
                     "logprobs": None,
                 }
             )
-        usage.prompt_tokens += result.usage.prompt_tokens
-        usage.completion_tokens += result.usage.completion_tokens
+        usage.add(result.usage)
     return {
         "id": id,
         "object": "text_completion",

@@ -154,10 +154,12 @@ def details_body(
     seed: int | None,
     prefill: list[TokenDelta],
     top_n: int = 0,
+    generated: int = 0,
 ) -> dict[str, Any]:
+    """`generated`: the usage's count, for a backend whose whole answer has no per-token list."""
     return {
         "finish_reason": TGI_FINISH[finish] if finish is not None else "length",
-        "generated_tokens": len(tokens),
+        "generated_tokens": len(tokens) or generated,
         "seed": seed,
         "prefill": [{"id": t.token_id, "text": t.text, "logprob": t.logprob} for t in prefill],
         "tokens": [token_body(t) for t in tokens],

@@ -10,26 +10,42 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.routing import request_response
 
+from gateway.domain import Task
+from gateway.services.generation import name_model
+
 M = TypeVar("M", bound=BaseModel)
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
+async def parse_body(request: Request, model: type[M], task: Task | None = None) -> M:
+    """The body as `model`; one that fails validation still labels the request's metrics with the
+    model it names (the `model` field, resolved like a valid request's, for `task`)."""
     raw = await request.body()
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
+        _name_model_of(request, raw, task)
         errors = exc.errors(include_url=False)
         for error in errors:
             if error.get("type") == "json_invalid":
                 error["msg"] = "the body is not valid JSON"
                 error["loc"] = ()
         raise RequestValidationError(errors) from None
+
+
+def _name_model_of(request: Request, raw: bytes, task: Task | None) -> None:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(data, dict):
+        name_model(request.app.state.gateway, request, data.get("model"), task)
 
 
 class RawRequestRoute(APIRoute):

@@ -29,6 +29,7 @@ EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
 
 
 def _entry(state: AppState, request: Request, model_id: str) -> Entry:
+    request.state.model = "unknown"  # until found: metric labels stay bounded
     entry = state.registry.lookup(model_id)
     request.state.model = entry.spec.name
     return entry

@@ -16,7 +16,7 @@ from gateway.json_response import FastJSONResponse
 from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import ChatCompletionRequest
 from gateway.routes.body import RawRequestRoute, openapi_body, parse_body
-from gateway.services.generation import resolve_backend, run_generation, stream_generation, until_disconnect
+from gateway.services.generation import name_model, resolve_backend, run_generation, stream_generation, until_disconnect
 from gateway.state import AppState
 from gateway.streaming import primed, sse_response
 
@@ -44,12 +44,13 @@ async def chat_chunks(
 
 
 async def create_chat_completion(request: Request) -> Response:
-    body = await parse_body(request, ChatCompletionRequest)
+    body = await parse_body(request, ChatCompletionRequest, Task.TEXT_GENERATION)
     return await serve_chat(body, request, request.app.state.gateway)
 
 
 async def serve_chat(body: ChatCompletionRequest, request: Request, state: AppState) -> Response:
     """A parsed chat request, answered as JSON or as an SSE stream."""
+    name_model(state, request, body.model, Task.TEXT_GENERATION)  # a refused body counts under its model
     ignored = body.ignored_fields()
     entry, backend = await resolve_backend(state, request, body.model, Task.TEXT_GENERATION)
     generation = body.to_domain(request.state.request_id)

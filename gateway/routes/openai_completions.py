@@ -19,6 +19,7 @@ from gateway.routes.body import RawRequestRoute, openapi_body, parse_body
 from gateway.routes.openai_chat import ignored_header
 from gateway.services.generation import (
     gather_or_cancel,
+    name_model,
     resolve_backend,
     run_generation,
     stream_generation,
@@ -31,8 +32,9 @@ router = APIRouter(tags=["openai"])
 
 
 async def create_completion(request: Request) -> Response:
-    body = await parse_body(request, CompletionRequest)
+    body = await parse_body(request, CompletionRequest, Task.TEXT_GENERATION)
     state: AppState = request.app.state.gateway
+    name_model(state, request, body.model, Task.TEXT_GENERATION)  # a refused body counts under its model
     ignored = body.ignored_fields()
     entry, backend = await resolve_backend(state, request, body.model, Task.TEXT_GENERATION)
     generations = body.to_domain(request.state.request_id)
@@ -55,8 +57,7 @@ async def create_completion(request: Request) -> Response:
             offset = number * body.n
             async for event in events:
                 if isinstance(event, StreamEnd):
-                    total.prompt_tokens += event.usage.prompt_tokens
-                    total.completion_tokens += event.usage.completion_tokens
+                    total.add(event.usage)
                 elif event.text or event.finish_reason is not None:
                     delta = replace(event, index=event.index + offset)
                     yield wire.completion_chunk(id=id, model=model, created=created, delta=delta)

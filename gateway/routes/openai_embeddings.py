@@ -9,7 +9,7 @@ from gateway.json_response import FastJSONResponse
 from gateway.protocol.openai import EmbeddingsRequest, encode_embedding
 from gateway.routes.body import RawRequestRoute, openapi_body, parse_body
 from gateway.routes.openai_chat import ignored_header
-from gateway.services.generation import resolve_backend
+from gateway.services.generation import name_model, resolve_backend
 from gateway.state import AppState
 
 router = APIRouter(tags=["openai"])
@@ -18,8 +18,9 @@ router = APIRouter(tags=["openai"])
 async def create_embeddings(request: Request) -> FastJSONResponse:
     # The body is parsed by pydantic directly (routes/body.py): at hundreds of batched embedding
     # requests a second the event loop, not the model, is what limits throughput.
-    body = await parse_body(request, EmbeddingsRequest)
+    body = await parse_body(request, EmbeddingsRequest, Task.FEATURE_EXTRACTION)
     state: AppState = request.app.state.gateway
+    name_model(state, request, body.model, Task.FEATURE_EXTRACTION)  # a refused body counts under its model
     ignored = body.ignored_fields()
     entry, backend = await resolve_backend(state, request, body.model, Task.FEATURE_EXTRACTION)
     result = await backend.embed(body.to_domain())

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from gateway import __version__
 from gateway.backends.base import Backend
 from gateway.backends.registry import Entry
-from gateway.domain import StreamEnd, Task, TokenDelta
+from gateway.domain import StreamEnd, Task, TokenDelta, Usage
 from gateway.error_handlers import hf_error_body
 from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.json_response import FastJSONResponse
@@ -87,7 +87,7 @@ async def text_generation(
             )
         return await _stream(state, request, entry, backend, prompts[0], params)
 
-    async def one(prompt: str) -> dict[str, Any]:
+    async def one(prompt: str) -> tuple[dict[str, Any], Usage]:
         generation = params.to_domain(prompt, request.state.request_id)
         result = await run_generation(state, entry, backend, generation, request.state.received_at)
         choice = result.choices[0]
@@ -96,13 +96,20 @@ async def text_generation(
             seed = None if generation.sampling.greedy else generation.sampling.seed
             prefill = await backend.prompt_logprobs(generation) if params.decoder_input_details else []
             body["details"] = tgi.details_body(
-                choice.tokens, choice.finish_reason, seed, prefill, generation.sampling.top_n
+                choice.tokens, choice.finish_reason, seed, prefill, generation.sampling.top_n,
+                generated=result.usage.completion_tokens,
             )
-        return body
+        return body, result.usage
 
     # Cancelled if the client leaves: nobody would read the answer (the body has been read by now).
     results = await until_disconnect(request, gather_or_cancel(*(one(p) for p in prompts)))
-    return FastJSONResponse(results[0] if shape == "object" and not many else results)
+    bodies = [body for body, _ in results]
+    # As TGI does: the token counts in headers (its non-streamed details carry no input length).
+    usage = Usage()
+    for _, used in results:
+        usage.add(used)
+    headers = {"x-prompt-tokens": str(usage.prompt_tokens), "x-generated-tokens": str(usage.completion_tokens)}
+    return FastJSONResponse(bodies[0] if shape == "object" and not many else bodies, headers=headers)
 
 
 async def _stream(

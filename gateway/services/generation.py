@@ -34,10 +34,21 @@ def resolve_entry(state: AppState, request: Request, name: str, task: Task | Non
     except ModelNotFound:
         default = registry.default_for(task) if name in PLACEHOLDER_NAMES else None
         if default is None:
+            request.state.model = "unknown"  # metric labels stay bounded: configured names only
             raise
         entry = default
     request.state.model = entry.spec.name
     return entry
+
+
+def name_model(state: AppState, request: Request, name: object, task: Task | None = None) -> None:
+    """Label the request's metrics with the model it names, for a request refused before it is
+    resolved (a body that fails validation): its 400 counts under that model, not under "none"."""
+    if isinstance(name, str) and name and getattr(request.state, "model", None) is None:
+        try:
+            resolve_entry(state, request, name, task)
+        except ModelNotFound:
+            pass
 
 
 def check_task(entry: Entry, task: Task | None) -> None:

@@ -8,6 +8,7 @@ Every parser raises UpstreamError on a body it cannot read, never KeyError.
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 from typing import Any
 
 from gateway.domain import (
@@ -20,6 +21,7 @@ from gateway.domain import (
     StreamEnd,
     Task,
     TokenDelta,
+    TopToken,
     Usage,
 )
 from gateway.engine.detokenize import StopFilter
@@ -95,6 +97,11 @@ def openai_generation(request: GenerationRequest, model: str, stream: bool) -> t
         body["top_k"] = s.top_k
     if s.repetition_penalty != 1.0:
         body["repetition_penalty"] = s.repetition_penalty
+    # TGI-route options these APIs have no standard field for: refused, not dropped.
+    if request.truncate:
+        raise UnsupportedParameter("truncate", "is not supported by this deployment (an OpenAI-compatible API)")
+    if s.top_n:
+        raise UnsupportedParameter("top_n_tokens", "is not supported by this deployment (an OpenAI-compatible API)")
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -105,7 +112,9 @@ def _usage(data: dict[str, Any]) -> Usage:
     usage = data.get("usage")
     if not isinstance(usage, dict):
         return Usage()
-    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), int(cached or 0))
 
 
 def openai_result(data: Any, n: int, keep_stop: tuple[str, ...] = ()) -> GenerationResult:
@@ -204,6 +213,8 @@ def tgi_parameters(request: GenerationRequest) -> dict[str, Any]:
         raise UnsupportedParameter("prompt", "must be text for this deployment (token ids are not accepted)")
     if s.n != 1:
         raise UnsupportedParameter("n", "must be 1 for this deployment")
+    if s.presence_penalty:  # TGI's API has frequency and repetition penalties, no presence penalty
+        raise UnsupportedParameter("presence_penalty", "is not supported by this deployment (TGI's API has none)")
     params: dict[str, Any] = {"details": True, "return_full_text": False, "do_sample": not s.greedy}
     if s.max_tokens is not None:
         params["max_new_tokens"] = s.max_tokens
@@ -222,17 +233,37 @@ def tgi_parameters(request: GenerationRequest) -> dict[str, Any]:
         params["repetition_penalty"] = s.repetition_penalty
     if s.frequency_penalty:
         params["frequency_penalty"] = s.frequency_penalty
+    if request.truncate:
+        params["truncate"] = request.truncate
+    if s.top_n:
+        params["top_n_tokens"] = s.top_n
     return params
 
 
-def tgi_result(data: Any, drop_stop: tuple[str, ...] = ()) -> GenerationResult:
+def _tgi_token(token: dict[str, Any], top: Any = None) -> TokenDelta:
+    special = bool(token.get("special"))
+    alternatives = tuple(
+        TopToken(int(t["id"]), str(t.get("text") or ""), float(t["logprob"]), bool(t.get("special")))
+        for t in top or ()
+    )
+    return TokenDelta(0, "" if special else token.get("text") or "", token.get("id"), token.get("logprob"), special,
+                      top=alternatives)
+
+
+def tgi_result(data: Any, drop_stop: tuple[str, ...] = (), prompt_tokens: str | None = None) -> GenerationResult:
+    """A TGI /generate answer (details asked for). `prompt_tokens` is TGI's `x-prompt-tokens` header:
+    its non-streamed details have no input length (only `prefill`, when decoder_input_details)."""
     if isinstance(data, list) and data:
         data = data[0]  # HF endpoints answer a one-element list
     try:
         text = data["generated_text"]
         details = data.get("details") or {}
         reason = finish_reason(details.get("finish_reason") or "stop")
-        usage = Usage(len(details.get("prefill") or ()), int(details.get("generated_tokens") or 0))
+        raw_tokens = details.get("tokens") or ()
+        tops = details.get("top_tokens") or [None] * len(raw_tokens)
+        tokens = [_tgi_token(t, top) for t, top in zip(raw_tokens, tops, strict=False)]
+        prompt = int(prompt_tokens) if prompt_tokens and prompt_tokens.isdigit() else len(details.get("prefill") or ())
+        usage = Usage(prompt, int(details.get("generated_tokens") or len(tokens)))
     except (KeyError, TypeError, ValueError, AttributeError):
         raise malformed("generation") from None
     if not isinstance(text, str):
@@ -240,7 +271,7 @@ def tgi_result(data: Any, drop_stop: tuple[str, ...] = ()) -> GenerationResult:
     if drop_stop:
         cut = StopFilter(drop_stop)
         text = cut.feed(text) + cut.flush()
-    return GenerationResult(choices=[Choice(0, text, reason)], usage=usage)
+    return GenerationResult(choices=[Choice(0, text, reason, tokens)], usage=usage)
 
 
 class TGIStream:
@@ -272,13 +303,13 @@ class TGIStream:
             elif data.get("generated_text") is not None:  # the last event, from a server sending no details
                 reason = FinishReason.STOP
                 self.done = True
-            special = bool(token.get("special"))
-            text = "" if special else token.get("text") or ""
+            delta = _tgi_token(token, data.get("top_tokens"))
+            text = delta.text
             if self.stop_filter is not None:
                 text = self.stop_filter.feed(text)
                 if reason is not None:
                     text += self.stop_filter.flush()
-            return [TokenDelta(0, text, token.get("id"), token.get("logprob"), special, reason)]
+            return [replace(delta, text=text, finish_reason=reason)]
         except (KeyError, TypeError, ValueError, AttributeError):
             raise malformed("stream event") from None
 

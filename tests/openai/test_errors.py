@@ -82,12 +82,44 @@ def test_stream_options_are_honoured_or_refused(fake_server: LiveServer) -> None
     neutral = {"include_usage": True, "continuous_usage_stats": False, "include_obfuscation": False}
     chunks = list(client.chat.completions.create(model="fake-chat", messages=msgs, stream=True, stream_options=neutral))  # type: ignore[arg-type]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2
-    # Without a stream there is no usage chunk to ask for: accepted and reported.
-    raw = client.chat.completions.with_raw_response.create(
-        model="fake-chat", messages=msgs, stream_options={"include_usage": True}
+    # Without a stream, stream_options is a 400 (as OpenAI and vLLM answer), on both routes.
+    for stream in (None, False):
+        extra = {} if stream is None else {"stream": stream}
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model="fake-chat", messages=msgs, stream_options={"include_usage": True}, **extra  # type: ignore[arg-type]
+            )
+        assert info.value.param == "stream_options" and "stream" in info.value.message
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(
+                model="fake-chat", prompt="a b", stream_options={"include_usage": True}, **extra  # type: ignore[arg-type]
+            )
+        assert info.value.param == "stream_options"
+    # null asks for nothing
+    plain = httpx.post(
+        f"{fake_server.url}/v1/completions", json={"model": "fake-chat", "prompt": "a b", "stream_options": None}
     )
-    assert raw.headers["x-gateway-ignored-params"] == "stream_options"
-    assert raw.parse().usage.total_tokens == 4
+    assert plain.status_code == 200, plain.text
+
+
+def test_completions_logprobs_zero_is_refused_not_dropped(fake_server: LiveServer) -> None:
+    """`logprobs: 0` asks for each sampled token's log-probability (OpenAI's completions API): not
+    the neutral `null`. This server returns no log-probabilities, so 0..5 are all a 400."""
+    client = client_for(fake_server)
+    for value in (0, 1, 5):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="fake-chat", prompt="a b", logprobs=value)
+        assert info.value.param == "logprobs" and info.value.code == "unsupported_parameter"
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="fake-chat", prompt="a b", logprobs=value, stream=True)
+        assert info.value.param == "logprobs"
+    assert client.completions.create(model="fake-chat", prompt="a b", logprobs=None).choices[0].logprobs is None
+    # On chat, `logprobs: false` and `top_logprobs: 0` ask for nothing; an int where a bool belongs does not.
+    msgs = [{"role": "user", "content": "a b"}]
+    client.chat.completions.create(model="fake-chat", messages=msgs, logprobs=False, top_logprobs=0)  # type: ignore[arg-type]
+    for body in ({"logprobs": 0}, {"top_logprobs": False}, {"logprobs": True}):
+        r = httpx.post(f"{fake_server.url}/v1/chat/completions", json={"model": "fake-chat", "messages": msgs, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(body)), r.text
 
 
 @pytest.mark.parametrize(

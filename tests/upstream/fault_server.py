@@ -182,12 +182,25 @@ class FaultUpstream:
 
     async def tgi(self, request: Request, behaviour: str, body: dict[str, Any]) -> Response:
         stream = request.url.path.endswith("/generate_stream")
-        return self._tgi_answer(request, behaviour, stream)
+        return self._tgi_answer(request, behaviour, stream, body)
 
-    def _tgi_answer(self, request: Request, behaviour: str, stream: bool) -> Response:
+    def _tgi_answer(self, request: Request, behaviour: str, stream: bool, body: dict[str, Any] | None = None) -> Response:
         if not stream:
-            details = {"finish_reason": "length", "generated_tokens": len(WORDS), "seed": None}
-            return Response(orjson.dumps({"generated_text": "".join(WORDS), "details": details}))
+            # As TGI answers with details: tokens (and top_tokens when asked), prefill only with
+            # decoder_input_details, and the prompt's length in the x-prompt-tokens header alone.
+            params = (body or {}).get("parameters") or {}
+            top_n = params.get("top_n_tokens") or 0
+            tokens = [{"id": i, "text": w, "logprob": -0.1 * (i + 1), "special": False} for i, w in enumerate(WORDS)]
+            details: dict[str, Any] = {
+                "finish_reason": "length", "generated_tokens": len(WORDS), "seed": None, "prefill": [],
+                "tokens": tokens,
+                "top_tokens": [[{**t, "id": t["id"] + k} for k in range(top_n)] for t in tokens] if top_n else None,
+            }
+            prompt_tokens = len(str((body or {}).get("inputs", "")).split())
+            return Response(
+                orjson.dumps({"generated_text": "".join(WORDS), "details": details}),
+                headers={"x-prompt-tokens": str(prompt_tokens), "x-generated-tokens": str(len(WORDS))},
+            )
         events = []
         for number, word in enumerate(WORDS):
             last = number == len(WORDS) - 1

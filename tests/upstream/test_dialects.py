@@ -137,3 +137,50 @@ def test_run_task_on_an_openai_upstream_is_not_supported(fault) -> None:
 def test_config_validation(model, message) -> None:
     with pytest.raises(ValidationError, match=message):
         Settings(models=[model])
+
+
+def test_tgi_whole_answer_counts_the_prompt_and_fills_details(fault) -> None:
+    """TGI's non-streamed details have no input length: the prompt's size comes from its x-prompt-tokens
+    header, and the HF route's details from its tokens (they were 0 and [] before)."""
+    model = {"name": "t", "task": "text-generation", "backend": upstream(fault.url, dialect="tgi")}
+    with front([model]) as gw:
+        whole = sdk(gw).completions.create(model="t", prompt="one two three", max_tokens=4, temperature=0)
+        client = InferenceClient(base_url=f"{gw.url}/models/t")
+        out = client.text_generation("one two three", max_new_tokens=4, details=True)
+        top = httpx.post(
+            f"{gw.url}/models/t",
+            json={"inputs": "a b", "parameters": {"max_new_tokens": 4, "details": True, "top_n_tokens": 2, "truncate": 7}},
+        )
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (3, 4, 7)
+    assert whole.usage.prompt_tokens_details.cached_tokens == 0
+    assert out.generated_text == "Hello from the upstream"
+    assert out.details.generated_tokens == 4 and out.details.finish_reason == "length"
+    assert [(t.id, t.text, t.logprob) for t in out.details.tokens] == [
+        (0, "Hello", pytest.approx(-0.1)), (1, " from", pytest.approx(-0.2)),
+        (2, " the", pytest.approx(-0.3)), (3, " upstream", pytest.approx(-0.4)),
+    ]
+    # top_n_tokens and truncate reach TGI (they were dropped) and its top tokens come back
+    assert fault.bodies[-1]["parameters"]["top_n_tokens"] == 2 and fault.bodies[-1]["parameters"]["truncate"] == 7
+    details = top.json()[0]["details"]
+    assert [[t["id"] for t in step] for step in details["top_tokens"]] == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    assert top.headers["x-prompt-tokens"] == "2" and top.headers["x-generated-tokens"] == "4"
+
+
+def test_tgi_deployment_refuses_what_it_cannot_carry(fault) -> None:
+    """TGI's API has no presence penalty: a 400 naming it, never silently dropped."""
+    models = [
+        {"name": "t", "task": "text-generation", "backend": upstream(fault.url, dialect="tgi")},
+        {"name": "o", "task": "text-generation", "backend": upstream(f"{fault.url}/v1")},
+    ]
+    with front(models) as gw:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as info:
+                sdk(gw).completions.create(model="t", prompt="x", max_tokens=2, presence_penalty=0.5, stream=stream)
+            assert info.value.param == "presence_penalty" and info.value.code == "unsupported_parameter"
+        assert sdk(gw).completions.create(model="t", prompt="x", max_tokens=2, presence_penalty=0).choices
+        # an OpenAI-compatible upstream has no field for TGI's top_n_tokens or truncate: refused in HF's shape
+        for parameter in ({"top_n_tokens": 2}, {"truncate": 3}):
+            r = httpx.post(f"{gw.url}/models/o", json={"inputs": "x", "parameters": {"max_new_tokens": 2, **parameter}})
+            assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
+    assert fault.hits["/generate"] == 1 and fault.hits["/generate_stream"] == 0
+    assert fault.hits["/v1/completions"] == 0

@@ -173,3 +173,22 @@ def test_stop_sequences_keep_each_apis_rule_across_dialects(chain, downstream, d
     tgi = InferenceClient(base_url=f"{chain.url}/models/{model}")
     assert tgi.text_generation(PROMPT, max_new_tokens=TOKENS, stop=[stop]) == kept
     assert "".join(tgi.text_generation(PROMPT, max_new_tokens=TOKENS, stop=[stop], stream=True)) == kept
+
+
+@pytest.mark.parametrize("model", ["tgi-gen", "hf-gen"])
+def test_whole_answers_over_tgi_dialects_keep_usage_and_details(chain, downstream, model) -> None:
+    """Not streamed, the prompt's tokens are counted (TGI's x-prompt-tokens header) and the HF route's
+    details are the upstream's own, token for token."""
+    args = dict(prompt=PROMPT, max_tokens=TOKENS, temperature=0)
+    want = httpx.post(f"{downstream}/v1/completions", json={"model": "tiny-gpt2", **args}, timeout=60).json()["usage"]
+    got = sdk(chain, timeout=60).completions.create(model=model, **args).usage
+    assert want["prompt_tokens"] > 0
+    assert got.model_dump(exclude_none=True) == want
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": TOKENS, "details": True}}
+    direct = httpx.post(f"{downstream}/models/tiny-gpt2", json=body, timeout=60).json()[0]["details"]
+    through = httpx.post(f"{chain.url}/models/{model}", json=body, timeout=60).json()[0]["details"]
+    assert through["generated_tokens"] == direct["generated_tokens"] == TOKENS
+    assert [(t["id"], t["text"], t["special"]) for t in through["tokens"]] == [
+        (t["id"], t["text"], t["special"]) for t in direct["tokens"]
+    ]
+    assert [t["logprob"] for t in through["tokens"]] == pytest.approx([t["logprob"] for t in direct["tokens"]], abs=1e-4)
