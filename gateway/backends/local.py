@@ -21,6 +21,7 @@ from gateway.domain import (
     EmbeddingRequest,
     EmbeddingResult,
     GenerationRequest,
+    ModelState,
     Task,
     TaskRequest,
     TokenDelta,
@@ -239,6 +240,7 @@ class LocalBackend(Backend):
 
             self.vocab_rows = int(self.model.get_input_embeddings().weight.shape[0])
             self.text_bound = text_bound(self.tokenizer)
+            self.engine.on_failure = self._engine_failed
         else:
             # Embeddings and the other encoder tasks: concurrent requests share forward passes.
             self.batcher = MicroBatcher(
@@ -282,6 +284,12 @@ class LocalBackend(Backend):
             self.tasks = TaskModel(
                 self.model, self.tokenizer, self.device, image_processor=preprocessor if image else None
             )
+
+    def _engine_failed(self, why: str) -> None:
+        """The engine's loop died (it failed its requests and refuses new ones): the model is
+        failed, so /ready answers 503 naming it and requests get a 503 at once."""
+        self.error = f"its generation engine stopped: {why}"
+        self.state = ModelState.FAILED
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -426,7 +434,9 @@ class LocalBackend(Backend):
         prompt_ids, max_tokens = await asyncio.get_running_loop().run_in_executor(
             None, self._validated_prompt, request
         )
-        async for event in self.engine.stream(prompt_ids, request.sampling, max_tokens, request.keep_stop):
+        async for event in self.engine.stream(
+            prompt_ids, request.sampling, max_tokens, request.keep_stop, request_id=request.request_id
+        ):
             yield event
 
     async def prompt_logprobs(self, request: GenerationRequest) -> list[TokenDelta]:

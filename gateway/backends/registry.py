@@ -150,9 +150,20 @@ class Registry:
             await entry.backend.close()
 
     def ready(self) -> bool:
-        return all(
-            e.backend.state == ModelState.READY for e in self._entries.values() if e.spec.preload
+        """Every preloaded model is loaded, and no model has failed since it loaded."""
+        return (
+            all(e.backend.state == ModelState.READY for e in self._entries.values() if e.spec.preload)
+            and not self.broken()
         )
+
+    def broken(self) -> dict[str, str]:
+        """Models that loaded and then failed (a dead engine), with why: they make /ready 503
+        whether or not they were preloaded, as they were serving."""
+        return {
+            e.spec.name: e.backend.error or "failed"
+            for e in self._entries.values()
+            if e.backend.state == ModelState.FAILED and e.backend.load_seconds is not None
+        }
 
     async def acquire(self, name: str, *, wait: bool = True) -> Backend:
         """The loaded backend for `name`, loading it first when it is lazy.
@@ -167,6 +178,8 @@ class Registry:
         if backend.state == ModelState.READY:
             return backend
         if backend.state == ModelState.FAILED:
+            if backend.load_seconds is not None:  # it loaded, then stopped working
+                raise ModelNotReady(f"Model '{entry.spec.name}' has failed: {backend.error}")
             raise ModelNotReady(f"Model '{entry.spec.name}' failed to load: {backend.error}")
         task = self._begin_load(entry)
         if not wait:

@@ -24,7 +24,9 @@ class SequenceSampler:
         self.generator: torch.Generator | None = None
         if not params.greedy:
             seed = params.seed + seed_offset if params.seed is not None else secrets.randbits(63)
-            self.generator = torch.Generator(device="cpu").manual_seed(seed)
+            # torch takes seeds in [0, 2**64) (negatives as their two's complement): wrap, so an
+            # n > 1 request seeded near the top of the range cannot overflow
+            self.generator = torch.Generator(device="cpu").manual_seed(seed % 2**64)
         self.vocab_size = vocab_size
         self.counts: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None

@@ -6,11 +6,18 @@ token per decoding sequence plus at most `prefill_chunk` prompt tokens, so a lon
 new prompt is prefilled over several steps instead of stalling every stream. A
 request with n > 1 choices prefills its prompt once and copies the cached prompt
 to its other sequences' slots.
+
+A fault belongs to the request it happens in: an exception while admitting, sampling,
+detokenising or reporting top tokens for one request fails that request alone and frees
+its slots. A forward pass that raises cannot say whose input was at fault, so its requests
+are retried one by one (rewriting the same cache positions is harmless) and only those
+whose own pass still fails are failed.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +31,8 @@ from gateway.engine.sampling import SequenceSampler, select
 from gateway.engine.step import PrefillChunk, StepModel, StepPlan
 from gateway.engine.top_tokens import top_tokens
 
+log = logging.getLogger(__name__)
+
 Event = TokenDelta | StreamEnd | BaseException
 
 
@@ -36,6 +45,7 @@ class GenerationJob:
     max_tokens: int
     emit: Callable[[GenerationJob, Event], None]
     keep_stop: bool = False  # the text ends with the matched stop sequence (TGI)
+    request_id: str = ""  # for the log
     enqueued_at: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0
     produced: int = 0
@@ -58,6 +68,28 @@ class _Sequence:
     @property
     def prefilling(self) -> bool:
         return self.prefilled < len(self.job.prompt_ids)
+
+
+@dataclass(eq=False)
+class _Part:
+    """One job's share of a step: its decoding sequences, or its leader's next prompt chunk."""
+
+    job: GenerationJob
+    decoding: list[_Sequence] = field(default_factory=list)
+    chunk: PrefillChunk | None = None
+
+
+def _plan_of(parts: list[_Part]) -> StepPlan:
+    """The forward pass for `parts`; its logits rows are the decoding sequences in order, then
+    the prompt chunks that end their prompt."""
+    plan = StepPlan()
+    for part in parts:
+        for seq in part.decoding:
+            plan.decode_slots.append(seq.slot)
+            plan.decode_tokens.append(seq.token)  # type: ignore[arg-type]
+            plan.decode_positions.append(seq.length)
+    plan.prefills = [part.chunk for part in parts if part.chunk is not None]
+    return plan
 
 
 class Scheduler:
@@ -84,13 +116,14 @@ class Scheduler:
         return len(self._free)
 
     def admit(self, job: GenerationJob) -> None:
+        """Give `job` its slots; raises (holding nothing) if its sampler or detokeniser cannot be built."""
         n = job.params.n
         assert n <= len(self._free)
+        samplers = [SequenceSampler(job.params, job.prompt_ids, self.vocab_size, seed_offset=i) for i in range(n)]
+        texts = [TextAssembler(self.tokenizer, job.params.stop, job.keep_stop) for _ in range(n)]
         job.admitted_at = time.monotonic()
         for i in range(n):
-            sampler = SequenceSampler(job.params, job.prompt_ids, self.vocab_size, seed_offset=i)
-            text = TextAssembler(self.tokenizer, job.params.stop, job.keep_stop)
-            job.sequences.append(_Sequence(job, i, heapq.heappop(self._free), sampler, text))
+            job.sequences.append(_Sequence(job, i, heapq.heappop(self._free), samplers[i], texts[i]))
         job.live = n
         self.jobs.append(job)
 
@@ -101,14 +134,22 @@ class Scheduler:
                 seq.done = True
                 heapq.heappush(self._free, seq.slot)
         job.live = 0
-        self.jobs.remove(job)
+        if job in self.jobs:
+            self.jobs.remove(job)
+
+    def fail(self, job: GenerationJob, error: BaseException, during: str) -> None:
+        """End one job with `error`: its slots are freed, its client gets the error, the others go on."""
+        log.error(
+            "request %s failed while %s (%s: %s); the other requests go on",
+            job.request_id or "(no id)", during, type(error).__name__, error, exc_info=error,
+        )
+        self.drop(job)
+        job.emit(job, error)
 
     # one step --------------------------------------------------------------
-    def plan(self) -> tuple[StepPlan, list[_Sequence], list[_Sequence]]:
+    def plan(self) -> list[_Part]:
         """The next step: every decoding sequence, then prompt chunks up to the budget."""
-        plan = StepPlan()
-        decoding: list[_Sequence] = []
-        prefilling: list[_Sequence] = []
+        parts: list[_Part] = []
         budget = self.prefill_chunk
         for job in self.jobs:
             leader = job.sequences[0]
@@ -117,54 +158,111 @@ class Scheduler:
                     continue
                 chunk = job.prompt_ids[leader.prefilled : leader.prefilled + budget]
                 last = leader.prefilled + len(chunk) == len(job.prompt_ids)
-                plan.prefills.append(PrefillChunk(leader.slot, leader.prefilled, chunk, last))
-                prefilling.append(leader)
+                parts.append(_Part(job, chunk=PrefillChunk(leader.slot, leader.prefilled, chunk, last)))
                 budget -= len(chunk)
                 continue
-            for seq in job.sequences:
-                if not seq.done and seq.token is not None:
-                    plan.decode_slots.append(seq.slot)
-                    plan.decode_tokens.append(seq.token)
-                    plan.decode_positions.append(seq.length)
-                    decoding.append(seq)
-        return plan, decoding, prefilling
+            decoding = [seq for seq in job.sequences if not seq.done and seq.token is not None]
+            if decoding:
+                parts.append(_Part(job, decoding=decoding))
+        return parts
 
     def step(self) -> int:
         """Run one forward pass and hand out its tokens; returns the sequences it served."""
-        plan, decoding, prefilling = self.plan()
-        if not plan:
+        parts = self.plan()
+        if not parts:
             return 0
-        logits = self.step_model.forward(plan)
+        plan = _plan_of(parts)
+        try:
+            done = [(parts, self.step_model.forward(plan))]
+        except Exception as exc:
+            done = self._forward_each(parts, exc)
+        for group, logits in done:
+            self._hand_out(group, logits)
+        return len(plan.decode_tokens) + len(plan.prefills)
+
+    def _forward_each(self, parts: list[_Part], error: Exception) -> list[tuple[list[_Part], torch.Tensor]]:
+        """After a failed pass: each job's share alone; the jobs whose own pass fails are failed."""
+        if len(parts) == 1:
+            self.fail(parts[0].job, error, "running the forward pass")
+            return []
+        log.warning("a forward pass of %d requests failed (%s: %s); running them one by one",
+                    len(parts), type(error).__name__, error)
+        done = []
+        for part in parts:
+            try:
+                done.append(([part], self.step_model.forward(_plan_of([part]))))
+            except Exception as exc:
+                self.fail(part.job, exc, "running the forward pass")
+        return done
+
+    def _hand_out(self, parts: list[_Part], logits: torch.Tensor) -> None:
+        """Advance the sequences of `parts` by the logits of their forward pass."""
+        rows, chosen = self._rows(parts)
+        if not chosen:
+            return
+        picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
+        tokens, logprobs = self._select(picked, chosen)
+        for i, seq in enumerate(chosen):
+            job = seq.job
+            if seq.done:  # its job failed or was dropped meanwhile
+                continue
+            try:
+                top_n = job.params.top_n
+                top = top_tokens(picked[i], top_n, self.tokenizer, self.vocab_size) if top_n else ()
+                self._advance(seq, tokens[i], logprobs[i], top)
+            except Exception as exc:
+                self.fail(job, exc, "detokenizing its token or listing the top tokens")
+
+    def _rows(self, parts: list[_Part]) -> tuple[list[int], list[_Sequence]]:
+        """Book the step's tokens into the sequences; which logits row each sequence samples from."""
         rows: list[int] = []
         chosen: list[_Sequence] = []
-        for row, seq in enumerate(decoding):
-            seq.length += 1
-            rows.append(row)
-            chosen.append(seq)
-        row = len(decoding)
-        for leader, chunk in zip(prefilling, plan.prefills, strict=True):
+        for part in parts:
+            for seq in part.decoding:
+                seq.length += 1
+                rows.append(len(rows))
+                chosen.append(seq)
+        row = len(rows)
+        for part in parts:
+            chunk = part.chunk
+            if chunk is None:
+                continue
+            leader = part.job.sequences[0]
             leader.prefilled += len(chunk.tokens)
             leader.length = leader.prefilled
             if not chunk.last:
                 continue
-            for seq in leader.job.sequences:  # siblings share the prompt's cache and its logits
-                if seq is not leader:
+            try:
+                for seq in part.job.sequences[1:]:  # siblings share the prompt's cache and its logits
                     self.step_model.copy_slot(leader.slot, seq.slot, leader.length)
                     seq.prefilled = seq.length = leader.length
-                rows.append(row)
-                chosen.append(seq)
+            except Exception as exc:
+                self.fail(part.job, exc, "sharing the prompt between its choices")
+            else:
+                rows.extend([row] * len(part.job.sequences))
+                chosen.extend(part.job.sequences)
             row += 1
-        if chosen:
-            self._hand_out(logits, rows, chosen)
-        return len(plan.decode_tokens) + len(plan.prefills)
+        return rows, chosen
 
-    def _hand_out(self, logits: torch.Tensor, rows: list[int], chosen: list[_Sequence]) -> None:
-        picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
-        tokens, logprobs = select(picked, [seq.sampler for seq in chosen])
+    def _select(self, picked: torch.Tensor, chosen: list[_Sequence]) -> tuple[list[int], list[float]]:
+        """The sequences' next tokens, in one vectorised call; if it raises, row by row, failing
+        the jobs whose own rows raise (their tokens are placeholders, never handed out)."""
+        try:
+            return select(picked, [seq.sampler for seq in chosen])
+        except Exception:
+            pass
+        tokens: list[int] = []
+        logprobs: list[float] = []
         for i, seq in enumerate(chosen):
-            top_n = seq.job.params.top_n
-            top = top_tokens(picked[i], top_n, self.tokenizer, self.vocab_size) if top_n else ()
-            self._advance(seq, tokens[i], logprobs[i], top)
+            try:
+                (token,), (logprob,) = select(picked[i : i + 1], [seq.sampler])
+            except Exception as exc:
+                if not seq.done:  # a sibling's row may have failed the job already
+                    self.fail(seq.job, exc, "sampling")
+                token, logprob = -1, 0.0
+            tokens.append(token)
+            logprobs.append(logprob)
+        return tokens, logprobs
 
     def _advance(self, seq: _Sequence, token: int, logprob: float, top: tuple) -> None:
         job = seq.job

@@ -6,19 +6,25 @@ slots, runs one step (`scheduler.py`), hands the step's events back to the loop 
 one call, and queues the next tick behind whatever other work the device has (an
 embedding batch, another model's step). When the queue is full a request is refused
 at once (`Overloaded`, with a Retry-After from the queue length and the measured
-time a request holds a slot). A request whose consumer goes away is dropped before
-the next step.
+time a request holds a slot). A request whose consumer goes away leaves the queue at
+once, or its slots before the next step.
+
+A fault in one request fails that request only (see `scheduler.py`). An exception that
+escapes a tick anyway is a fault of the engine itself: every request gets an error at once,
+new ones are refused, and `on_failure` marks the model failed (/ready answers 503), rather
+than leaving requests waiting on a loop that no longer runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +35,7 @@ from gateway.domain import SamplingParams, StreamEnd, TokenDelta
 from gateway.engine.observer import EngineObserver, NoObserver
 from gateway.engine.scheduler import Event, GenerationJob, Scheduler
 from gateway.engine.step import StepModel
-from gateway.errors import BackendFailure, InvalidRequest, Overloaded
+from gateway.errors import BackendFailure, GatewayError, InvalidRequest, ModelNotReady, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,8 @@ class GenerationEngine:
         self._closing = False
         self._outbox: list[tuple[GenerationJob, Event]] = []
         self._job_seconds = 10.0  # a request's time in a slot, refined as requests finish (Retry-After)
+        self.failure: str | None = None  # why the engine stopped, once it has
+        self.on_failure: Callable[[str], None] | None = None  # told (on the compute thread) when it stops
 
     # event-loop side -------------------------------------------------------
     @property
@@ -87,13 +95,20 @@ class GenerationEngine:
         return (self.queue_depth() + 1) * self._job_seconds / self.max_batch_size
 
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, keep_stop: bool = False
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        keep_stop: bool = False,
+        request_id: str = "",
     ) -> AsyncIterator[TokenDelta | StreamEnd]:
         if params.n > self.max_batch_size:
             raise InvalidRequest(f"n={params.n} exceeds this model's batch size of {self.max_batch_size}.", param="n")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        job = GenerationJob(prompt_ids, params, max_tokens, self._emit, keep_stop)
+        job = GenerationJob(prompt_ids, params, max_tokens, self._emit, keep_stop, request_id=request_id)
         with self._lock:
+            if self.failure is not None:
+                raise self._failed_error()
             if len(self._waiting) >= self.max_queue or self._closing:
                 raise Overloaded(
                     f"Model '{self.name}' has {len(self._waiting)} requests waiting; try again later.",
@@ -105,6 +120,8 @@ class GenerationEngine:
         try:
             while True:
                 event = await stream.events.get()
+                if isinstance(event, GatewayError):
+                    raise event
                 if isinstance(event, BaseException):
                     raise BackendFailure(f"Generation failed ({type(event).__name__}).") from event
                 yield event
@@ -112,6 +129,20 @@ class GenerationEngine:
                     return
         finally:
             stream.cancelled = True  # read by the compute thread before its next step
+            self._withdraw(job)
+
+    def _withdraw(self, job: GenerationJob) -> None:
+        """A request still queued when its consumer leaves leaves the queue now, not when it
+        reaches the front: abandoned requests must not hold up the ones behind them."""
+        with self._lock:
+            try:
+                self._waiting.remove(job)
+            except ValueError:  # admitted (dropped before the next step), finished or failed
+                return
+            self._streams.pop(job, None)
+
+    def _failed_error(self) -> ModelNotReady:
+        return ModelNotReady(f"Model '{self.name}' has failed and is not serving: {self.failure}")
 
     async def score(self, tokens: list[int]) -> list[float]:
         """Log-probabilities of a prompt's tokens (TGI's prefill details), computed on the
@@ -131,7 +162,7 @@ class GenerationEngine:
     def _schedule_locked(self) -> None:
         if not self._ticking and not self._closing:
             self._ticking = True
-            self._executor.submit(self._tick)
+            self._executor.submit(self._tick).add_done_callback(_log_escaped)
 
     def _tick(self) -> None:
         try:
@@ -140,14 +171,16 @@ class GenerationEngine:
                 self._admit()
                 started = time.perf_counter()
                 try:
-                    served = self.scheduler.step()
-                except Exception as exc:  # reported to every request in the batch; the engine lives on
+                    served = self.scheduler.step()  # a fault of one request fails only that one
+                except Exception as exc:  # the scheduler's own bookkeeping: the batch fails, the engine lives on
                     log.exception("generation step failed in %s", self.name)
                     self.scheduler.fail_all(exc)
                     served = 0
                 if served:
                     self.observer.stepped(served, time.perf_counter() - started)
                 self._flush()
+        except Exception as exc:
+            self._stop(exc)
         finally:
             with self._lock:
                 self._ticking = False
@@ -184,10 +217,15 @@ class GenerationEngine:
         with self._lock:
             while self._waiting and scheduler.free_slots() >= self._waiting[0].params.n:
                 job = self._waiting.popleft()
-                if self._streams[job].cancelled:
-                    del self._streams[job]
+                stream = self._streams.get(job)
+                if stream is None or stream.cancelled:
+                    self._streams.pop(job, None)
                     continue
-                scheduler.admit(job)
+                try:
+                    scheduler.admit(job)
+                except Exception as exc:  # e.g. a seed its generator refuses: this request only
+                    scheduler.fail(job, exc, "admitting it")
+                    continue
                 self.observer.queued(job.admitted_at - job.enqueued_at)
 
     def _drop_cancelled(self) -> None:
@@ -196,6 +234,33 @@ class GenerationEngine:
             if stream is None or stream.cancelled:
                 self.scheduler.drop(job)
                 self._streams.pop(job, None)
+
+    def _stop(self, exc: Exception) -> None:
+        """The engine's own loop failed: its state can no longer be trusted. Every request, running
+        or waiting, gets an error now; new ones are refused; the backend is told."""
+        self.failure = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._closing = True
+            streams, self._streams = self._streams, {}
+            self._waiting.clear()
+        self._outbox.clear()
+        log.critical(
+            "the generation engine of %s stopped (%s); failing requests %s; the model is marked failed",
+            self.name, self.failure, ", ".join(job.request_id or "(no id)" for job in streams) or "(none)",
+            exc_info=exc,
+        )
+        for job in list(self.scheduler.jobs):
+            with contextlib.suppress(Exception):
+                self.scheduler.drop(job)
+        self.scheduler.jobs.clear()
+        for stream in streams.values():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening
+                stream.loop.call_soon_threadsafe(_deliver, [(stream, self._failed_error())])
+        if self.on_failure is not None:
+            try:
+                self.on_failure(self.failure)
+            except Exception:
+                log.exception("%s: reporting the engine's failure failed", self.name)
 
     def _shut_down(self) -> None:
         error = RuntimeError("the server is shutting down")
@@ -210,6 +275,12 @@ class GenerationEngine:
 def _deliver(items: list[tuple[_Stream, Event]]) -> None:
     for stream, event in items:
         stream.events.put_nowait(event)
+
+
+def _log_escaped(future: concurrent.futures.Future[None]) -> None:
+    """Nothing the compute thread raises goes unseen (a tick handles its exceptions; this is the net)."""
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.critical("an exception escaped the generation engine's compute thread", exc_info=exc)
 
 
 DEFAULT_MAX_TOTAL_TOKENS = 8192

@@ -18,9 +18,12 @@ async def health() -> dict[str, str]:
 
 
 async def ready(state: StateDep) -> FastJSONResponse:
-    """Every model marked `preload` is loaded."""
-    models = {e.spec.name: e.backend.state.value for e in state.registry.entries}
-    is_ready = state.registry.ready()
+    """Every model marked `preload` is loaded, and none has failed since it loaded."""
+    registry = state.registry
+    models = {e.spec.name: e.backend.state.value for e in registry.entries}
+    if broken := registry.broken():
+        return FastJSONResponse({"status": "failed", "models": models, "failed": broken}, status_code=503)
+    is_ready = registry.ready()
     return FastJSONResponse(
         {"status": "ready" if is_ready else "loading", "models": models}, status_code=200 if is_ready else 503
     )
