@@ -145,7 +145,7 @@ class StreamEnd:
 class Choice:
     index: int
     text: str
-    finish_reason: FinishReason
+    finish_reason: FinishReason | None  # None: an upstream that did not say
     tokens: list[TokenDelta] = field(default_factory=list)
 
 

@@ -24,7 +24,7 @@ class AppState:
 async def get_state(request: Request) -> AppState:
     # async on purpose: FastAPI runs a plain `def` dependency in a worker thread, a thread
     # hop per request that measurably slowed the upstream hot path (bench/upstream_overhead.py).
-    return request.app.state.gateway  # type: ignore[no-any-return]
+    return request.app.state.gateway
 
 
 StateDep = Annotated[AppState, Depends(get_state)]

@@ -23,7 +23,7 @@ def default_backend_factory(spec: ModelSpec, settings: Settings) -> Backend:
     if spec.deployments is not None:
         from gateway.backends.routing import RoutingBackend
 
-        backends = {}
+        backends: dict[str, Backend] = {}
         for d in spec.deployments:
             child = spec.model_copy(update={"backend": d.backend, "deployments": None})
             if d.backend.kind == "upstream":
@@ -36,7 +36,7 @@ def default_backend_factory(spec: ModelSpec, settings: Settings) -> Backend:
         return RoutingBackend(spec, backends)
     assert spec.backend is not None
     kind = spec.backend.kind
-    if kind == "upstream":
+    if spec.backend.kind == "upstream":  # on the attribute, so mypy narrows the spec type
         from gateway.backends.upstream import UpstreamBackend
 
         return UpstreamBackend(spec, spec.backend)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -104,7 +104,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     assert handler is not None
     finished = False
 
-    def on_disconnect(listener: asyncio.Future[object]) -> None:
+    def on_disconnect(listener: asyncio.Future[Any]) -> None:
         if not finished and not listener.cancelled():
             handler.cancel("client disconnected")
 

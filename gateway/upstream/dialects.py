@@ -119,7 +119,7 @@ def _usage(data: dict[str, Any]) -> Usage:
 
 def openai_result(data: Any, n: int, keep_stop: tuple[str, ...] = ()) -> GenerationResult:
     try:
-        choices = []
+        choices: list[Choice] = []
         for c in data["choices"]:
             message = c.get("message")
             text = message.get("content") if isinstance(message, dict) else c["text"]
