@@ -28,6 +28,10 @@ class Task(str, enum.Enum):
     IMAGE_CLASSIFICATION = "image-classification"
 
 
+# Embedding models serve both: sentence-similarity is cosine similarity of embeddings.
+EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
+
+
 class ModelState(str, enum.Enum):
     PENDING = "pending"  # lazily loaded, not asked for yet
     LOADING = "loading"
@@ -139,6 +143,10 @@ class StreamEnd:
     """Closes a generation stream: the usage of the whole request."""
 
     usage: Usage
+
+
+# What a generation stream yields: token deltas, then one StreamEnd.
+GenerationEvent = TokenDelta | StreamEnd
 
 
 @dataclass

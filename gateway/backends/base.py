@@ -17,6 +17,7 @@ from gateway.domain import (
     Choice,
     EmbeddingRequest,
     EmbeddingResult,
+    GenerationEvent,
     GenerationRequest,
     GenerationResult,
     ModelState,
@@ -27,8 +28,6 @@ from gateway.domain import (
     Usage,
 )
 from gateway.errors import TaskNotSupported, UnsupportedParameter
-
-GenerationEvent = TokenDelta | StreamEnd
 
 
 @dataclass(frozen=True)

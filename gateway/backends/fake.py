@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from gateway.backends.base import Backend, GenerationEvent, ModelInfo
 from gateway.config import FakeBackendSpec, ModelSpec
+from gateway.detokenize import TextAssembler
 from gateway.domain import (
     EmbeddingRequest,
     EmbeddingResult,
@@ -24,7 +25,6 @@ from gateway.domain import (
     TokenDelta,
     Usage,
 )
-from gateway.engine.detokenize import TextAssembler
 
 
 class _WordTokenizer:

@@ -18,6 +18,7 @@ from typing import Any
 from gateway.backends.base import Backend, GenerationEvent, ModelInfo, QueueStats
 from gateway.config import LocalBackendSpec, ModelSpec, Settings
 from gateway.domain import (
+    EMBEDDING_TASKS,
     EmbeddingRequest,
     EmbeddingResult,
     GenerationRequest,
@@ -34,7 +35,6 @@ from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
 
 # transformers' lazy imports and the weight-init patches it applies while loading are
 # process-global: two models loading on two threads corrupt each other. One at a time.

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.backends.registry import Entry, loading_error
-from gateway.domain import ModelState, Task
+from gateway.domain import EMBEDDING_TASKS, ModelState, Task
 from gateway.errors import InvalidRequest, ModelNotReady
 from gateway.json_response import FastJSONResponse
 from gateway.protocol import hf
@@ -25,7 +25,6 @@ from gateway.state import AppState, StateDep
 
 router = APIRouter(tags=["huggingface"])
 
-EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
 
 
 def _entry(state: AppState, request: Request, model_id: str) -> Entry:
