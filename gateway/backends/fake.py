@@ -99,6 +99,3 @@ class FakeBackend(Backend):
             vectors.append(vec)
         tokens = sum(len(t) if isinstance(t, list) else len(t.split()) for t in request.inputs)
         return EmbeddingResult(vectors=vectors, usage=Usage(prompt_tokens=tokens))
-
-    async def count_tokens(self, text: str) -> int | None:
-        return len(text.split())

@@ -443,9 +443,6 @@ class LocalBackend(Backend):
             for i, token in enumerate(ids)
         ]
 
-    async def count_tokens(self, text: str) -> int | None:
-        return len(self.tokenizer(text)["input_ids"]) if self.tokenizer is not None else None
-
     # Hugging Face tasks ----------------------------------------------------
     def serves(self, task: Task) -> bool:
         if task == self.task or task in _ALSO_SERVES.get(self.task, ()):  # type: ignore[arg-type]

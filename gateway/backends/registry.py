@@ -138,11 +138,6 @@ class Registry:
             if entry.spec.preload:
                 self._begin_load(entry)
 
-    async def wait_preloaded(self) -> None:
-        tasks = [e.load_task for e in self._entries.values() if e.load_task is not None]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
     async def close(self) -> None:
         for entry in self._entries.values():
             if entry.load_task is not None and not entry.load_task.done():
@@ -154,15 +149,11 @@ class Registry:
             e.backend.state == ModelState.READY for e in self._entries.values() if e.spec.preload
         )
 
-    async def acquire(self, name: str, *, wait: bool = True) -> Backend:
-        """The loaded backend for `name`, loading it first when it is lazy.
+    async def ensure_loaded(self, entry: Entry, *, wait: bool = True) -> Backend:
+        """The loaded backend of `entry`, loading it first when it is lazy.
 
         With `wait` false a model still loading answers ModelNotReady at once.
         """
-        entry = self.lookup(name)
-        return await self.ensure_loaded(entry, wait=wait)
-
-    async def ensure_loaded(self, entry: Entry, *, wait: bool = True) -> Backend:
         backend = entry.backend
         if backend.state == ModelState.READY:
             return backend

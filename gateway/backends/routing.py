@@ -227,11 +227,6 @@ class RoutingBackend(Backend):
     async def run_task(self, request: TaskRequest) -> Any:
         return await self._call(lambda b: b.run_task(request))
 
-    async def count_tokens(self, text: str) -> int | None:
-        for d in self.candidates():
-            return await d.backend.count_tokens(text)
-        return None
-
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         last: GatewayError | None = None
         for d, deadline in self._attempts():
