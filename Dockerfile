@@ -20,7 +20,7 @@ RUN make install VENV=/opt/venv EXTRAS= TORCH="${TORCH}"
 
 USER 10001
 # Convert the default GGUF once at build time so containers are ready in seconds, not after a 20 s conversion.
-RUN /opt/venv/bin/python -c "import asyncio; from gateway.config import load_settings; from gateway.backends.registry import Registry; r = Registry(load_settings()); asyncio.run(r.acquire('smollm2-135m-instruct'))"
+RUN /opt/venv/bin/python -c "import asyncio; from gateway.config import load_settings; from gateway.backends.registry import Registry; r = Registry(load_settings()); asyncio.run(r.ensure_loaded(r.lookup('smollm2-135m-instruct')))"
 
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s \

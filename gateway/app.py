@@ -12,10 +12,10 @@ from gateway import __version__
 from gateway.backends.registry import BackendFactory, Registry, default_backend_factory
 from gateway.config import Settings
 from gateway.error_handlers import install_error_handlers
-from gateway.json_response import FastJSONResponse
 from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.routes import hf_tasks, openai_chat, openai_completions, openai_embeddings, openai_models, ops, tgi
+from gateway.routes.common.responses import FastJSONResponse
 from gateway.state import AppState
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from gateway.domain import Task
 from gateway.errors import ConfigError
+from gateway.validation import format_errors
 
 
 class _Strict(BaseModel):
@@ -288,12 +289,12 @@ def _env_overrides() -> dict[str, Any]:
 
 
 def _describe(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    issues = format_errors(errors, root=None, unknown_msg="unknown setting", strip_value_error=False, brackets=True)
     lines = []
-    for error in exc.errors(include_url=False):
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
-        what = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
-        got = "" if error["type"] == "missing" else f" (got {error['input']!r:.80})"
-        lines.append(f"  {where or '(top level)'}: {what}{got}")
+    for error, issue in zip(errors, issues, strict=True):
+        got = "" if issue.kind == "missing" else f" (got {error['input']!r:.80})"
+        lines.append(f"  {issue.param or '(top level)'}: {issue.message}{got}")
     return "\n".join(lines)
 
 

@@ -28,6 +28,10 @@ class Task(str, enum.Enum):
     IMAGE_CLASSIFICATION = "image-classification"
 
 
+# Embedding models serve both: sentence-similarity is cosine similarity of embeddings.
+EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
+
+
 class ModelState(str, enum.Enum):
     PENDING = "pending"  # lazily loaded, not asked for yet
     LOADING = "loading"
@@ -141,11 +145,15 @@ class StreamEnd:
     usage: Usage
 
 
+# What a generation stream yields: token deltas, then one StreamEnd.
+GenerationEvent = TokenDelta | StreamEnd
+
+
 @dataclass
 class Choice:
     index: int
     text: str
-    finish_reason: FinishReason
+    finish_reason: FinishReason | None  # None: an upstream that did not say
     tokens: list[TokenDelta] = field(default_factory=list)
 
 

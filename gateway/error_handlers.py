@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.protocol.openai_responses import error_body
+from gateway.validation import format_errors
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "Invalid request.", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    where = f" at '{param}'" if param else ""
-    return f"Invalid request{where}: {first.get('msg', 'invalid value')}.", param
+    first = format_errors(errors[:1], root=None, unknown_msg=None, skip=("body",), strip_value_error=False)[0]
+    where = f" at '{first.param}'" if first.param else ""
+    return f"Invalid request{where}: {first.message}.", first.param
 
 
 def install_error_handlers(app: FastAPI) -> None:

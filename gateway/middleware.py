@@ -95,7 +95,8 @@ class GatewayMiddleware:
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
-            model = state.get("model", "none")
+            context = state.get("context")  # the RequestContext; services.resolve names its model
+            model = context.model if context is not None and context.model is not None else "none"
             key = (label, model, status_holder[0])
             children = self._children.get(key)
             if children is None:  # labels() takes a lock and builds a tuple: once per label set only

@@ -1,12 +1,9 @@
-"""Typed application state and the FastAPI dependencies that read it."""
+"""Typed application state (no FastAPI here: its dependencies live in routes/common/deps.py)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
-
-from fastapi import Depends, Request
 
 from gateway.backends.registry import Registry
 from gateway.config import Settings
@@ -20,11 +17,3 @@ class AppState:
     metrics: Metrics
     started_at: int = field(default_factory=lambda: int(time.time()))
 
-
-async def get_state(request: Request) -> AppState:
-    # async on purpose: FastAPI runs a plain `def` dependency in a worker thread, a thread
-    # hop per request that measurably slowed the upstream hot path (bench/upstream_overhead.py).
-    return request.app.state.gateway  # type: ignore[no-any-return]
-
-
-StateDep = Annotated[AppState, Depends(get_state)]

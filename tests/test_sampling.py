@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from gateway.detokenize import TextAssembler
 from gateway.domain import SamplingParams
-from gateway.engine.detokenize import TextAssembler
 from gateway.engine.sampling import SequenceSampler
 
 

@@ -8,15 +8,17 @@ ever talk to this interface. Everything here uses domain types only.
 from __future__ import annotations
 
 import abc
+import enum
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.domain import (
     Choice,
     EmbeddingRequest,
     EmbeddingResult,
+    GenerationEvent,
     GenerationRequest,
     GenerationResult,
     ModelState,
@@ -28,7 +30,18 @@ from gateway.domain import (
 )
 from gateway.errors import TaskNotSupported, UnsupportedParameter
 
-GenerationEvent = TokenDelta | StreamEnd
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+
+
+class Capability(str, enum.Enum):
+    """What a backend can do, declared instead of found by probing its attributes."""
+
+    GENERATE = "generate"  # generate_stream (and generate)
+    EMBED = "embed"
+    HF_TASKS = "hf_tasks"  # run_task beyond the embedding tasks
+    PROMPT_LOGPROBS = "prompt_logprobs"  # TGI's prefill details
+    WHOLE_RESPONSE = "whole_response"  # generate() is its own call (upstream), not the stream collected
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,10 @@ class ModelInfo:
 
 class Backend(abc.ABC):
     """Serves one model. Subclasses override the operations their task supports."""
+
+    capabilities: frozenset[Capability] = frozenset()
+    remote: bool = False  # answers from another server (routing prefers local deployments)
+    total_timeout: float | None = None  # seconds from a request's arrival to its deadline, when bounded
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -92,6 +109,14 @@ class Backend(abc.ABC):
     def queue_stats(self) -> QueueStats | None:
         """The engine's queue and batch, for backends that batch locally."""
         return None
+
+    def attach_metrics(self, metrics: Metrics) -> None:
+        """Take the app's metrics, for backends that record their own. Nothing by default."""
+        return None
+
+    async def probe(self) -> bool:
+        """Whether the backend can serve again (the routing circuit breaker asks). By default: loaded."""
+        return self.state == ModelState.READY
 
     # operations ------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -138,10 +163,6 @@ class Backend(abc.ABC):
                 outputs.append([sum(a * b for a, b in zip(source, o, strict=True)) for o in others])
             return outputs
         raise TaskNotSupported(f"Model '{self.name}' does not serve the task '{request.task.value}'.")
-
-    async def count_tokens(self, text: str) -> int | None:
-        """Tokens in `text` by this model's tokenizer, when it has one."""
-        return None
 
 
 async def collect(events: AsyncIterator[GenerationEvent], n: int) -> GenerationResult:

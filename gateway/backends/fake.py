@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from gateway.backends.base import Backend, GenerationEvent, ModelInfo
 from gateway.config import FakeBackendSpec, ModelSpec
+from gateway.detokenize import TextAssembler
 from gateway.domain import (
     EmbeddingRequest,
     EmbeddingResult,
@@ -24,7 +25,6 @@ from gateway.domain import (
     TokenDelta,
     Usage,
 )
-from gateway.engine.detokenize import TextAssembler
 
 
 class _WordTokenizer:
@@ -99,6 +99,3 @@ class FakeBackend(Backend):
             vectors.append(vec)
         tokens = sum(len(t) if isinstance(t, list) else len(t.split()) for t in request.inputs)
         return EmbeddingResult(vectors=vectors, usage=Usage(prompt_tokens=tokens))
-
-    async def count_tokens(self, text: str) -> int | None:
-        return len(text.split())

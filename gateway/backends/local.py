@@ -18,6 +18,7 @@ from typing import Any
 from gateway.backends.base import Backend, GenerationEvent, ModelInfo, QueueStats
 from gateway.config import LocalBackendSpec, ModelSpec, Settings
 from gateway.domain import (
+    EMBEDDING_TASKS,
     EmbeddingRequest,
     EmbeddingResult,
     GenerationRequest,
@@ -35,7 +36,6 @@ from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
 
 # transformers' lazy imports and the weight-init patches it applies while loading are
 # process-global: two models loading on two threads corrupt each other. One at a time.
@@ -452,9 +452,6 @@ class LocalBackend(Backend):
             TokenDelta(0, self.tokenizer.decode([token]), token, None if i == 0 else scores[i - 1], token in special)
             for i, token in enumerate(ids)
         ]
-
-    async def count_tokens(self, text: str) -> int | None:
-        return len(self.tokenizer(text)["input_ids"]) if self.tokenizer is not None else None
 
     # Hugging Face tasks ----------------------------------------------------
     def serves(self, task: Task) -> bool:

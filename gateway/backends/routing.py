@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from gateway.backends.base import Backend, GenerationEvent, ModelInfo, QueueStats
 from gateway.backends.upstream import UpstreamBackend
@@ -227,15 +227,11 @@ class RoutingBackend(Backend):
     async def run_task(self, request: TaskRequest) -> Any:
         return await self._call(lambda b: b.run_task(request))
 
-    async def count_tokens(self, text: str) -> int | None:
-        for d in self.candidates():
-            return await d.backend.count_tokens(text)
-        return None
-
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         last: GatewayError | None = None
         for d, deadline in self._attempts():
-            stream = d.backend.generate_stream(request)
+            # every backend writes generate_stream as an async generator, so it can be closed
+            stream = cast(AsyncGenerator[GenerationEvent, None], d.backend.generate_stream(request))
             d.outstanding += 1
             streaming = False
             try:

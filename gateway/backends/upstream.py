@@ -227,7 +227,8 @@ class UpstreamBackend(Backend):
             self._ttfb.observe(loop.time() - began)  # the first event is in
             return response, first
 
-        response, events = await self._with_retries(open_and_prime)
+        response, primed = await self._with_retries(open_and_prime)
+        events: list[GenerationEvent] | None = primed
         outcome = "stream_broken"
         try:
             while events is not None:

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from gateway.detokenize import TextAssembler
 from gateway.domain import FinishReason, SamplingParams, StreamEnd, TokenDelta, Usage
-from gateway.engine.detokenize import TextAssembler
 from gateway.engine.sampling import SequenceSampler, select
 from gateway.engine.step import PrefillChunk, StepModel, StepPlan
 from gateway.engine.top_tokens import top_tokens

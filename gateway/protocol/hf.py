@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.domain import SEED_MAX, SEED_MIN, Task, TaskRequest
 from gateway.errors import InvalidRequest
+from gateway.validation import format_errors
 
 MEDIA_TASKS = frozenset({Task.IMAGE_CLASSIFICATION})
 
@@ -190,13 +191,8 @@ class HFCall:
 
 
 def _validation(exc: ValidationError, where: str) -> InvalidRequest:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    param = f"{where}.{loc}" if loc else where
-    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
-    if first.get("type") == "extra_forbidden":
-        msg = "is not a parameter of this task"
-    return InvalidRequest(f"Invalid '{param}': {msg}.", param=param)
+    first = format_errors(exc.errors()[:1], root=where, unknown_msg="is not a parameter of this task")[0]
+    return InvalidRequest(f"Invalid '{first.param}': {first.message}.", param=first.param)
 
 
 def read_body(raw: bytes, content_type: str | None) -> Any:

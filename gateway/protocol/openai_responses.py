@@ -65,7 +65,7 @@ def chat_delta_choice(delta: TokenDelta, *, first: bool) -> dict[str, Any]:
 
 def completion(results: list[GenerationResult], *, id: str, model: str, created: int) -> dict[str, Any]:
     """One text_completion for several prompts: choices are numbered prompt by prompt."""
-    choices = []
+    choices: list[dict[str, Any]] = []
     usage = Usage()
     for result in results:
         for c in result.choices:

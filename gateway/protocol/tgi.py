@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.domain import SEED_MAX, FinishReason, GenerationRequest, SamplingParams, TokenDelta
 from gateway.errors import InvalidRequest, UnsupportedParameter
 from gateway.protocol.hf import exact_integer
+from gateway.validation import format_errors
 
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when a request does not say
 MAX_TOP_N_TOKENS = 5  # TGI's default --max-top-n-tokens
@@ -114,12 +115,8 @@ def parse_parameters(raw: Any) -> TGIParameters:
     try:
         params = TGIParameters.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first.get("loc", ()))
-        msg = first.get("msg", "invalid value").removeprefix("Value error, ")
-        if first.get("type") == "extra_forbidden":
-            msg = "is not a text-generation parameter"
-        raise InvalidRequest(f"Invalid 'parameters.{loc}': {msg}.", param=f"parameters.{loc}") from exc
+        first = format_errors(exc.errors()[:1], root="parameters", unknown_msg="is not a text-generation parameter")[0]
+        raise InvalidRequest(f"Invalid '{first.param}': {first.message}.", param=first.param) from exc
     params.check_supported()
     return params
 

@@ -13,26 +13,24 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.backends.registry import Entry, loading_error
-from gateway.domain import ModelState, Task
+from gateway.domain import EMBEDDING_TASKS, ModelState, Task
 from gateway.errors import InvalidRequest, ModelNotReady
-from gateway.json_response import FastJSONResponse
 from gateway.protocol import hf
 from gateway.protocol.openai import ChatCompletionRequest
-from gateway.routes.body import openapi_body, parse_body
+from gateway.routes.common.body import openapi_body, parse_body
+from gateway.routes.common.deps import StateDep, context
+from gateway.routes.common.responses import FastJSONResponse
 from gateway.routes.openai_chat import serve_chat
 from gateway.routes.tgi import info_body, text_generation
-from gateway.state import AppState, StateDep
+from gateway.services.resolve import resolve_entry
+from gateway.state import AppState
 
 router = APIRouter(tags=["huggingface"])
 
-EMBEDDING_TASKS = (Task.FEATURE_EXTRACTION, Task.SENTENCE_SIMILARITY)
 
 
 def _entry(state: AppState, request: Request, model_id: str) -> Entry:
-    request.state.model = "unknown"  # until found: metric labels stay bounded
-    entry = state.registry.lookup(model_id)
-    request.state.model = entry.spec.name
-    return entry
+    return resolve_entry(state, context(request), model_id, placeholders=False)  # the URL names the model
 
 
 def _by_input_shape(task: Task, inputs: Any) -> Task:

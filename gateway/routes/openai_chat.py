@@ -12,19 +12,18 @@ from starlette.responses import Response
 from gateway.backends.base import GenerationEvent
 from gateway.domain import StreamEnd, Task
 from gateway.ids import unique_hex
-from gateway.json_response import FastJSONResponse
 from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import ChatCompletionRequest
-from gateway.routes.body import RawRequestRoute, openapi_body, parse_body
-from gateway.services.generation import name_model, resolve_backend, run_generation, stream_generation, until_disconnect
+from gateway.routes.common.body import RawRequestRoute, openapi_body, parse_body
+from gateway.routes.common.deps import context
+from gateway.routes.common.responses import FastJSONResponse, ignored_header
+from gateway.routes.common.sse import sse_response
+from gateway.services.metering import run_generation, stream_generation
+from gateway.services.resolve import name_model, resolve
+from gateway.services.streams import primed, until_disconnect
 from gateway.state import AppState
-from gateway.streaming import primed, sse_response
 
 router = APIRouter(tags=["openai"])
-
-
-def ignored_header(ignored: list[str]) -> dict[str, str]:
-    return {"x-gateway-ignored-params": ",".join(ignored)} if ignored else {}
 
 
 async def chat_chunks(
@@ -50,19 +49,20 @@ async def create_chat_completion(request: Request) -> Response:
 
 async def serve_chat(body: ChatCompletionRequest, request: Request, state: AppState) -> Response:
     """A parsed chat request, answered as JSON or as an SSE stream."""
-    name_model(state, request, body.model, Task.TEXT_GENERATION)  # a refused body counts under its model
+    ctx = context(request)
+    name_model(state, ctx, body.model, Task.TEXT_GENERATION)  # a refused body counts under its model
     ignored = body.ignored_fields()
-    entry, backend = await resolve_backend(state, request, body.model, Task.TEXT_GENERATION)
-    generation = body.to_domain(request.state.request_id)
+    entry, backend = await resolve(state, ctx, body.model, Task.TEXT_GENERATION)
+    generation = body.to_domain(ctx.request_id)
     id, created, model = f"chatcmpl-{unique_hex()}", int(time.time()), body.model
     if not body.stream:
         result = await until_disconnect(
-            request, run_generation(state, entry, backend, generation, request.state.received_at)
+            ctx, run_generation(state, entry, backend, generation, ctx.received_at)
         )
         return FastJSONResponse(
             wire.chat_completion(result, id=id, model=model, created=created), headers=ignored_header(ignored)
         )
-    events = await primed(stream_generation(state, entry, backend, generation, request.state.received_at))
+    events = await primed(stream_generation(state, entry, backend, generation, ctx.received_at))
     chunks = chat_chunks(events, id=id, model=model, created=created, include_usage=body.include_usage)
     return sse_response(
         chunks,

@@ -12,21 +12,16 @@ from starlette.responses import Response
 
 from gateway.domain import StreamEnd, Task, Usage
 from gateway.ids import unique_hex
-from gateway.json_response import FastJSONResponse
 from gateway.protocol import openai_responses as wire
 from gateway.protocol.openai import CompletionRequest
-from gateway.routes.body import RawRequestRoute, openapi_body, parse_body
-from gateway.routes.openai_chat import ignored_header
-from gateway.services.generation import (
-    gather_or_cancel,
-    name_model,
-    resolve_backend,
-    run_generation,
-    stream_generation,
-    until_disconnect,
-)
+from gateway.routes.common.body import RawRequestRoute, openapi_body, parse_body
+from gateway.routes.common.deps import context
+from gateway.routes.common.responses import FastJSONResponse, ignored_header
+from gateway.routes.common.sse import sse_response
+from gateway.services.metering import run_generation, stream_generation
+from gateway.services.resolve import name_model, resolve
+from gateway.services.streams import gather_or_cancel, primed, until_disconnect
 from gateway.state import AppState
-from gateway.streaming import primed, sse_response
 
 router = APIRouter(tags=["openai"])
 
@@ -34,21 +29,22 @@ router = APIRouter(tags=["openai"])
 async def create_completion(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest, Task.TEXT_GENERATION)
     state: AppState = request.app.state.gateway
-    name_model(state, request, body.model, Task.TEXT_GENERATION)  # a refused body counts under its model
+    ctx = context(request)
+    name_model(state, ctx, body.model, Task.TEXT_GENERATION)  # a refused body counts under its model
     ignored = body.ignored_fields()
-    entry, backend = await resolve_backend(state, request, body.model, Task.TEXT_GENERATION)
-    generations = body.to_domain(request.state.request_id)
+    entry, backend = await resolve(state, ctx, body.model, Task.TEXT_GENERATION)
+    generations = body.to_domain(ctx.request_id)
     id, created, model = f"cmpl-{unique_hex()}", int(time.time()), body.model
     if not body.stream:
-        received_at = request.state.received_at
+        received_at = ctx.received_at
         work = gather_or_cancel(*(run_generation(state, entry, backend, g, received_at) for g in generations))
-        results = await until_disconnect(request, work)
+        results = await until_disconnect(ctx, work)
         return FastJSONResponse(
             wire.completion(list(results), id=id, model=model, created=created), headers=ignored_header(ignored)
         )
 
     # Prompts stream one after the other; choice indexes continue across prompts.
-    first = await primed(stream_generation(state, entry, backend, generations[0], request.state.received_at))
+    first = await primed(stream_generation(state, entry, backend, generations[0], ctx.received_at))
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
         total = Usage()

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from gateway.backends.registry import Entry
-from gateway.state import StateDep
+from gateway.routes.common.deps import StateDep
 
 router = APIRouter(tags=["openai"])
 

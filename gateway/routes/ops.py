@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from gateway.domain import ModelState
-from gateway.json_response import FastJSONResponse
-from gateway.state import StateDep
+from gateway.routes.common.deps import StateDep
+from gateway.routes.common.responses import FastJSONResponse
 
 router = APIRouter(tags=["ops"])
 

@@ -17,29 +17,22 @@ from gateway.backends.base import Backend
 from gateway.backends.registry import Entry
 from gateway.domain import StreamEnd, Task, TokenDelta, Usage
 from gateway.error_handlers import hf_error_body
-from gateway.errors import InvalidRequest, ModelNotFound
-from gateway.json_response import FastJSONResponse
+from gateway.errors import InvalidRequest
 from gateway.protocol import tgi
 from gateway.protocol.hf import HFCall, parse_call, read_body
-from gateway.services.generation import (
-    check_task,
-    gather_or_cancel,
-    run_generation,
-    stream_generation,
-    until_disconnect,
-)
-from gateway.state import AppState, StateDep
-from gateway.streaming import primed, sse_response
+from gateway.routes.common.deps import StateDep, context
+from gateway.routes.common.responses import FastJSONResponse
+from gateway.routes.common.sse import sse_response
+from gateway.services.metering import run_generation, stream_generation
+from gateway.services.resolve import check_task, resolve_entry
+from gateway.services.streams import gather_or_cancel, primed, until_disconnect
+from gateway.state import AppState
 
 router = APIRouter(tags=["tgi"])
 
 
 def default_entry(state: AppState, request: Request) -> Entry:
-    entry = state.registry.default_for(Task.TEXT_GENERATION)
-    if entry is None:
-        raise ModelNotFound("(default text-generation model)", state.registry.names())
-    request.state.model = entry.spec.name
-    return entry
+    return resolve_entry(state, context(request), None, Task.TEXT_GENERATION)
 
 
 def info_body(entry: Entry) -> dict[str, Any]:
@@ -76,6 +69,7 @@ async def text_generation(
     stream: bool,
 ) -> Response:
     """Generate for `call`: a list (POST /, hosted API) or one object (/generate), or a TGI stream."""
+    ctx = context(request)
     params = tgi.parse_parameters(call.parameters)
     prompts, many = tgi.prompts(call.inputs)
     if stream:
@@ -88,8 +82,8 @@ async def text_generation(
         return await _stream(state, request, entry, backend, prompts[0], params)
 
     async def one(prompt: str) -> tuple[dict[str, Any], Usage]:
-        generation = params.to_domain(prompt, request.state.request_id)
-        result = await run_generation(state, entry, backend, generation, request.state.received_at)
+        generation = params.to_domain(prompt, ctx.request_id)
+        result = await run_generation(state, entry, backend, generation, ctx.received_at)
         choice = result.choices[0]
         body: dict[str, Any] = {"generated_text": tgi.generated(prompt, choice.text, params)}
         if params.details:
@@ -102,7 +96,7 @@ async def text_generation(
         return body, result.usage
 
     # Cancelled if the client leaves: nobody would read the answer (the body has been read by now).
-    results = await until_disconnect(request, gather_or_cancel(*(one(p) for p in prompts)))
+    results = await until_disconnect(ctx, gather_or_cancel(*(one(p) for p in prompts)))
     bodies = [body for body, _ in results]
     # As TGI does: the token counts in headers (its non-streamed details carry no input length).
     usage = Usage()
@@ -115,9 +109,10 @@ async def text_generation(
 async def _stream(
     state: AppState, request: Request, entry: Entry, backend: Backend, prompt: str, params: tgi.TGIParameters
 ) -> Response:
-    generation = params.to_domain(prompt, request.state.request_id)
+    ctx = context(request)
+    generation = params.to_domain(prompt, ctx.request_id)
     seed = None if generation.sampling.greedy else generation.sampling.seed
-    events = await primed(stream_generation(state, entry, backend, generation, request.state.received_at))
+    events = await primed(stream_generation(state, entry, backend, generation, ctx.received_at))
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
         # Each token is sent once the next event arrives: the last one carries

@@ -11,11 +11,13 @@ import base64
 from dataclasses import replace
 from typing import Any
 
+from gateway.detokenize import StopFilter
 from gateway.domain import (
     Choice,
     EmbeddingRequest,
     EmbeddingResult,
     FinishReason,
+    GenerationEvent,
     GenerationRequest,
     GenerationResult,
     StreamEnd,
@@ -24,10 +26,7 @@ from gateway.domain import (
     TopToken,
     Usage,
 )
-from gateway.engine.detokenize import StopFilter
 from gateway.errors import UnsupportedParameter, UpstreamError
-
-GenerationEvent = TokenDelta | StreamEnd
 
 
 def finish_reason(value: Any) -> FinishReason | None:
@@ -119,7 +118,7 @@ def _usage(data: dict[str, Any]) -> Usage:
 
 def openai_result(data: Any, n: int, keep_stop: tuple[str, ...] = ()) -> GenerationResult:
     try:
-        choices = []
+        choices: list[Choice] = []
         for c in data["choices"]:
             message = c.get("message")
             text = message.get("content") if isinstance(message, dict) else c["text"]

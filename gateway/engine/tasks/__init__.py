@@ -57,7 +57,8 @@ class TaskModel:
         if task not in self._pipelines:
             from transformers import pipeline
 
-            self._pipelines[task] = pipeline(task, model=self.model, tokenizer=self.tokenizer, device=self.device)
+            # `task` is a runtime string; the stubs only type the per-literal overloads
+            self._pipelines[task] = pipeline(task, model=self.model, tokenizer=self.tokenizer, device=self.device)  # type: ignore[call-overload]
         return self._pipelines[task]
 
 
@@ -68,7 +69,7 @@ def runner(task: Task) -> TaskFunction | None:
     """The batch function serving `task`, or None when no module here serves it."""
     from gateway.engine.tasks import classification, fill_mask, question_answering, seq2seq, token_classification
 
-    return {
+    table: dict[Task, TaskFunction] = {
         Task.TEXT_CLASSIFICATION: classification.run_text,
         Task.ZERO_SHOT_CLASSIFICATION: classification.run_zero_shot,
         Task.IMAGE_CLASSIFICATION: classification.run_image,
@@ -78,4 +79,5 @@ def runner(task: Task) -> TaskFunction | None:
         Task.SUMMARIZATION: seq2seq.run_summarization,
         Task.TRANSLATION: seq2seq.run_translation,
         Task.TEXT2TEXT_GENERATION: seq2seq.run_text2text,
-    }.get(task)
+    }
+    return table.get(task)

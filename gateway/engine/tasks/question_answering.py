@@ -91,7 +91,8 @@ def run(tm: TaskModel, items: list[dict[str, str]], params: dict[str, Any]) -> l
             found[item].append((score, s, e))
     results: list[Any] = []
     for number, item in enumerate(items):
-        spans, seen = [], set()
+        spans: list[dict[str, Any]] = []
+        seen: set[tuple[int, int]] = set()
         for score, s, e in sorted(found[number], reverse=True):
             if (s, e) not in seen:
                 seen.add((s, e))

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.routing import request_response
 
 from gateway.domain import Task
-from gateway.services.generation import name_model
+from gateway.routes.common.deps import context
+from gateway.services.resolve import name_model
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -45,7 +46,7 @@ def _name_model_of(request: Request, raw: bytes, task: Task | None) -> None:
     except orjson.JSONDecodeError:
         return
     if isinstance(data, dict):
-        name_model(request.app.state.gateway, request, data.get("model"), task)
+        name_model(request.app.state.gateway, context(request), data.get("model"), task)
 
 
 class RawRequestRoute(APIRoute):

@@ -23,33 +23,6 @@ log = logging.getLogger(__name__)
 DONE = "[DONE]"
 
 
-async def primed(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """Pull the first item now, so that errors before any output become a normal HTTP error.
-
-    Returns an iterator that yields that item and then the rest.
-    """
-    try:
-        first = await anext(stream)
-    except StopAsyncIteration:
-        first = None
-        empty = True
-    else:
-        empty = False
-
-    async def rest() -> AsyncIterator[Any]:
-        try:
-            if not empty:
-                yield first
-                async for item in stream:
-                    yield item
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    return rest()
-
-
 def sse_response(
     chunks: AsyncIterator[dict[str, Any]],
     *,
