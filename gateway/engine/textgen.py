@@ -254,8 +254,9 @@ class GenerationEngine:
                 self.scheduler.drop(job)
         self.scheduler.jobs.clear()
         for stream in streams.values():
+            items: list[tuple[_Stream, Event]] = [(stream, self._failed_error())]
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening
-                stream.loop.call_soon_threadsafe(_deliver, [(stream, self._failed_error())])
+                stream.loop.call_soon_threadsafe(_deliver, items)
         if self.on_failure is not None:
             try:
                 self.on_failure(self.failure)
