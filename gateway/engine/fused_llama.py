@@ -22,7 +22,9 @@ step against 21 ms here). This module runs the same weights with:
   ~25,000, where bfloat16 resolves steps of 128: in pure bfloat16 (transformers'
   way) its first answer token to "What is the capital of France?" is a near-tie,
   and a different rounding order sent the answer astray. Float32 costs little on
-  a [tokens, hidden] matrix and keeps bfloat16 answers close to float32 ones.
+  a [tokens, hidden] matrix and keeps bfloat16 answers close to float32 ones;
+- the output projection in float32 in every dtype (a float32 copy of the head),
+  so argmax, log-probabilities and sampling see float32 logits.
 
 `supports()` says which checkpoints qualify; everything else runs on the generic
 path (`hf_step.py`). Outputs match transformers to float32 rounding (tested). The
@@ -78,7 +80,10 @@ class FusedLlama:
         self._batch_hint = slots
         head = model.get_output_embeddings()
         self.vocab_size = int(head.weight.shape[0])
-        self.head = PackedLinear(head.weight, head.bias, slots)
+        # The head runs in float32 whatever the model's dtype (a float32 copy of its weight, on the
+        # float32 normed residual): bfloat16 logits step by 0.125 at SmolLM2's magnitudes, and
+        # near-ties rounded to one value made greedy answers depend on the CPU's kernels.
+        self.head = PackedLinear(head.weight.float(), None if head.bias is None else head.bias.float(), slots)
         # rows of a head: [x0..x(d/2-1) | y0..y(d/2-1)] -> [x0, y0, x1, y1, ...], RoPE's pairs side by side
         half = self.head_dim // 2
         self._pairs = torch.tensor([i // 2 + (i % 2) * half for i in range(self.head_dim)], device=self.device)
@@ -168,7 +173,8 @@ class FusedLlama:
         return scores
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self._rms(x, self.norm).to(self.dtype)).float()
+        """Float32 logits from the float32 residual stream, never rounded to the model's dtype."""
+        return self.head(self._rms(x, self.norm))
 
     def _residual(self, plan: StepPlan) -> torch.Tensor:
         """Run the layers over every token of the plan (writing the cache); the final residual stream."""

@@ -14,7 +14,32 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from gateway.engine.packed import PackedLinear
 from gateway.engine.step import PrefillChunk, SlotKVCache, StepPlan
+
+
+class Float32Head(torch.nn.Module):
+    """The output projection in float32 whatever the model's dtype: logits rounded to bfloat16 step
+    by 0.125 at a small model's magnitudes, so near-ties became coin flips decided by the kernels.
+    Holds a float32 copy of the weight (a tied embedding keeps its own); `weight` stays the
+    original for code that reads its shape."""
+
+    def __init__(self, head: torch.nn.Module, batch_hint: int) -> None:
+        super().__init__()
+        self.weight = head.weight
+        self.in_features, self.out_features = head.weight.shape[1], head.weight.shape[0]
+        bias = getattr(head, "bias", None)
+        self._linear = PackedLinear(head.weight.detach().float(), None if bias is None else bias.detach().float(), batch_hint)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x.float())
+
+
+def float32_head(model: Any, batch_hint: int) -> None:
+    """Make `model`'s logits float32 (see `Float32Head`), where its head is a plain linear layer."""
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear) and head.weight.dtype != torch.float32:
+        model.set_output_embeddings(Float32Head(head, batch_hint))
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -73,6 +98,7 @@ class HFStepModel:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         param = next(model.parameters())
+        float32_head(model, slots)
         self.model = model
         self.device, self.dtype = param.device, param.dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])

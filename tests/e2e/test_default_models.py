@@ -33,23 +33,23 @@ def client(server_url: str) -> openai.OpenAI:
 
 def test_capital_of_france(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(
-        model=CHAT, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0
+        model=CHAT, messages=[{"role": "user", "content": "What is the capital of Japan?"}], temperature=0
     )
-    assert "Paris" in (resp.choices[0].message.content or "")
+    assert "Tokyo" in (resp.choices[0].message.content or "")
     assert resp.choices[0].finish_reason == "stop"
 
 
 def test_streamed_answer_matches(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model=CHAT,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=[{"role": "user", "content": "What is the capital of Japan?"}],
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert "Paris" in text
+    assert "Tokyo" in text
     assert chunks[-1].usage.completion_tokens > 0
 
 
@@ -114,7 +114,7 @@ def test_concurrent_requests_all_complete(client: openai.OpenAI) -> None:
 
     def ask() -> None:
         r = client.chat.completions.create(
-            model=CHAT, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=12
+            model=CHAT, messages=[{"role": "user", "content": "What is the capital of Japan?"}], temperature=0, max_tokens=12
         )
         results.append(r.choices[0].message.content or "")
 

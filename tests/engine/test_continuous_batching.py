@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 CHAT = "smollm2"
 PROMPTS = [
-    "What is the capital of France?",
+    "What is the capital of Japan?",
     "Name three colours.",
     "Write a haiku about the sea.",
     "What is 2 + 2?",
@@ -83,7 +83,7 @@ def test_batched_greedy_output_equals_unbatched(server: LiveServer) -> None:
     alone, together, mean_batch = asyncio.run(run())
     assert mean_batch > 2, "the concurrent requests were expected to share forward passes"
     assert together == alone
-    assert "Paris" in alone[0]
+    assert "Tokyo" in alone[0]
 
 
 def test_sampling_settings_and_seeds_are_per_request_within_a_batch(server: LiveServer) -> None:

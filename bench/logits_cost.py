@@ -1,0 +1,51 @@
+"""What float32 logits cost on the fused path: decode-step time of SmolLM2-135M in bf16 at 1 and 16
+streams with the float32 head (now) and with a bf16 head whose output is rounded to bf16 (before).
+The two heads alternate run by run in one process (so load from elsewhere hits both alike); medians.
+
+    PYTHONPATH=. python bench/logits_cost.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from gateway.engine.packed import PackedLinear
+from gateway.engine.step import PrefillChunk, StepPlan
+from tests.engine import numerics
+
+STEPS, RUNS, SLOTS = 20, 9, 16
+
+
+def main() -> None:
+    _, step = numerics.load(torch.bfloat16, slots=SLOTS)
+    _, plain = numerics.load(torch.bfloat16, fused=None)
+    head32 = step.head
+    head16 = PackedLinear(plain.get_output_embeddings().weight.detach(), None, SLOTS)
+    variants = {
+        "float32 head (now)": lambda x: head32(step._rms(x, step.norm)),
+        "bf16 head, rounded (before)": lambda x: head16(step._rms(x, step.norm).to(torch.bfloat16)).float(),
+    }
+    print(f"CPU: {__import__('bench.check_examples', fromlist=['cpu']).cpu()}, {torch.get_num_threads()} threads")
+    for streams in (1, 16):
+        for slot in range(streams):
+            step.forward(StepPlan(prefills=[PrefillChunk(slot, 0, list(range(10, 50)), True)]))
+        plan = StepPlan(decode_slots=list(range(streams)), decode_tokens=[100] * streams, decode_positions=[40] * streams)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for run in range(RUNS + 1):
+            for name, logits in variants.items():
+                step._logits = logits
+                start = time.perf_counter()
+                for _ in range(STEPS):
+                    step.forward(plan)
+                if run:  # the first round warms up
+                    times[name].append((time.perf_counter() - start) / STEPS * 1e3)
+        for name, runs in times.items():
+            ms = statistics.median(runs)
+            print(f"{streams:2d} streams  {name:28s} {ms:6.2f} ms/step  {streams * 1e3 / ms:6.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
