@@ -1,30 +1,31 @@
 """Map the error hierarchy to each API family's envelope.
 
-OpenAI routes (`/v1/...`, also under `/models/{id}/v1/...`) answer
-`{"error": {"message", "type", "param", "code"}}`; every other route speaks the
-Hugging Face dialect, `{"error": "...", "error_type": "..."}`. Bodies are
-always JSON objects.
+The family is the route's (`scope["route"].family`, set by the route classes in
+routes/common/families.py). OpenAI routes answer `{"error": {"message", "type", "param",
+"code"}}`; Hugging Face and TGI routes `{"error": "...", "error_type": "..."}`, with 422 for
+invalid input. Errors raised before routing (auth, body cap, in the middleware) find their
+route by matching the app's routes once. Bodies are always JSON objects.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.protocol.openai_responses import error_body
+from gateway.routes.common.families import DEFAULT_FAMILY, Family, unrouted_family
 from gateway.validation import format_errors
 
 log = logging.getLogger(__name__)
-
-
-def is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/") or "/v1/" in path
 
 
 def hf_error_body(exc: GatewayError) -> dict[str, Any]:
@@ -38,14 +39,46 @@ def hf_error_body(exc: GatewayError) -> dict[str, Any]:
     return body
 
 
-def error_response(exc: GatewayError, path: str) -> JSONResponse:
-    """The error in `path`'s API family; the middleware adds x-request-id."""
-    if is_openai_path(path):
-        body, status = error_body(exc), exc.status_code
-    else:
-        body = hf_error_body(exc)
-        # TGI answers validation errors with 422; the HF client maps the body either way.
-        status = 422 if isinstance(exc, InvalidRequest) else exc.status_code
+def _openai(exc: GatewayError) -> tuple[dict[str, Any], int]:
+    return error_body(exc), exc.status_code
+
+
+def _hf(exc: GatewayError) -> tuple[dict[str, Any], int]:
+    # TGI answers validation errors with 422; the HF client maps the body either way.
+    return hf_error_body(exc), 422 if isinstance(exc, InvalidRequest) else exc.status_code
+
+
+RENDERERS: dict[Family, Callable[[GatewayError], tuple[dict[str, Any], int]]] = {
+    Family.OPENAI: _openai,
+    Family.HF: _hf,
+}
+
+
+def _matching_route(scope: Scope) -> BaseRoute | None:
+    """The route the router would pick (a full match, else the first partial one: a 405)."""
+    app = scope.get("app")
+    partial = None
+    for route in app.router.routes if app is not None else ():
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return partial
+
+
+def family_of(scope: Scope) -> Family:
+    """The API family whose envelope an error on this request takes."""
+    route = scope.get("route") or _matching_route(scope)
+    if route is None:
+        return unrouted_family(scope["path"])
+    family: Family = getattr(route, "family", DEFAULT_FAMILY)
+    return family
+
+
+def error_response(exc: GatewayError, scope: Scope) -> JSONResponse:
+    """The error in the request's API family; the middleware adds x-request-id."""
+    body, status = RENDERERS[family_of(scope)](exc)
     return JSONResponse(body, status_code=status, headers=exc.headers)
 
 
@@ -63,12 +96,12 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, GatewayError)
         if exc.status_code >= 500:
             log.warning("%s on %s: %s", type(exc).__name__, request.url.path, exc.message)
-        return error_response(exc, request.url.path)
+        return error_response(exc, request.scope)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         message, param = _validation_message(exc)
-        return error_response(InvalidRequest(message, param=param), request.url.path)
+        return error_response(InvalidRequest(message, param=param), request.scope)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -76,7 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
         err.status_code = exc.status_code
         err.openai_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         err.hf_error_type = "not_found" if exc.status_code == 404 else "validation"
-        return error_response(err, request.url.path)
+        return error_response(err, request.scope)
 
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

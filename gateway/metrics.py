@@ -22,7 +22,12 @@ _SMALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 class Metrics:
     def __init__(self) -> None:
         self._models: dict[str, ModelMetrics] = {}
-        self.registry = r = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        self._http_and_models(self.registry)
+        self._local_engine(self.registry)
+        self._upstreams(self.registry)
+
+    def _http_and_models(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "gateway_requests", "HTTP requests by route, model and status code.", ["route", "model", "status"], registry=r
         )
@@ -45,7 +50,9 @@ class Metrics:
         self.model_state = Gauge(
             "gateway_model_state", "1 for the state each model is in.", ["model", "state"], registry=r
         )
-        # Local engine (filled by the engines).
+
+    def _local_engine(self, r: CollectorRegistry) -> None:
+        """Filled by the local engines (queue and running gauges are read at scrape time, routes/ops.py)."""
         self.queue_depth = Gauge("gateway_queue_depth", "Requests waiting for a batch slot.", ["model"], registry=r)
         self.running_requests = Gauge(
             "gateway_running_requests", "Requests in the running batch.", ["model"], registry=r
@@ -63,7 +70,9 @@ class Metrics:
             "gateway_batch_size", "Sequences (generation) or inputs (encoder tasks) per forward pass.", ["model"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
         )
-        # Upstream deployments.
+
+    def _upstreams(self, r: CollectorRegistry) -> None:
+        """Filled by the upstream and routing backends, per deployment."""
         self.upstream_requests = Counter(
             "gateway_upstream_requests", "Requests sent to upstream deployments.", ["deployment", "outcome"], registry=r
         )

@@ -76,12 +76,12 @@ class GatewayMiddleware:
 
         try:
             if path not in _OPEN_PATHS and not self._authorized(headers):
-                await error_response(Unauthorized("Invalid or missing API key."), path)(scope, receive, send_with_id)
+                await error_response(Unauthorized("Invalid or missing API key."), scope)(scope, receive, send_with_id)
                 return
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 too_large = _BodyTooLarge(f"Request body exceeds {self.max_body_bytes} bytes.")
-                await error_response(too_large, path)(scope, receive, send_with_id)
+                await error_response(too_large, scope)(scope, receive, send_with_id)
                 return
             try:
                 await self.app(scope, self._capped(receive), send_with_id)
@@ -91,7 +91,7 @@ class GatewayMiddleware:
                 log.exception("unhandled error on %s", path)
                 if started_response[0]:
                     return  # nothing more can be said once the response has begun
-                await error_response(GatewayError("Internal server error."), path)(scope, receive, send_with_id)
+                await error_response(GatewayError("Internal server error."), scope)(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
-from gateway.domain import GenerationResult, TokenDelta, Usage
+from gateway.domain import EmbeddingResult, GenerationEvent, GenerationResult, StreamEnd, TokenDelta, Usage
 from gateway.errors import GatewayError
+from gateway.protocol.openai import encode_embedding
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
@@ -63,6 +65,23 @@ def chat_delta_choice(delta: TokenDelta, *, first: bool) -> dict[str, Any]:
     return {"index": delta.index, "delta": body, "finish_reason": _reason(delta), "logprobs": None}
 
 
+async def chat_chunks(
+    events: AsyncIterator[GenerationEvent], *, id: str, model: str, created: int, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    """A chat stream's chunks: the role on each choice's first chunk, usage last when asked for."""
+    started: set[int] = set()
+    async for event in events:
+        if isinstance(event, StreamEnd):
+            if include_usage:
+                yield chat_chunk(id=id, model=model, created=created, choices=[], usage=event.usage)
+            continue
+        if not event.text and event.finish_reason is None and event.index in started:
+            continue  # nothing to say yet (held-back or partial character)
+        choice = chat_delta_choice(event, first=event.index not in started)
+        started.add(event.index)
+        yield chat_chunk(id=id, model=model, created=created, choices=[choice])
+
+
 def completion(results: list[GenerationResult], *, id: str, model: str, created: int) -> dict[str, Any]:
     """One text_completion for several prompts: choices are numbered prompt by prompt."""
     choices: list[dict[str, Any]] = []
@@ -103,6 +122,52 @@ def completion_chunk(*, id: str, model: str, created: int, delta: TokenDelta | N
     if usage is not None:
         chunk["usage"] = usage_body(usage)
     return chunk
+
+
+async def completion_chunks(
+    events: AsyncIterator[GenerationEvent], *, id: str, model: str, created: int, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    """A completion stream's chunks (deltas with something to say), usage last when asked for."""
+    async for event in events:
+        if isinstance(event, StreamEnd):
+            if include_usage:
+                yield completion_chunk(id=id, model=model, created=created, delta=None, usage=event.usage)
+        elif event.text or event.finish_reason is not None:
+            yield completion_chunk(id=id, model=model, created=created, delta=event)
+
+
+def embeddings(result: EmbeddingResult, *, model: str, encoding_format: str) -> dict[str, Any]:
+    data = [
+        {"object": "embedding", "index": i, "embedding": encode_embedding(vector, encoding_format)}
+        for i, vector in enumerate(result.vectors)
+    ]
+    usage = {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.prompt_tokens}
+    return {"object": "list", "model": model, "data": data, "usage": usage}
+
+
+def model_card(model: Mapping[str, Any], *, created: int) -> dict[str, Any]:
+    """One entry of /v1/models from a model summary (services/models.py)."""
+    card: dict[str, Any] = {
+        "id": model["name"],
+        "object": "model",
+        "created": created,
+        "owned_by": "gateway",
+        "aliases": model["aliases"],
+        "task": model["task"],
+        "backend": model["backend"],
+        "state": model["state"],
+    }
+    if model["deployments"] is not None:
+        card["deployments"] = [{"name": name, "backend": kind} for name, kind in model["deployments"]]
+    if model["max_total_tokens"]:
+        card["max_model_len"] = model["max_total_tokens"]
+    if model["error"]:
+        card["error"] = model["error"]
+    return card
+
+
+def model_list(models: Iterable[Mapping[str, Any]], *, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(m, created=created) for m in models]}
 
 
 def error_body(exc: GatewayError) -> dict[str, Any]:

@@ -5,14 +5,17 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from gateway.domain import Task
-from gateway.protocol.openai import EmbeddingsRequest, encode_embedding
-from gateway.routes.common.body import RawRequestRoute, openapi_body, parse_body
+from gateway.protocol import openai_responses as wire
+from gateway.protocol.openai import EmbeddingsRequest
+from gateway.routes.common.body import openapi_body, parse_body
 from gateway.routes.common.deps import context
+from gateway.routes.common.families import OpenAIRoute
 from gateway.routes.common.responses import FastJSONResponse, ignored_header
-from gateway.services.resolve import name_model, resolve
+from gateway.services import embeddings
+from gateway.services.resolve import name_model
 from gateway.state import AppState
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
 
 
 async def create_embeddings(request: Request) -> FastJSONResponse:
@@ -22,17 +25,10 @@ async def create_embeddings(request: Request) -> FastJSONResponse:
     state: AppState = request.app.state.gateway
     ctx = context(request)
     name_model(state, ctx, body.model, Task.FEATURE_EXTRACTION)  # a refused body counts under its model
-    ignored = body.ignored_fields()
-    entry, backend = await resolve(state, ctx, body.model, Task.FEATURE_EXTRACTION)
-    result = await backend.embed(body.to_domain())
-    state.metrics.of_model(entry.spec.name).count_tokens(result.usage)
-    data = [
-        {"object": "embedding", "index": i, "embedding": encode_embedding(vector, body.encoding_format)}
-        for i, vector in enumerate(result.vectors)
-    ]
-    usage = {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.prompt_tokens}
+    headers = ignored_header(body.ignored_fields())
+    result = await embeddings.embed(state, ctx, body.model, body.to_domain())
     return FastJSONResponse(
-        {"object": "list", "model": body.model, "data": data, "usage": usage}, headers=ignored_header(ignored)
+        wire.embeddings(result, model=body.model, encoding_format=body.encoding_format), headers=headers
     )
 
 
@@ -41,6 +37,5 @@ router.add_api_route(
     create_embeddings,
     methods=["POST"],
     response_model=None,
-    route_class_override=RawRequestRoute,
     openapi_extra=openapi_body(EmbeddingsRequest),
 )

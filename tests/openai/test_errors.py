@@ -201,6 +201,28 @@ def test_api_keys_enforced_with_401() -> None:
         assert httpx.get(f"{server.url}/health").status_code == 200  # probes stay open
 
 
+def test_error_envelope_follows_the_route_not_the_url() -> None:
+    """The route's API family picks the envelope, before routing (401) and after (404, 405)."""
+    models = [{"name": "m", "task": "text-generation", "backend": {"kind": "fake"}}]
+    with LiveServer(settings_for(models, api_keys=["k"])) as server:
+        key = {"authorization": "Bearer k"}
+        openai_shaped = [
+            httpx.post(f"{server.url}/models/m/v1/chat/completions", json={}),  # 401, before routing
+            httpx.post(f"{server.url}/models/nope/v1/chat/completions", json={}, headers=key),  # 404 for the model
+            httpx.get(f"{server.url}/models/m/v1/chat/completions", headers=key),  # 405
+            httpx.get(f"{server.url}/v1/no-such-path", headers=key),  # no route: /v1/ is the OpenAI API's
+        ]
+        assert [r.status_code for r in openai_shaped] == [401, 404, 405, 404]
+        assert all(isinstance(r.json()["error"], dict) and r.json()["error"]["message"] for r in openai_shaped)
+        # An HF route whose model id merely contains "/v1/" answers in the HF envelope.
+        hf_shaped = [
+            httpx.post(f"{server.url}/models/nope/v1/embeddings", json={"inputs": "x"}),  # 401
+            httpx.post(f"{server.url}/models/nope/v1/embeddings", json={"inputs": "x"}, headers=key),  # 404
+        ]
+        assert [(r.status_code, r.json()["error_type"]) for r in hf_shaped] == [(401, "authentication"), (404, "not_found")]
+        assert all(isinstance(r.json()["error"], str) for r in hf_shaped)
+
+
 class _ScriptedBackend(FakeBackend):
     """Fails in the ways the tests ask for."""
 
