@@ -9,7 +9,6 @@ always JSON objects.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.protocol.hf import error_body as hf_error_body
 from gateway.protocol.openai_responses import error_body
 from gateway.validation import format_errors
 
@@ -25,17 +25,6 @@ log = logging.getLogger(__name__)
 
 def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/") or "/v1/" in path
-
-
-def hf_error_body(exc: GatewayError) -> dict[str, Any]:
-    # huggingface_hub's text_generation retries itself, recursively, whenever an error names unused
-    # `model_kwargs` (it assumes a non-TGI server); that word must never reach an HF client.
-    message = exc.message.replace("model_kwargs", "model arguments")
-    body: dict[str, Any] = {"error": message, "error_type": exc.hf_error_type}
-    estimated = getattr(exc, "estimated_time", None)
-    if estimated is not None:
-        body["estimated_time"] = estimated
-    return body
 
 
 def error_response(exc: GatewayError, path: str) -> JSONResponse:
