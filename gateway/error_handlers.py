@@ -21,22 +21,12 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.protocol.hf import error_body as hf_error_body
 from gateway.protocol.openai_responses import error_body
 from gateway.routes.common.families import DEFAULT_FAMILY, Family, unrouted_family
 from gateway.validation import format_errors
 
 log = logging.getLogger(__name__)
-
-
-def hf_error_body(exc: GatewayError) -> dict[str, Any]:
-    # huggingface_hub's text_generation retries itself, recursively, whenever an error names unused
-    # `model_kwargs` (it assumes a non-TGI server); that word must never reach an HF client.
-    message = exc.message.replace("model_kwargs", "model arguments")
-    body: dict[str, Any] = {"error": message, "error_type": exc.hf_error_type}
-    estimated = getattr(exc, "estimated_time", None)
-    if estimated is not None:
-        body["estimated_time"] = estimated
-    return body
 
 
 def _openai(exc: GatewayError) -> tuple[dict[str, Any], int]:

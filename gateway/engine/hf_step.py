@@ -24,7 +24,7 @@ class Float32Head(torch.nn.Module):
     Holds a float32 copy of the weight (a tied embedding keeps its own); `weight` stays the
     original for code that reads its shape."""
 
-    def __init__(self, head: torch.nn.Module, batch_hint: int) -> None:
+    def __init__(self, head: torch.nn.Linear, batch_hint: int) -> None:
         super().__init__()
         self.weight = head.weight
         self.in_features, self.out_features = head.weight.shape[1], head.weight.shape[0]

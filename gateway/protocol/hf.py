@@ -17,7 +17,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.domain import SEED_MAX, SEED_MIN, Task, TaskRequest
-from gateway.errors import InvalidRequest
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.validation import format_errors
 
 MEDIA_TASKS = frozenset({Task.IMAGE_CLASSIFICATION})
@@ -171,6 +171,27 @@ PARAMS: dict[Task, type[_Params]] = {
     Task.SENTENCE_SIMILARITY: SentenceSimilarityParams,
 }
 _TOP_LEVEL = frozenset({"inputs", "parameters", "options", "stream"})
+
+
+def error_body(exc: GatewayError) -> dict[str, Any]:
+    """The HF/TGI error envelope: `{"error": "...", "error_type": "..."}` (+ `estimated_time` while loading)."""
+    # huggingface_hub's text_generation retries itself, recursively, whenever an error names unused
+    # `model_kwargs` (it assumes a non-TGI server); that word must never reach an HF client.
+    message = exc.message.replace("model_kwargs", "model arguments")
+    body: dict[str, Any] = {"error": message, "error_type": exc.hf_error_type}
+    estimated = getattr(exc, "estimated_time", None)
+    if estimated is not None:
+        body["estimated_time"] = estimated
+    return body
+
+
+def parse_task(name: str) -> Task:
+    """The task a /pipeline/{task}/... URL forces."""
+    try:
+        return Task(name)
+    except ValueError:
+        served = ", ".join(t.value for t in Task)
+        raise InvalidRequest(f"Unknown task '{name}'. Tasks: {served}.", param="task") from None
 
 
 @dataclass

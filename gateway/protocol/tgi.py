@@ -8,14 +8,31 @@ parameter TGI has but this server cannot honour is a validation error naming it.
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.domain import SEED_MAX, FinishReason, GenerationRequest, SamplingParams, TokenDelta
+from gateway import __version__
+from gateway.domain import (
+    SEED_MAX,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    GenerationResult,
+    ModelState,
+    SamplingParams,
+    StreamEnd,
+    Task,
+    TokenDelta,
+    Usage,
+)
 from gateway.errors import InvalidRequest, UnsupportedParameter
-from gateway.protocol.hf import exact_integer
+from gateway.protocol.hf import HFCall, exact_integer, parse_call, read_body
 from gateway.validation import format_errors
+
+if TYPE_CHECKING:
+    from gateway.backends.base import ModelInfo
 
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default when a request does not say
 MAX_TOP_N_TOKENS = 5  # TGI's default --max-top-n-tokens
@@ -121,6 +138,11 @@ def parse_parameters(raw: Any) -> TGIParameters:
     return params
 
 
+def read_call(raw: bytes) -> HFCall:
+    """A TGI route's body: always JSON, whatever its content type says."""
+    return parse_call(read_body(raw, "application/json"), Task.TEXT_GENERATION)
+
+
 def prompts(inputs: Any) -> tuple[list[str], bool]:
     """The prompts of a request and whether `inputs` was a list."""
     if isinstance(inputs, str):
@@ -130,6 +152,16 @@ def prompts(inputs: Any) -> tuple[list[str], bool]:
             raise InvalidRequest("At most 64 prompts per request.", param="inputs")
         return list(inputs), True
     raise InvalidRequest("'inputs' must be a string or a non-empty list of strings.", param="inputs")
+
+
+def check_streamable(params: TGIParameters, many: bool) -> None:
+    """What a TGI stream cannot carry: several prompts, or the prompt's own token details."""
+    if many:
+        raise InvalidRequest("Streaming takes a single prompt; send a string as 'inputs'.", param="inputs")
+    if params.decoder_input_details:
+        raise InvalidRequest(
+            "decoder_input_details is not available when streaming (as in TGI).", param="decoder_input_details"
+        )
 
 
 # responses ------------------------------------------------------------------
@@ -174,4 +206,97 @@ def stream_event(
         "generated_text": generated_text,
         "details": details,
         "top_tokens": top_body(delta) if delta.top else None,
+    }
+
+
+class Generated(NamedTuple):
+    """One prompt's answer, as the services hand it over."""
+
+    prompt: str
+    result: GenerationResult
+    seed: int | None  # what sampling used (None when greedy): TGI reports it
+    prefill: list[TokenDelta]  # the prompt's tokens, when decoder_input_details asked for them
+
+
+def generation_body(answer: Generated, params: TGIParameters) -> dict[str, Any]:
+    choice = answer.result.choices[0]
+    body: dict[str, Any] = {"generated_text": generated(answer.prompt, choice.text, params)}
+    if params.details:
+        body["details"] = details_body(
+            choice.tokens,
+            choice.finish_reason,
+            answer.seed,
+            answer.prefill,
+            params.top_n_tokens or 0,
+            generated=answer.result.usage.completion_tokens,
+        )
+    return body
+
+
+def generation_response(
+    results: Iterable[Generated], params: TGIParameters, *, single: bool
+) -> tuple[Any, dict[str, str]]:
+    """The body (one object when `single`, else a list) and, as TGI sends them, the token counts
+    in headers (its non-streamed details carry no input length)."""
+    bodies, usage = [], Usage()
+    for result in results:
+        bodies.append(generation_body(result, params))
+        usage.add(result.result.usage)
+    headers = {"x-prompt-tokens": str(usage.prompt_tokens), "x-generated-tokens": str(usage.completion_tokens)}
+    return (bodies[0] if single else bodies), headers
+
+
+async def stream_events(
+    events: AsyncIterator[GenerationEvent], prompt: str, params: TGIParameters, seed: int | None
+) -> AsyncIterator[dict[str, Any]]:
+    """TGI stream events. Each token is sent once the next event arrives: the last one carries
+    generated_text and details, which need the usage that ends the stream."""
+    pending: TokenDelta | None = None
+    end: StreamEnd | None = None
+    count, text = 0, ""
+    try:
+        async for event in events:
+            if isinstance(event, StreamEnd):
+                end = event
+                break
+            if pending is not None:
+                yield stream_event(count, pending)
+            count += 1
+            text += event.text
+            pending = event
+    except Exception:
+        if pending is not None:  # the tokens made before a failure still reach the client
+            yield stream_event(count, pending)
+        raise
+    if pending is None:
+        return
+    details = None
+    if params.details:
+        details = {
+            "finish_reason": TGI_FINISH[pending.finish_reason] if pending.finish_reason else "length",
+            "generated_tokens": count,
+            "input_length": end.usage.prompt_tokens if end is not None else None,
+            "seed": seed,
+        }
+    yield stream_event(count, pending, generated_text=generated(prompt, text, params), details=details)
+
+
+def info_body(name: str, info: ModelInfo, state: ModelState, task: Task | None) -> dict[str, Any]:
+    """TGI/TEI-style endpoint info."""
+    return {
+        "model_id": name,
+        "model_sha": None,
+        "model_dtype": info.dtype,
+        "model_device_type": info.device,
+        "model_pipeline_tag": task.value if task else None,
+        "max_input_tokens": info.max_input_tokens,
+        "max_input_length": info.max_input_tokens,
+        "max_total_tokens": info.max_total_tokens,
+        "max_best_of": 1,
+        "max_stop_sequences": 4,
+        "state": state.value,
+        "router": "gateway",
+        "version": __version__,
+        "sha": None,
+        "docker_label": None,
     }

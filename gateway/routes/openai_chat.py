@@ -51,11 +51,6 @@ async def _answer(request: Request, body: ChatCompletionRequest) -> Response:
     return sse_response(chunks, error_event=wire.stream_error_body, ping_seconds=ping, headers=headers)
 
 
-async def serve_chat(body: ChatCompletionRequest, request: Request, state: AppState) -> Response:
-    """Transitional, for routes/hf_tasks.py until its model_chat moves here (issue 11, B): delete at merge."""
-    return await _answer(request, body)
-
-
 router.add_api_route(
     "/v1/chat/completions",
     create_chat_completion,

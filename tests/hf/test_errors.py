@@ -131,7 +131,7 @@ def test_error_inside_a_chat_stream_reaches_both_clients(failing_server: LiveSer
 
 
 def test_the_model_kwargs_phrase_never_reaches_an_hf_client() -> None:
-    from gateway.error_handlers import hf_error_body
+    from gateway.protocol.hf import error_body as hf_error_body
 
     hazard = BackendFailure("The following `model_kwargs` are not used by the model: ['a']")
     assert "model_kwargs" not in hf_error_body(hazard)["error"]

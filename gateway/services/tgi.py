@@ -1,0 +1,103 @@
+"""TGI text generation: one answer per prompt (with the prompt's own token details when asked),
+or one prompt's event stream, from the default text-generation model or the model a URL names."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import NamedTuple
+
+from gateway.backends.base import ModelInfo
+from gateway.context import RequestContext
+from gateway.domain import GenerationEvent, GenerationRequest, ModelState, Task
+from gateway.protocol import tgi
+from gateway.protocol.hf import HFCall
+from gateway.protocol.tgi import Generated, TGIParameters
+from gateway.services.metering import run_generation, stream_generation
+from gateway.services.resolve import Resolved, resolve, resolve_entry
+from gateway.services.streams import gather_or_cancel, primed, until_disconnect
+from gateway.state import AppState
+
+
+class Generations(NamedTuple):
+    results: list[Generated]
+    many: bool  # `inputs` was a list: the answer is a list whatever the route
+    params: TGIParameters
+
+
+class Streamed(NamedTuple):
+    events: AsyncIterator[GenerationEvent]  # primed: a failure before the first token was raised already
+    prompt: str
+    seed: int | None
+    params: TGIParameters
+
+
+Outcome = Generations | Streamed
+
+
+class Described(NamedTuple):
+    name: str
+    info: ModelInfo
+    state: ModelState
+    task: Task | None
+
+
+# A model to generate with: a name (None: the default text-generation model) or one resolved already.
+Model = str | None | Resolved
+
+
+async def _target(state: AppState, ctx: RequestContext, model: Model, wait: bool) -> Resolved:
+    if isinstance(model, Resolved):
+        return model
+    return await resolve(state, ctx, model, Task.TEXT_GENERATION, wait=wait)
+
+
+def _seed(request: GenerationRequest) -> int | None:
+    return None if request.sampling.greedy else request.sampling.seed
+
+
+async def run(state: AppState, ctx: RequestContext, model: Model, call: HFCall, *, stream: bool) -> Outcome:
+    """A parsed TGI call: the model is loaded (as `wait_for_model` says) before its parameters are judged."""
+    target = await _target(state, ctx, model, call.options.wait_for_model is not False)
+    params = tgi.parse_parameters(call.parameters)
+    prompts, many = tgi.prompts(call.inputs)
+    if stream:
+        tgi.check_streamable(params, many)
+        return await stream_one(state, ctx, target, params, prompts[0])
+    return Generations(await generate(state, ctx, target, params, prompts), many, params)
+
+
+async def generate(
+    state: AppState, ctx: RequestContext, model: Model, params: TGIParameters, prompts: list[str], *, wait: bool = True
+) -> list[Generated]:
+    """One answer per prompt, generated concurrently; the first failure cancels the others."""
+    target = await _target(state, ctx, model, wait)
+    entry, backend = target
+
+    async def one(prompt: str) -> Generated:
+        request = params.to_domain(prompt, ctx.request_id)
+        result = await run_generation(state, entry, backend, request, ctx.received_at)
+        prefill = await backend.prompt_logprobs(request) if params.details and params.decoder_input_details else []
+        return Generated(prompt, result, _seed(request), prefill)
+
+    # Cancelled if the client leaves: nobody would read the answer (the body has been read by now).
+    return await until_disconnect(ctx, gather_or_cancel(*(one(p) for p in prompts)))
+
+
+async def stream_one(
+    state: AppState, ctx: RequestContext, model: Model, params: TGIParameters, prompt: str, *, wait: bool = True
+) -> Streamed:
+    """The prompt's event stream, primed so that errors before any token are an HTTP error."""
+    entry, backend = await _target(state, ctx, model, wait)
+    request = params.to_domain(prompt, ctx.request_id)
+    events = await primed(stream_generation(state, entry, backend, request, ctx.received_at))
+    return Streamed(events, prompt, _seed(request), params)
+
+
+def describe(state: AppState, ctx: RequestContext, name: str | None) -> Described:
+    """What GET /info tells about a model (None: the default text-generation model; a name is
+    exact, the URL names the model), without loading it."""
+    if name is None:
+        entry = resolve_entry(state, ctx, None, Task.TEXT_GENERATION)
+    else:
+        entry = resolve_entry(state, ctx, name, placeholders=False)
+    return Described(entry.spec.name, entry.backend.info(), entry.backend.state, entry.task)
