@@ -20,13 +20,16 @@ from gateway.routes.common.responses import FastJSONResponse
 from gateway.routes.common.sse import sse_response
 from gateway.services import hf_tasks
 from gateway.services import tgi as generation
+from gateway.services.resolve import name_model
 
 router = APIRouter(tags=["huggingface"], route_class=HFRoute)
 
 
 async def _run(request: Request, state: StateDep, model_id: str, forced: Task | None) -> Response:
+    ctx = context(request)
+    name_model(state, ctx, model_id)  # a body refused below still counts under the model it named
     body = hf.read_body(await request.body(), request.headers.get("content-type"))
-    out = await hf_tasks.run(state, context(request), model_id, forced, body)
+    out = await hf_tasks.run(state, ctx, model_id, forced, body)
     if isinstance(out, hf_tasks.TaskOutcome):
         return FastJSONResponse(hf.shape_output(out.task, out.outputs, out.many))
     if isinstance(out, generation.Streamed):  # a text-generation model answers as TGI does

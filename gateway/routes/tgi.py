@@ -11,21 +11,25 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from gateway.domain import Task
 from gateway.protocol import hf, tgi
 from gateway.routes.common.deps import StateDep, context
 from gateway.routes.common.families import HFRoute
 from gateway.routes.common.responses import FastJSONResponse
 from gateway.routes.common.sse import sse_response
 from gateway.services import tgi as generation
+from gateway.services.resolve import name_default_model
 
 router = APIRouter(tags=["tgi"], route_class=HFRoute)
 
 
 async def _serve(request: Request, state: StateDep, *, stream: bool | None, single: bool) -> Response:
     """`stream` None: the body's `stream` decides. `single`: one object for one prompt, else a list."""
+    ctx = context(request)
+    name_default_model(state, ctx, Task.TEXT_GENERATION)  # a body refused below counts under that model
     call = tgi.read_call(await request.body())
     wants_stream = bool(call.stream) if stream is None else stream
-    out = await generation.run(state, context(request), None, call, stream=wants_stream)
+    out = await generation.run(state, ctx, None, call, stream=wants_stream)
     if isinstance(out, generation.Streamed):
         events = tgi.stream_events(out.events, out.prompt, out.params, out.seed)
         ping = state.settings.server.sse_ping_seconds

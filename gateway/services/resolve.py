@@ -64,6 +64,15 @@ def name_model(state: AppState, ctx: RequestContext, name: object, task: Task | 
             pass
 
 
+def name_default_model(state: AppState, ctx: RequestContext, task: Task) -> None:
+    """`name_model` for routes that serve the default model of `task` (TGI's)."""
+    if ctx.model is None:
+        try:
+            resolve_entry(state, ctx, None, task)
+        except ModelNotFound:
+            pass
+
+
 def check_task(entry: Entry, task: Task | None) -> None:
     """Refuse a model whose task (known once loaded, at the latest) cannot answer `task`."""
     if task is not None and entry.task is not None and entry.task not in COMPATIBLE_TASKS.get(task, {task}):

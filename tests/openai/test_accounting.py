@@ -93,3 +93,31 @@ def test_unknown_model_404_and_bad_json_keep_bounded_labels(fake_server: LiveSer
     r = httpx.post(f"{fake_server.url}{route}", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert _requests_by_model(fake_server.url, route, "400").get("none", 0) == before + 1  # it named no model
+
+
+@pytest.mark.parametrize(
+    "path, route, body",
+    [
+        # the URL names the model; the body fails validation
+        ("/models/fake-chat", "/models/{model_id:path}", {"inputs": "x", "parameters": {"max_new_tokens": -1}}),
+        ("/models/fake-chat", "/models/{model_id:path}", {"inputs": "x", "parameters": {"seed": 2**64}}),
+        ("/models/fake-chat", "/models/{model_id:path}", b"{not json"),
+        ("/models/fake-chat", "/models/{model_id:path}", {"parameters": 5}),
+        # TGI routes serve the default text-generation model
+        ("/generate", "/generate", {"inputs": "x", "parameters": {"max_new_tokens": -1}}),
+        ("/generate", "/generate", b"{not json"),
+        ("/generate_stream", "/generate_stream", {"parameters": {}}),
+    ],
+)
+def test_refused_hf_and_tgi_requests_count_under_their_model(
+    fake_server: LiveServer, path: str, route: str, body: dict | bytes
+) -> None:
+    before = _requests_by_model(fake_server.url, route, "422")
+    if isinstance(body, bytes):
+        r = httpx.post(f"{fake_server.url}{path}", content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(f"{fake_server.url}{path}", json=body)
+    assert r.status_code == 422, r.text
+    after = _requests_by_model(fake_server.url, route, "422")
+    assert after.get("fake-chat", 0) - before.get("fake-chat", 0) == 1, after
+    assert after.get("none", 0) == before.get("none", 0)
