@@ -469,7 +469,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from gateway.config import load_settings
-    from gateway.engine.loader import checkpoint_path, pick_device, pick_dtype
+    from gateway.engine.runtime.loader import checkpoint_path, pick_device, pick_dtype
 
     settings = load_settings(args.config)
     chat = next(m for m in settings.models if m.name == CHAT_MODEL)

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.engine.device import device_worker
+from gateway.engine.runtime.device import device_worker
 from tests.engine.prom import grew, model_samples
 from tests.helpers import LiveServer, settings_for
 

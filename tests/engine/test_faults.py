@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from gateway.domain import SamplingParams
-from gateway.engine import scheduler as scheduler_module
-from gateway.engine.sampling import SequenceSampler
+from gateway.engine.generation import scheduler as scheduler_module
+from gateway.engine.generation.sampling import SequenceSampler
 from tests.engine.prom import model_samples
 from tests.engine.test_continuous_batching import busy_device
 from tests.helpers import LiveServer, settings_for
@@ -408,7 +408,7 @@ def test_an_exception_that_escapes_a_tick_is_logged(caplog: pytest.LogCaptureFix
     """The last net: a BaseException past the tick's own handling is logged, not lost in a future."""
     from concurrent.futures import Future
 
-    from gateway.engine.textgen import _log_escaped
+    from gateway.engine.generation.engine import _log_escaped
 
     caplog.set_level(logging.CRITICAL, logger="gateway.engine")
     future: Future[None] = Future()

@@ -27,9 +27,9 @@ import torch
 
 from gateway.detokenize import TextAssembler
 from gateway.domain import FinishReason, SamplingParams, StreamEnd, TokenDelta, Usage
-from gateway.engine.sampling import SequenceSampler, select
-from gateway.engine.step import PrefillChunk, StepModel, StepPlan
-from gateway.engine.top_tokens import top_tokens
+from gateway.engine.generation.sampling import SequenceSampler, select
+from gateway.engine.generation.step import PrefillChunk, StepModel, StepPlan
+from gateway.engine.generation.top_tokens import top_tokens
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from gateway.engine.step import PrefillChunk, SlotKVCache, StepPlan
+from gateway.engine.generation.step import PrefillChunk, SlotKVCache, StepPlan
 
 
 class _SlotLayer(CacheLayerMixin):
