@@ -33,7 +33,8 @@ import torch
 
 from gateway.domain import SamplingParams, StreamEnd, TokenDelta
 from gateway.engine.args import EngineArgs
-from gateway.engine.generation.scheduler import Event, GenerationJob, Scheduler
+from gateway.engine.generation.jobs import Event, GenerationJob
+from gateway.engine.generation.scheduler import Scheduler
 from gateway.engine.generation.step import StepModel
 from gateway.engine.runtime.observer import EngineObserver, NoObserver
 from gateway.errors import BackendFailure, GatewayError, InvalidRequest, ModelNotReady, Overloaded
