@@ -452,7 +452,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; medians are reported.")
@@ -464,33 +464,24 @@ def main() -> None:
     parser.add_argument("--config", type=Path, help="Gateway config to measure instead of the embedded default.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "engine_load.json")
     parser.add_argument("--no-plot", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    from transformers import AutoTokenizer
 
-    from gateway.config import load_settings
-    from gateway.engine.loader import checkpoint_path, pick_device, pick_dtype
-
-    settings = load_settings(args.config)
-    chat = next(m for m in settings.models if m.name == CHAT_MODEL)
+def chat_checkpoint(settings: Any) -> tuple[str, str]:
+    """The default chat model's plain checkpoint (a GGUF converted once) and the dtype it runs in."""
     from transformers import AutoModelForCausalLM
 
-    checkpoint, _ = checkpoint_path(chat.backend, settings.cache_dir, AutoModelForCausalLM)  # a plain checkpoint
-    dtype = str(pick_dtype(chat.backend.dtype, pick_device(chat.backend.device))).removeprefix("torch.")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    results: dict[str, Any] = {
-        "command": "python bench/engine_load.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cpu": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
-        "dtype": dtype,
-        "max_tokens": args.max_tokens,
-        "rounds": args.rounds,
-        "requests_per_client": args.requests_per_client,
-        "checkpoint": checkpoint,
-        "targets": {},
-    }
-    print(f"gateway default chat model in {dtype}; checkpoint {checkpoint}", flush=True)
-    gateway_label = "gateway"
+    from gateway.engine.args import EngineArgs
+    from gateway.engine.runtime.loader import checkpoint_path, pick_device, pick_dtype
+
+    chat = EngineArgs.of(next(m for m in settings.models if m.name == CHAT_MODEL).backend)
+    checkpoint, _ = checkpoint_path(chat, settings.cache_dir, AutoModelForCausalLM)
+    return checkpoint, str(pick_dtype(chat.dtype, pick_device(chat.device))).removeprefix("torch.")
+
+
+def measure(args: argparse.Namespace, results: dict[str, Any], tokenizer: Any) -> None:
+    """Every target under load, offline generate and embeddings, into `results`."""
+    checkpoint, gateway_label = results["checkpoint"], "gateway"
     # server logs and configs of this run stay in bench-results/ (git-ignored)
     tmp = ROOT / "bench-results" / time.strftime("engine-%Y%m%d-%H%M%S")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -508,9 +499,32 @@ def main() -> None:
         servers.close()
         results["gateway"] = measured.pop(gateway_label)
         results["targets"] = measured
-        results["offline_generate"] = offline_generate(checkpoint, dtype, args.levels, args.max_tokens)
+        results["offline_generate"] = offline_generate(checkpoint, results["dtype"], args.levels, args.max_tokens)
         if not args.skip_embeddings:
             results["embeddings"] = embeddings(tmp, args.embedding_requests, args.rounds)
+
+
+def main() -> None:
+    args = arguments()
+    from transformers import AutoTokenizer
+
+    from gateway.config import load_settings
+
+    settings = load_settings(args.config)
+    checkpoint, dtype = chat_checkpoint(settings)
+    results: dict[str, Any] = {
+        "command": "python bench/engine_load.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+        "dtype": dtype,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "requests_per_client": args.requests_per_client,
+        "checkpoint": checkpoint,
+        "targets": {},
+    }
+    print(f"gateway default chat model in {dtype}; checkpoint {checkpoint}", flush=True)
+    measure(args, results, AutoTokenizer.from_pretrained(checkpoint))
     embed_spec = next(m for m in settings.models if m.name == EMBED_MODEL).backend
     results["checks"] = checks(results, embed_spec.max_wait_ms)
     print("\nchecks:")

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from gateway.engine.packed import PackedLinear
-from gateway.engine.step import PrefillChunk, StepPlan
+from gateway.engine.generation.step import PrefillChunk, StepPlan
+from gateway.engine.runtime.packed import PackedLinear
 from tests.engine import numerics
 
 STEPS, RUNS, SLOTS = 20, 9, 16

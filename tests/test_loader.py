@@ -1,10 +1,11 @@
-"""The local loader (gateway/engine/loader.py) on tiny random checkpoints, through the real loading code.
+"""The local loader (gateway/engine/runtime/loader.py) on tiny random checkpoints, through the real loading code.
 
 Only what needs hardware this machine may lack is patched: the CUDA and CPU-capability probes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -14,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gateway.config import LocalBackendSpec
-from gateway.engine import loader
-from gateway.engine.loader import checkpoint_path, cpu_has_fast_bf16, load_model, pick_device, pick_dtype
+from gateway.engine.args import EngineArgs
+from gateway.engine.runtime import loader
+from gateway.engine.runtime.loader import checkpoint_path, cpu_has_fast_bf16, load_model, pick_device, pick_dtype
 from tests.tiny_models import CHAT_TEMPLATE, build_tiny_gguf, build_tiny_llama
 
 
@@ -32,7 +33,7 @@ class Recorded:
         return self.auto_cls.from_pretrained(path, **kwargs)
 
 
-def load(spec: LocalBackendSpec, cache: Path) -> tuple[Any, Any, torch.device, torch.dtype, Recorded, Recorded]:
+def load(spec: EngineArgs, cache: Path) -> tuple[Any, Any, torch.device, torch.dtype, Recorded, Recorded]:
     model_cls, tokenizer_cls = Recorded(AutoModelForCausalLM), Recorded(AutoTokenizer)
     tokenizer, model, device, dtype = load_model(spec, cache, model_cls, tokenizer_cls)
     return tokenizer, model, device, dtype, model_cls, tokenizer_cls
@@ -78,7 +79,7 @@ def conversions(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
 
 def test_gguf_is_converted_once_and_the_copy_reused(tiny_gguf: Path, tmp_path: Path, conversions: list[Path]) -> None:
-    spec = LocalBackendSpec(source=str(tiny_gguf), device="cpu", dtype="float32")
+    spec = EngineArgs(source=str(tiny_gguf), device="cpu", dtype="float32")
     cache = tmp_path / "cache"
     tokenizer, model, *_, model_cls, tokenizer_cls = load(spec, cache)
     assert len(conversions) == 1
@@ -106,7 +107,7 @@ def test_gguf_is_converted_once_and_the_copy_reused(tiny_gguf: Path, tmp_path: P
 def test_unwritable_cache_loads_the_gguf_directly(tiny_gguf: Path, tmp_path: Path, conversions: list[Path]) -> None:
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")  # the cache root is a file, so nothing can be created under it
-    spec = LocalBackendSpec(source=str(tiny_gguf), device="cpu", dtype="float32")
+    spec = EngineArgs(source=str(tiny_gguf), device="cpu", dtype="float32")
     tokenizer, model, *_, model_cls, _ = load(spec, blocked / "cache")
     assert conversions == []
     assert model_cls.calls[0] == (str(tiny_gguf.parent), {"trust_remote_code": False, "gguf_file": tiny_gguf.name, "dtype": torch.float32})
@@ -148,14 +149,14 @@ def remote_code_model(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_remote_code_is_refused_unless_the_model_turns_it_on(remote_code_model: Path, tmp_path: Path) -> None:
-    spec = LocalBackendSpec(source=str(remote_code_model), device="cpu", dtype="float32")
+    spec = EngineArgs(source=str(remote_code_model), device="cpu", dtype="float32")
     assert spec.trust_remote_code is False
     model_cls = Recorded(AutoModelForCausalLM)
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_model(spec, tmp_path, model_cls)
     assert model_cls.calls[0][1]["trust_remote_code"] is False
 
-    trusted = spec.model_copy(update={"trust_remote_code": True})
+    trusted = dataclasses.replace(spec, trust_remote_code=True)
     _, model, *_, model_cls, tokenizer_cls = load(trusted, tmp_path)
     assert type(model).__name__ == "RemoteTinyForCausalLM"  # the checkpoint's own code ran
     assert [kwargs["trust_remote_code"] for _, kwargs in tokenizer_cls.calls + model_cls.calls] == [True, True]
@@ -178,7 +179,7 @@ def test_model_is_loaded_in_the_resolved_dtype(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requested: str, fast_bf16: bool, expected: torch.dtype
 ) -> None:
     monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: fast_bf16)
-    spec = LocalBackendSpec(source=str(tiny_llama), device="cpu", dtype=requested)  # type: ignore[arg-type]
+    spec = EngineArgs(source=str(tiny_llama), device="cpu", dtype=requested)  # type: ignore[arg-type]
     _, model, device, dtype, model_cls, _ = load(spec, tmp_path)
     assert dtype == expected and model.dtype == expected and device == torch.device("cpu")
     assert model_cls.calls[0][1]["dtype"] == expected
@@ -224,7 +225,7 @@ def test_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_device_is_applied_after_loading_without_a_device_map(tiny_llama: Path, tmp_path: Path) -> None:
-    spec = LocalBackendSpec(source=str(tiny_llama), device="cpu", dtype="float32")
+    spec = EngineArgs(source=str(tiny_llama), device="cpu", dtype="float32")
     _, model, device, *_, model_cls, _ = load(spec, tmp_path)
     assert "device_map" not in model_cls.calls[0][1]
     assert {p.device for p in model.parameters()} == {device} == {torch.device("cpu")}
@@ -234,7 +235,7 @@ def test_device_is_applied_after_loading_without_a_device_map(tiny_llama: Path, 
 def test_device_map_is_handed_to_accelerate(tiny_llama: Path, tmp_path: Path) -> None:
     # "meta" is the one placement a CPU-only machine can tell apart from the default one; that the
     # weights stay there also shows the loader leaves a device_map model where accelerate put it.
-    spec = LocalBackendSpec(source=str(tiny_llama), device="cpu", dtype="float32", device_map="meta")
+    spec = EngineArgs(source=str(tiny_llama), device="cpu", dtype="float32", device_map="meta")
     _, model, *_, model_cls, _ = load(spec, tmp_path)
     assert model_cls.calls[0][1]["device_map"] == "meta"
     assert {p.device.type for p in model.parameters()} == {"meta"}

@@ -6,7 +6,7 @@ import torch
 
 from gateway.detokenize import TextAssembler
 from gateway.domain import SamplingParams
-from gateway.engine.sampling import SequenceSampler
+from gateway.engine.generation.sampling import SequenceSampler
 
 
 def test_presence_and_frequency_penalties_are_exact() -> None:

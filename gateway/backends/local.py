@@ -28,9 +28,7 @@ from gateway.domain import (
     TokenDelta,
     Usage,
 )
-from gateway.engine.device import device_worker, in_fresh_thread
-from gateway.engine.microbatch import MicroBatcher
-from gateway.engine.observer import EngineObserver, NoObserver
+from gateway.engine import EngineArgs, EngineObserver, MicroBatcher, NoObserver, device_worker, in_fresh_thread
 from gateway.errors import BackendFailure, GatewayError, InvalidRequest, TaskNotSupported
 from gateway.metrics import Metrics
 
@@ -62,7 +60,7 @@ def infer_task(config: Any) -> Task:
     zero-shot classification runs on; an encoder-decoder is text2text-generation unless its
     `task_specific_params` name only summarization or only translation.
     """
-    from gateway.engine.tasks.classification import entailment_index
+    from gateway.engine import entailment_index
 
     archs = config.architectures or []
     arch = archs[0] if archs else ""
@@ -86,10 +84,10 @@ def config_task(spec: LocalBackendSpec) -> Task | None:
     running anything (a local folder, or a Hub id already cached); None leaves it to load time."""
     if spec.trust_remote_code:
         return None  # its config class is the checkpoint's own code: not run before the load
-    from gateway.engine.loader import resolve_source
+    from gateway.engine import resolve_source
 
     try:
-        source = resolve_source(spec)
+        source = resolve_source(EngineArgs.of(spec))
         if source.gguf_file is not None:
             return None  # a GGUF has a config only once converted
         from transformers import AutoConfig
@@ -149,10 +147,10 @@ class LoadHistory:
 
 def checkpoint_bytes(spec: LocalBackendSpec) -> int | None:
     """Size of a local checkpoint's files; None for a Hub id."""
-    from gateway.engine.loader import resolve_source
+    from gateway.engine import resolve_source
 
     try:
-        source = resolve_source(spec)
+        source = resolve_source(EngineArgs.of(spec))
         if not source.is_local:
             return None
         root = Path(source.path)
@@ -194,6 +192,7 @@ class LocalBackend(Backend):
         assert isinstance(spec.backend, LocalBackendSpec)
         self.spec = spec
         self.local: LocalBackendSpec = spec.backend
+        self.args = EngineArgs.of(self.local)  # what the engine reads
         self.cache_dir = settings.cache_dir
         # Known before loading when possible: routes to a default model need its task.
         self.task: Task | None = spec.task or config_task(self.local)
@@ -228,15 +227,15 @@ class LocalBackend(Backend):
             self._load_locked()
         self._executor = device_worker(str(self.device))
         if self.task != Task.TEXT_GENERATION and self.task not in _SEQ2SEQ_TASKS:
-            from gateway.engine.packed import pack_linears
+            from gateway.engine import pack_linears
 
             pack_linears(self.model, self.local.max_batch_size)  # encoders: prepacked CPU matmuls
         if self.task == Task.TEXT_GENERATION:
-            from gateway.engine.textgen import create_engine
+            from gateway.engine import create_engine
 
-            self.engine = create_engine(self.model, self.tokenizer, self.local, self.name, self._executor)
+            self.engine = create_engine(self.model, self.tokenizer, self.args, self.name, self._executor)
             self.engine.observer = self._observer
-            from gateway.engine.prompt_limits import text_bound
+            from gateway.engine import text_bound
 
             self.vocab_rows = int(self.model.get_input_embeddings().weight.shape[0])
             self.text_bound = text_bound(self.tokenizer)
@@ -256,29 +255,29 @@ class LocalBackend(Backend):
     def _load_locked(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from gateway.engine.loader import checkpoint_path, load_model
+        from gateway.engine import checkpoint_path, load_model
 
         if self.task is None:
-            path, kwargs = checkpoint_path(self.local, self.cache_dir, AutoModelForCausalLM)
+            path, kwargs = checkpoint_path(self.args, self.cache_dir, AutoModelForCausalLM)
             self.task = infer_task(AutoConfig.from_pretrained(path, **kwargs))
         auto_cls = model_class(self.task)
         if self.task == Task.TEXT_GENERATION:
-            self.tokenizer, self.model, self.device, self.dtype = load_model(self.local, self.cache_dir, auto_cls)
+            self.tokenizer, self.model, self.device, self.dtype = load_model(self.args, self.cache_dir, auto_cls)
         elif self.task in EMBEDDING_TASKS:
-            from gateway.engine.embedder import Embedder, read_pooling_config
+            from gateway.engine import Embedder, read_pooling_config
 
-            self.tokenizer, self.model, self.device, self.dtype = load_model(self.local, self.cache_dir, auto_cls)
-            path, _ = checkpoint_path(self.local, self.cache_dir, auto_cls)
+            self.tokenizer, self.model, self.device, self.dtype = load_model(self.args, self.cache_dir, auto_cls)
+            path, _ = checkpoint_path(self.args, self.cache_dir, auto_cls)
             pooling = read_pooling_config(path, self.local.pooling, self.local.normalize)
             self.embedder = Embedder(self.model, self.tokenizer, self.device, pooling, self.local.max_input_tokens)
         else:
-            from gateway.engine.tasks import TaskModel
+            from gateway.engine import TaskModel
 
             image = self.task == Task.IMAGE_CLASSIFICATION
             if image:
                 from transformers import AutoImageProcessor
             preprocessor, self.model, self.device, self.dtype = load_model(
-                self.local, self.cache_dir, auto_cls, AutoImageProcessor if image else None
+                self.args, self.cache_dir, auto_cls, AutoImageProcessor if image else None
             )
             self.tokenizer = None if image else preprocessor
             self.tasks = TaskModel(
@@ -323,7 +322,7 @@ class LocalBackend(Backend):
             return int(self.engine.max_len)
         if self.task in EMBEDDING_TASKS and self.embedder is not None:
             return int(self.embedder.max_length)
-        from gateway.engine.textgen import context_length
+        from gateway.engine import context_length
 
         return (context_length(self.model.config) if self.model is not None else None) or 2048
 
@@ -465,7 +464,7 @@ class LocalBackend(Backend):
             return self.embedder
         if self.tasks is None or self.tokenizer is None or getattr(self.model.config, "is_encoder_decoder", False):
             return None  # only encoders loaded for an HF task lend their encoder
-        from gateway.engine.embedder import Embedder, PoolingConfig
+        from gateway.engine import Embedder, PoolingConfig
 
         self.embedder = Embedder(self.model.base_model, self.tokenizer, self.device, PoolingConfig(mode="mean"))
         return self.embedder
@@ -473,7 +472,7 @@ class LocalBackend(Backend):
     async def run_task(self, request: TaskRequest) -> list[Any]:
         if request.task in EMBEDDING_TASKS and self.serves(request.task):
             return await super().run_task(request)
-        from gateway.engine.tasks import runner
+        from gateway.engine import runner
 
         run = runner(request.task)
         if run is None or self.tasks is None or not self.serves(request.task):

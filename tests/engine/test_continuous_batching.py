@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.engine.device import device_worker
+from gateway.engine.runtime.device import device_worker
 from tests.engine.prom import grew, model_samples
 from tests.helpers import LiveServer, settings_for
 
@@ -144,6 +144,39 @@ def test_n_choices_share_the_prompt_and_are_reproducible(server: LiveServer) -> 
     asyncio.run(run())
 
 
+def stream_alongside(server: LiveServer, body: dict[str, object]) -> tuple[threading.Thread, dict[str, object]]:
+    """`body` streamed in a thread, once its first events came; its lines land in the dict when it ends."""
+    keeper: dict[str, object] = {}
+    streaming = threading.Event()
+
+    def stay() -> None:
+        lines = []
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 3:
+                    streaming.set()
+        keeper["lines"] = lines
+
+    other = threading.Thread(target=stay)
+    other.start()
+    assert streaming.wait(60)
+    return other, keeper
+
+
+def wait_for_the_slot(server: LiveServer, left_at: float) -> None:
+    """Until one request runs; its abandoned neighbour must leave within a few steps of `left_at`."""
+    deadline = time.monotonic() + 60
+    while (now := model_samples(server.url, CHAT))["gateway_running_requests"] != 1:
+        held = now["gateway_batch_size_count"] - left_at
+        # how soon the server hears of the disconnect depends on the event loop; a slot kept
+        # until the story ends would be held for well over a hundred steps
+        assert held <= 30, f"the abandoned request still held its slot {held:.0f} steps after its client left"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
 def test_disconnect_frees_the_slot_within_a_step_while_the_other_stream_goes_on(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -168,22 +201,7 @@ def test_disconnect_frees_the_slot_within_a_step_while_the_other_stream_goes_on(
     monkeypatch.setattr(engine, "_drop_cancelled", dropping)
     monkeypatch.setattr(engine.scheduler.step_model, "forward", recording)
     body = {"model": CHAT, "messages": STORY, "max_tokens": 200, "temperature": 0, "stream": True}
-    keeper: dict[str, object] = {}
-    streaming = threading.Event()
-
-    def stay() -> None:
-        lines = []
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as resp:
-            for line in resp.iter_lines():
-                if line:
-                    lines.append(line)
-                if len(lines) == 3:
-                    streaming.set()
-        keeper["lines"] = lines
-
-    other = threading.Thread(target=stay)
-    other.start()
-    assert streaming.wait(60)
+    other, keeper = stream_alongside(server, body)
     abandoned = {**body, "max_tokens": 4000}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=abandoned, timeout=120) as resp:
         lines = resp.iter_lines()
@@ -193,14 +211,7 @@ def test_disconnect_frees_the_slot_within_a_step_while_the_other_stream_goes_on(
         job = engine.scheduler.jobs[-1]  # admitted after the keeper
         watched.update(slot=job.sequences[0].slot, stream=engine._streams[job])
         left_at = metric(server, "gateway_batch_size_count")
-    deadline = time.monotonic() + 60
-    while (now := model_samples(server.url, CHAT))["gateway_running_requests"] != 1:
-        held = now["gateway_batch_size_count"] - left_at
-        # how soon the server hears of the disconnect depends on the event loop; a slot kept
-        # until the story ends would be held for well over a hundred steps
-        assert held <= 30, f"the abandoned request still held its slot {held:.0f} steps after its client left"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_for_the_slot(server, left_at)
     assert any(left for _, left in steps), "the engine never saw the client leave"
     assert not any(decodes and left for decodes, left in steps), "a step begun after the client left still ran it"
     other.join(120)

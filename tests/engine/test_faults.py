@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from gateway.domain import SamplingParams
-from gateway.engine import scheduler as scheduler_module
-from gateway.engine.sampling import SequenceSampler
+from gateway.engine.generation import output as output_module
+from gateway.engine.generation import scheduler as scheduler_module
+from gateway.engine.generation.sampling import SequenceSampler
 from tests.engine.prom import model_samples
 from tests.engine.test_continuous_batching import busy_device
 from tests.helpers import LiveServer, settings_for
@@ -211,14 +212,14 @@ def fault_forward_decode(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> t
 def fault_sampling(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], str]:
     """Sampling the marked request's row raises: the step's vectorised draw fails, each row is then
     drawn alone, and only the marked request fails."""
-    select = scheduler_module.select
+    select = output_module.select
 
     def failing(logits, samplers):  # noqa: ANN001, ANN202
         if any(s.params.seed == MARK_SEED for s in samplers):
             raise ValueError("probability tensor contains either inf, nan or element < 0")
         return select(logits, samplers)
 
-    monkeypatch.setattr(scheduler_module, "select", failing)
+    monkeypatch.setattr(output_module, "select", failing)
     return {"model": MODEL, "prompt": "paris is the", "max_tokens": 6, "temperature": 0.8, "seed": MARK_SEED}, "/v1/completions"
 
 
@@ -240,7 +241,7 @@ def fault_top_tokens(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> tuple
     def failing(*args: Any) -> tuple:
         raise KeyError("a token the tokenizer cannot decode")
 
-    monkeypatch.setattr(scheduler_module, "top_tokens", failing)
+    monkeypatch.setattr(output_module, "top_tokens", failing)
     return {"inputs": "paris is the", "parameters": {"max_new_tokens": 4, "top_n_tokens": 2, "details": True}}, "/generate"
 
 
@@ -408,7 +409,7 @@ def test_an_exception_that_escapes_a_tick_is_logged(caplog: pytest.LogCaptureFix
     """The last net: a BaseException past the tick's own handling is logged, not lost in a future."""
     from concurrent.futures import Future
 
-    from gateway.engine.textgen import _log_escaped
+    from gateway.engine.generation.engine import _log_escaped
 
     caplog.set_level(logging.CRITICAL, logger="gateway.engine")
     future: Future[None] = Future()

@@ -15,7 +15,7 @@ import numpy as np
 import openai
 import pytest
 
-from gateway.engine.device import device_worker
+from gateway.engine.runtime.device import device_worker
 from tests.engine.prom import grew, model_samples
 from tests.helpers import LiveServer, settings_for
 from tests.hf import tiny_models

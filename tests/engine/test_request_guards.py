@@ -17,7 +17,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError
 
-from gateway.engine.prompt_limits import text_bound
+from gateway.engine.runtime.prompt_limits import text_bound
 from tests.helpers import LiveServer, settings_for
 from tests.tiny_models import build_tokenizer
 

@@ -1,6 +1,9 @@
 """Both step models against transformers' own `generate`, on tiny random checkpoints loaded by the
 real loading code: prompts prefilled in chunks, sequences joining the batch at different steps,
-in slots that are not contiguous. Greedy decoding in float32 must give the same tokens."""
+in slots that are not contiguous. Greedy decoding in float32 must give the same tokens.
+
+The fused model reuses transformers' internals (pinned below its next major version): each family
+it claims to support (Llama, Mistral, Qwen2, Qwen3) is checked here against transformers' forward."""
 
 from __future__ import annotations
 
@@ -9,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gateway.config import LocalBackendSpec
-from gateway.engine import fused_llama
-from gateway.engine.hf_step import HFStepModel
-from gateway.engine.loader import load_model
-from gateway.engine.step import PrefillChunk, StepPlan
+from gateway.engine.args import EngineArgs
+from gateway.engine.generation import fused_llama
+from gateway.engine.generation.hf_step import HFStepModel
+from gateway.engine.generation.step import PrefillChunk, StepPlan
+from gateway.engine.runtime.loader import load_model
 
 NEW_TOKENS = 10
 SLOTS = (3, 0, 5, 1)  # one per prompt; deliberately not 0..3
@@ -25,6 +28,12 @@ def _build(kind: str, folder: Path) -> Path:
     common = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
     configs = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(num_key_value_heads=2, intermediate_size=128)),
+        # no sliding window: with one, supports() leaves Mistral to the generic path
+        "mistral": (
+            tf.MistralConfig,
+            tf.MistralForCausalLM,
+            dict(num_key_value_heads=2, intermediate_size=128, sliding_window=None),
+        ),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(num_key_value_heads=2, intermediate_size=128)),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(num_key_value_heads=2, intermediate_size=128, head_dim=16)),
         "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, {}),
@@ -103,20 +112,23 @@ def _drive(step, prompts: list[list[int]], chunk: int, forced: list[list[int]]) 
     return out, [torch.stack(r) for r in rows]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2"])
+FUSED_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("kind", [*FUSED_FAMILIES, "gpt2"])
 @pytest.mark.parametrize("chunk", [4, 64])
 def test_step_models_match_generate(kind: str, chunk: int, tmp_path: Path) -> None:
     folder = _build(kind, tmp_path / kind)
-    spec = LocalBackendSpec(source=str(folder), dtype="float32", device="cpu")
-    _, model, _, _ = load_model(spec, tmp_path / "cache", __import__("transformers").AutoModelForCausalLM)
+    args = EngineArgs(source=str(folder), dtype="float32", device="cpu")
+    _, model, _, _ = load_model(args, tmp_path / "cache", __import__("transformers").AutoModelForCausalLM)
     prompts = _prompts()
     expected, expected_logits = _reference(model, prompts)
     with torch.inference_mode():
         long_prompt = prompts[3] * 3  # 99 tokens: scored in chunks
         logprobs = torch.log_softmax(model(torch.tensor([long_prompt])).logits[0, :-1].float(), -1)
         expected_scores = logprobs.gather(1, torch.tensor(long_prompt[1:])[:, None])[:, 0]
-    assert fused_llama.supports(model) == (kind != "gpt2")
-    builders = [HFStepModel] + ([fused_llama.FusedLlama] if kind != "gpt2" else [])
+    assert fused_llama.supports(model) == (kind in FUSED_FAMILIES)
+    builders = [HFStepModel] + ([fused_llama.FusedLlama] if kind in FUSED_FAMILIES else [])
     for build in builders:  # the fused model takes transformers' layers over: it comes last
         step = build(model, slots=8, max_len=128)
         tokens, logits = _drive(step, prompts, chunk, expected)
@@ -129,8 +141,8 @@ def test_step_models_match_generate(kind: str, chunk: int, tmp_path: Path) -> No
 
 def test_cache_grows_on_demand_up_to_its_bound(tmp_path: Path) -> None:
     folder = _build("llama", tmp_path / "llama")
-    spec = LocalBackendSpec(source=str(folder), dtype="float32", device="cpu")
-    _, model, _, _ = load_model(spec, tmp_path / "cache", __import__("transformers").AutoModelForCausalLM)
+    args = EngineArgs(source=str(folder), dtype="float32", device="cpu")
+    _, model, _, _ = load_model(args, tmp_path / "cache", __import__("transformers").AutoModelForCausalLM)
     step = fused_llama.FusedLlama(model, slots=2, max_len=100)
     step.cache.capacity = 16  # start small to see it grow
     step.cache.keys = [k[:, :, :16].clone() for k in step.cache.keys]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.engine.tasks import TaskModel
+from gateway.engine.encoders.tasks import TaskModel
 from gateway.errors import InvalidRequest
 
 

@@ -1,4 +1,4 @@
-"""Turn a LocalBackendSpec into a loaded (tokenizer, model) on the right device and dtype."""
+"""Turn EngineArgs into a loaded (tokenizer, model) on the right device and dtype."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gateway.config import LocalBackendSpec
+from gateway.engine.args import EngineArgs
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class ResolvedSource:
     is_local: bool
 
 
-def resolve_source(spec: LocalBackendSpec) -> ResolvedSource:
+def resolve_source(spec: EngineArgs) -> ResolvedSource:
     source = spec.source
     if source.startswith("pkg:"):
         package, _, inner = source[4:].partition("/")
@@ -112,7 +112,7 @@ def _convert_gguf(source: ResolvedSource, target: Path, auto_cls: Any) -> None:
         raise
 
 
-def checkpoint_path(spec: LocalBackendSpec, cache_root: Path, auto_cls: Any) -> tuple[str, dict[str, Any]]:
+def checkpoint_path(spec: EngineArgs, cache_root: Path, auto_cls: Any) -> tuple[str, dict[str, Any]]:
     """Where `from_pretrained` should read from, and the kwargs that go with it."""
     source = resolve_source(spec)
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
@@ -137,7 +137,7 @@ def checkpoint_path(spec: LocalBackendSpec, cache_root: Path, auto_cls: Any) -> 
 
 
 def load_model(
-    spec: LocalBackendSpec, cache_root: Path, auto_cls: Any, preprocessor_cls: Any = None
+    spec: EngineArgs, cache_root: Path, auto_cls: Any, preprocessor_cls: Any = None
 ) -> tuple[Any, Any, torch.device, torch.dtype]:
     """Load preprocessor and model for `spec` with `auto_cls` (e.g. AutoModelForCausalLM).
 

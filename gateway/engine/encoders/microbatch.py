@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.engine.observer import EngineObserver, NoObserver
+from gateway.engine.runtime.observer import EngineObserver, NoObserver
 from gateway.errors import Overloaded
 
 BatchFunction = Callable[[list[Any]], list[Any]]

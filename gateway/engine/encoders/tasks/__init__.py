@@ -67,7 +67,13 @@ TaskFunction = Callable[[TaskModel, list[Any], dict[str, Any]], list[Any]]
 
 def runner(task: Task) -> TaskFunction | None:
     """The batch function serving `task`, or None when no module here serves it."""
-    from gateway.engine.tasks import classification, fill_mask, question_answering, seq2seq, token_classification
+    from gateway.engine.encoders.tasks import (
+        classification,
+        fill_mask,
+        question_answering,
+        seq2seq,
+        token_classification,
+    )
 
     table: dict[Task, TaskFunction] = {
         Task.TEXT_CLASSIFICATION: classification.run_text,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from gateway.engine.tasks import TaskModel
+from gateway.engine.encoders.tasks import TaskModel
 from gateway.errors import InvalidRequest
 
 
@@ -38,14 +38,9 @@ def _candidates(
     return [(float(s), int(i) // width, int(i) % width) for s, i in zip(best.values, best.indices, strict=True) if s >= 0]
 
 
-@torch.inference_mode()
-def run(tm: TaskModel, items: list[dict[str, str]], params: dict[str, Any]) -> list[Any]:
-    """Per item: one {answer, score, start, end}, or a list of them when `top_k` > 1."""
-    top_k = params.get("top_k", 1)
-    max_answer_len = params.get("max_answer_len", 15)
-    align = params.get("align_to_words", True)
-    tokenizer = tm.tokenizer
-    max_len = min(params.get("max_seq_len", 384), tm.max_length)
+def _questions(tokenizer: Any, items: list[dict[str, str]], params: dict[str, Any], max_len: int) -> tuple[list[str], int]:
+    """The questions (cut to `max_question_len` tokens if asked) and the stride between context
+    windows, checking each question leaves its windows room for the context."""
     stride = min(params.get("doc_stride", 128), max_len // 2)
     questions = [item["question"] for item in items]
     if "max_question_len" in params:  # keep the first max_question_len tokens of each question
@@ -62,23 +57,21 @@ def run(tm: TaskModel, items: list[dict[str, str]], params: dict[str, Any]) -> l
                 param="inputs.question",
             )
         stride = min(stride, room // 2)
-    enc = tokenizer(
-        questions,
-        [item["context"] for item in items],
-        truncation="only_second",
-        max_length=max_len,
-        stride=stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding=True,
-        return_tensors="pt",
-    )
-    owner = enc["overflow_to_sample_mapping"].tolist()
+    return questions, stride
+
+
+Span = tuple[float, int, int]  # (score, start char, end char)
+
+
+def _spans(tm: TaskModel, enc: Any, count: int, params: dict[str, Any], top_k: int) -> tuple[list[list[Span]], list[float]]:
+    """Per item: its candidate spans from every window, and its best "no answer" score."""
     inputs = {k: v.to(tm.device) for k, v in enc.items() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
     out = tm.model(**inputs)
-    found: list[list[tuple[float, int, int]]] = [[] for _ in items]
-    null_scores = [0.0 for _ in items]
-    for window, item in enumerate(owner):
+    found: list[list[Span]] = [[] for _ in range(count)]
+    null_scores = [0.0] * count
+    max_answer_len = params.get("max_answer_len", 15)
+    align = params.get("align_to_words", True)
+    for window, item in enumerate(enc["overflow_to_sample_mapping"].tolist()):
         context = torch.tensor([s == 1 for s in enc.sequence_ids(window)])
         keep = context.clone()
         keep[0] = True  # the first token stands for "no answer"
@@ -89,16 +82,39 @@ def run(tm: TaskModel, items: list[dict[str, str]], params: dict[str, Any]) -> l
         for score, start, end in _candidates(p_start, p_end, context, max_answer_len, top_k * 8):
             s, e = _span_chars(enc, window, start, end, align)
             found[item].append((score, s, e))
-    results: list[Any] = []
-    for number, item in enumerate(items):
-        spans: list[dict[str, Any]] = []
-        seen: set[tuple[int, int]] = set()
-        for score, s, e in sorted(found[number], reverse=True):
-            if (s, e) not in seen:
-                seen.add((s, e))
-                spans.append({"answer": item["context"][s:e], "score": score, "start": s, "end": e})
-        if params.get("handle_impossible_answer") and (not spans or null_scores[number] > spans[0]["score"]):
-            spans.insert(0, {"answer": "", "score": null_scores[number], "start": 0, "end": 0})
-        spans = spans[:top_k]
-        results.append(spans[0] if top_k == 1 and spans else spans)
-    return results
+    return found, null_scores
+
+
+def _answers(context: str, found: list[Span], null_score: float, params: dict[str, Any], top_k: int) -> Any:
+    """One item's answers, best first, without duplicates: one dict when `top_k` is 1, else a list."""
+    spans: list[dict[str, Any]] = []
+    seen: set[tuple[int, int]] = set()
+    for score, s, e in sorted(found, reverse=True):
+        if (s, e) not in seen:
+            seen.add((s, e))
+            spans.append({"answer": context[s:e], "score": score, "start": s, "end": e})
+    if params.get("handle_impossible_answer") and (not spans or null_score > spans[0]["score"]):
+        spans.insert(0, {"answer": "", "score": null_score, "start": 0, "end": 0})
+    spans = spans[:top_k]
+    return spans[0] if top_k == 1 and spans else spans
+
+
+@torch.inference_mode()
+def run(tm: TaskModel, items: list[dict[str, str]], params: dict[str, Any]) -> list[Any]:
+    """Per item: one {answer, score, start, end}, or a list of them when `top_k` > 1."""
+    top_k = params.get("top_k", 1)
+    max_len = min(params.get("max_seq_len", 384), tm.max_length)
+    questions, stride = _questions(tm.tokenizer, items, params, max_len)
+    enc = tm.tokenizer(
+        questions,
+        [item["context"] for item in items],
+        truncation="only_second",
+        max_length=max_len,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding=True,
+        return_tensors="pt",
+    )
+    found, null_scores = _spans(tm, enc, len(items), params, top_k)
+    return [_answers(item["context"], found[i], null_scores[i], params, top_k) for i, item in enumerate(items)]

@@ -1,4 +1,4 @@
-"""Continuous batching: which sequences share each forward pass, and what their tokens become.
+"""Continuous batching: which sequences share each forward pass.
 
 Runs on the engine's compute thread only (no locks, no asyncio). Requests join the
 running batch between steps and leave it when they finish; each step feeds one
@@ -6,6 +6,10 @@ token per decoding sequence plus at most `prefill_chunk` prompt tokens, so a lon
 new prompt is prefilled over several steps instead of stalling every stream. A
 request with n > 1 choices prefills its prompt once and copies the cached prompt
 to its other sequences' slots.
+
+A step is `plan()` (who takes part), `forward()` (the pass, and the cache positions
+and logits rows it fills) and the output processor (`output.py`: tokens, text, events),
+whose finished sequences give their slots back here.
 
 A fault belongs to the request it happens in: an exception while admitting, sampling,
 detokenising or reporting top tokens for one request fails that request alone and frees
@@ -19,55 +23,22 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from gateway.detokenize import TextAssembler
-from gateway.domain import FinishReason, SamplingParams, StreamEnd, TokenDelta, Usage
-from gateway.engine.sampling import SequenceSampler, select
-from gateway.engine.step import PrefillChunk, StepModel, StepPlan
-from gateway.engine.top_tokens import top_tokens
+from gateway.engine.generation.jobs import GenerationJob, Sequence
+from gateway.engine.generation.output import OutputProcessor
+from gateway.engine.generation.sampling import SequenceSampler
+from gateway.engine.generation.step import PrefillChunk, StepModel, StepPlan
 
 log = logging.getLogger(__name__)
 
-Event = TokenDelta | StreamEnd | BaseException
-
-
-@dataclass(eq=False)
-class GenerationJob:
-    """One request: `params.n` sequences over the same prompt."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    emit: Callable[[GenerationJob, Event], None]
-    keep_stop: bool = False  # the text ends with the matched stop sequence (TGI)
-    request_id: str = ""  # for the log
-    enqueued_at: float = field(default_factory=time.monotonic)
-    admitted_at: float = 0.0
-    produced: int = 0
-    live: int = 0  # sequences still generating
-    sequences: list[_Sequence] = field(default_factory=list)
-
-
-class _Sequence:
-    __slots__ = ("job", "index", "slot", "sampler", "text", "prefilled", "length", "token", "produced", "done")
-
-    def __init__(self, job: GenerationJob, index: int, slot: int, sampler: SequenceSampler, text: TextAssembler) -> None:
-        self.job, self.index, self.slot = job, index, slot
-        self.sampler, self.text = sampler, text
-        self.prefilled = 0  # prompt tokens in the cache (the first sequence of a job prefills for all)
-        self.length = 0  # tokens in the cache
-        self.token: int | None = None  # the next token to feed
-        self.produced = 0
-        self.done = False
-
-    @property
-    def prefilling(self) -> bool:
-        return self.prefilled < len(self.job.prompt_ids)
+# one forward call's share of a step: its logits, the row each sequence samples from, those sequences
+Pass = tuple[torch.Tensor, list[int], list[Sequence]]
 
 
 @dataclass(eq=False)
@@ -75,7 +46,7 @@ class _Part:
     """One job's share of a step: its decoding sequences, or its leader's next prompt chunk."""
 
     job: GenerationJob
-    decoding: list[_Sequence] = field(default_factory=list)
+    decoding: list[Sequence] = field(default_factory=list)
     chunk: PrefillChunk | None = None
 
 
@@ -110,6 +81,7 @@ class Scheduler:
         self._free = list(range(slots))
         heapq.heapify(self._free)  # lowest slot first keeps the running slots dense
         self.jobs: list[GenerationJob] = []  # admitted, in admission order
+        self.output = OutputProcessor(tokenizer, self.vocab_size, self.eos_ids, self.fail)
 
     # admission -------------------------------------------------------------
     def free_slots(self) -> int:
@@ -123,7 +95,7 @@ class Scheduler:
         texts = [TextAssembler(self.tokenizer, job.params.stop, job.keep_stop) for _ in range(n)]
         job.admitted_at = time.monotonic()
         for i in range(n):
-            job.sequences.append(_Sequence(job, i, heapq.heappop(self._free), samplers[i], texts[i]))
+            job.sequences.append(Sequence(job, i, heapq.heappop(self._free), samplers[i], texts[i]))
         job.live = n
         self.jobs.append(job)
 
@@ -171,14 +143,19 @@ class Scheduler:
         parts = self.plan()
         if not parts:
             return 0
-        plan = _plan_of(parts)
+        for logits, rows, chosen in self.forward(parts):
+            if chosen:
+                self._release(self.output.process(logits, rows, chosen))
+        return sum(len(part.decoding) + (part.chunk is not None) for part in parts)
+
+    def forward(self, parts: list[_Part]) -> list[Pass]:
+        """The forward pass of `parts` (one call, or one per job after a failed call), with the
+        step's tokens booked into their sequences' cache positions."""
         try:
-            done = [(parts, self.step_model.forward(plan))]
+            done = [(parts, self.step_model.forward(_plan_of(parts)))]
         except Exception as exc:
             done = self._forward_each(parts, exc)
-        for group, logits in done:
-            self._hand_out(group, logits)
-        return len(plan.decode_tokens) + len(plan.prefills)
+        return [(logits, *self._rows(group)) for group, logits in done]
 
     def _forward_each(self, parts: list[_Part], error: Exception) -> list[tuple[list[_Part], torch.Tensor]]:
         """After a failed pass: each job's share alone; the jobs whose own pass fails are failed."""
@@ -195,28 +172,10 @@ class Scheduler:
                 self.fail(part.job, exc, "running the forward pass")
         return done
 
-    def _hand_out(self, parts: list[_Part], logits: torch.Tensor) -> None:
-        """Advance the sequences of `parts` by the logits of their forward pass."""
-        rows, chosen = self._rows(parts)
-        if not chosen:
-            return
-        picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
-        tokens, logprobs = self._select(picked, chosen)
-        for i, seq in enumerate(chosen):
-            job = seq.job
-            if seq.done:  # its job failed or was dropped meanwhile
-                continue
-            try:
-                top_n = job.params.top_n
-                top = top_tokens(picked[i], top_n, self.tokenizer, self.vocab_size) if top_n else ()
-                self._advance(seq, tokens[i], logprobs[i], top)
-            except Exception as exc:
-                self.fail(job, exc, "detokenizing its token or listing the top tokens")
-
-    def _rows(self, parts: list[_Part]) -> tuple[list[int], list[_Sequence]]:
+    def _rows(self, parts: list[_Part]) -> tuple[list[int], list[Sequence]]:
         """Book the step's tokens into the sequences; which logits row each sequence samples from."""
         rows: list[int] = []
-        chosen: list[_Sequence] = []
+        chosen: list[Sequence] = []
         for part in parts:
             for seq in part.decoding:
                 seq.length += 1
@@ -244,51 +203,13 @@ class Scheduler:
             row += 1
         return rows, chosen
 
-    def _select(self, picked: torch.Tensor, chosen: list[_Sequence]) -> tuple[list[int], list[float]]:
-        """The sequences' next tokens, in one vectorised call; if it raises, row by row, failing
-        the jobs whose own rows raise (their tokens are placeholders, never handed out)."""
-        try:
-            return select(picked, [seq.sampler for seq in chosen])
-        except Exception:
-            pass
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        for i, seq in enumerate(chosen):
-            try:
-                (token,), (logprob,) = select(picked[i : i + 1], [seq.sampler])
-            except Exception as exc:
-                if not seq.done:  # a sibling's row may have failed the job already
-                    self.fail(seq.job, exc, "sampling")
-                token, logprob = -1, 0.0
-            tokens.append(token)
-            logprobs.append(logprob)
-        return tokens, logprobs
-
-    def _advance(self, seq: _Sequence, token: int, logprob: float, top: tuple) -> None:
-        job = seq.job
-        seq.sampler.observe(token)
-        seq.produced += 1
-        job.produced += 1
-        finish = None
-        special = token in self.eos_ids
-        if special:
-            text, finish = seq.text.flush(), FinishReason.EOS
-        else:
-            text = seq.text.push(token)
-            if seq.text.stopped:
-                finish = FinishReason.STOP
-            elif seq.produced >= job.max_tokens:
-                text, finish = text + seq.text.flush(), FinishReason.LENGTH
-        job.emit(job, TokenDelta(seq.index, text, token, logprob, special, finish, top))
-        if finish is None:
-            seq.token = token
-            return
-        seq.done = True
-        heapq.heappush(self._free, seq.slot)
-        job.live -= 1
-        if job.live == 0:
-            self.jobs.remove(job)
-            job.emit(job, StreamEnd(Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=job.produced)))
+    def _release(self, finished: list[Sequence]) -> None:
+        """Free the slots of finished sequences; a job whose last sequence finished leaves the batch."""
+        for seq in finished:
+            heapq.heappush(self._free, seq.slot)
+            job = seq.job
+            if job.live == 0 and job in self.jobs:  # (a job failed meanwhile has left already)
+                self.jobs.remove(job)
 
     def fail_all(self, error: BaseException) -> None:
         for job in list(self.jobs):

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from gateway.engine.packed import PackedLinear
-from gateway.engine.step import PrefillChunk, SlotKVCache, StepPlan
+from gateway.engine.generation.step import PrefillChunk, SlotKVCache, StepPlan
+from gateway.engine.runtime.packed import PackedLinear
 
 
 class Float32Head(torch.nn.Module):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gateway.engine.tasks import TaskModel
+from gateway.engine.encoders.tasks import TaskModel
 from gateway.errors import InvalidRequest
 
 

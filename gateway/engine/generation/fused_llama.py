@@ -39,8 +39,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gateway.engine.packed import PackedLinear
-from gateway.engine.step import PrefillChunk, SlotKVCache, StepPlan
+from gateway.engine.generation.step import PrefillChunk, SlotKVCache, StepPlan
+from gateway.engine.runtime.packed import PackedLinear
 
 _FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 # RoPE variants whose cos/sin depend only on the position, so one table serves every step.

@@ -32,9 +32,11 @@ from typing import Any
 import torch
 
 from gateway.domain import SamplingParams, StreamEnd, TokenDelta
-from gateway.engine.observer import EngineObserver, NoObserver
-from gateway.engine.scheduler import Event, GenerationJob, Scheduler
-from gateway.engine.step import StepModel
+from gateway.engine.args import EngineArgs
+from gateway.engine.generation.jobs import Event, GenerationJob
+from gateway.engine.generation.scheduler import Scheduler
+from gateway.engine.generation.step import StepModel
+from gateway.engine.runtime.observer import EngineObserver, NoObserver
 from gateway.errors import BackendFailure, GatewayError, InvalidRequest, ModelNotReady, Overloaded
 
 log = logging.getLogger(__name__)
@@ -299,27 +301,27 @@ def _warm_up(step: StepModel) -> None:
     """One prefill and one decode step in slot 0: a model whose forward does not work with the
     slot cache fails here, at load time, and not on a user's request; the first request also
     finds the kernels ready."""
-    from gateway.engine.step import PrefillChunk, StepPlan
+    from gateway.engine.generation.step import PrefillChunk, StepPlan
 
     with torch.inference_mode():
         step.forward(StepPlan(prefills=[PrefillChunk(0, 0, [0, 0], True)]))
         step.forward(StepPlan(decode_slots=[0], decode_tokens=[0], decode_positions=[2]))
 
 
-def create_engine(model: Any, tokenizer: Any, spec: Any, name: str, executor: Executor) -> GenerationEngine:
+def create_engine(model: Any, tokenizer: Any, args: EngineArgs, name: str, executor: Executor) -> GenerationEngine:
     """The engine for a loaded causal LM: the fused step model where the architecture
-    allows (and `spec.fused`), else the model's own forward."""
-    from gateway.engine import fused_llama
-    from gateway.engine.hf_step import HFStepModel
+    allows (and `args.fused`), else the model's own forward."""
+    from gateway.engine.generation import fused_llama
+    from gateway.engine.generation.hf_step import HFStepModel
 
     config = model.config
-    limits = [context_length(config) or DEFAULT_MAX_TOTAL_TOKENS, spec.max_total_tokens or DEFAULT_MAX_TOTAL_TOKENS]
+    limits = [context_length(config) or DEFAULT_MAX_TOTAL_TOKENS, args.max_total_tokens or DEFAULT_MAX_TOTAL_TOKENS]
     window = getattr(config, "sliding_window", None)
     if isinstance(window, int) and window > 0:
         limits.append(window)  # a sequence never outgrows the window, so full attention is exact
     max_len = min(limits)
-    slots = spec.max_batch_size
-    if spec.fused and fused_llama.supports(model):
+    slots = args.max_batch_size
+    if args.fused and fused_llama.supports(model):
         step: StepModel = fused_llama.FusedLlama(model, slots=slots, max_len=max_len)
     else:
         step = HFStepModel(model, slots=slots, max_len=max_len)
@@ -335,7 +337,7 @@ def create_engine(model: Any, tokenizer: Any, spec: Any, name: str, executor: Ex
         executor,
         eos_ids=frozenset(eos_ids),
         max_batch_size=slots,
-        max_queue=spec.max_queue,
-        prefill_chunk=spec.prefill_chunk_tokens,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk_tokens,
         name=name,
     )
