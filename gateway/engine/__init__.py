@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from gateway.engine.microbatch import MicroBatcher
     from gateway.engine.observer import EngineObserver, NoObserver
     from gateway.engine.packed import pack_linears
-    from gateway.engine.prompt_limits import text_bound
+    from gateway.engine.prompt_limits import TextBound, text_bound
     from gateway.engine.tasks import TaskModel, runner
     from gateway.engine.tasks.classification import entailment_index
     from gateway.engine.textgen import GenerationEngine, context_length, create_engine
@@ -38,6 +38,7 @@ _WHERE = {
     "context_length": "textgen",
     "GenerationEngine": "textgen",
     "text_bound": "prompt_limits",
+    "TextBound": "prompt_limits",
     "Embedder": "embedder",
     "PoolingConfig": "embedder",
     "read_pooling_config": "embedder",
@@ -61,6 +62,7 @@ __all__ = [
     "context_length",
     "GenerationEngine",
     "text_bound",
+    "TextBound",
     "Embedder",
     "PoolingConfig",
     "read_pooling_config",
