@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gateway.backends.embedding_tasks import run_embedding_task
 from gateway.domain import (
+    EMBEDDING_TASKS,
     Choice,
     EmbeddingRequest,
     EmbeddingResult,
@@ -144,24 +146,8 @@ class Backend(abc.ABC):
         `request.parameters`; returns one JSON-ready output per item, in order. The
         embedding tasks are served here from `embed`, for every backend that embeds.
         """
-        if request.task == Task.FEATURE_EXTRACTION:
-            result = await self.embed(
-                EmbeddingRequest(
-                    inputs=tuple(request.inputs),
-                    normalize=request.parameters.get("normalize"),
-                    truncate=request.parameters.get("truncate", True),
-                    dimensions=request.parameters.get("dimensions"),
-                )
-            )
-            return result.vectors
-        if request.task == Task.SENTENCE_SIMILARITY:
-            outputs = []
-            for item in request.inputs:
-                texts = (item["source_sentence"], *item["sentences"])
-                result = await self.embed(EmbeddingRequest(inputs=texts, normalize=True))
-                source, *others = result.vectors
-                outputs.append([sum(a * b for a, b in zip(source, o, strict=True)) for o in others])
-            return outputs
+        if request.task in EMBEDDING_TASKS:
+            return await run_embedding_task(self.embed, request)
         raise TaskNotSupported(f"Model '{self.name}' does not serve the task '{request.task.value}'.")
 
 

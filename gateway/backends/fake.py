@@ -12,7 +12,7 @@ import math
 import random
 from collections.abc import AsyncIterator
 
-from gateway.backends.base import Backend, GenerationEvent, ModelInfo
+from gateway.backends.base import Backend, Capability, GenerationEvent, ModelInfo
 from gateway.config import FakeBackendSpec, ModelSpec
 from gateway.detokenize import TextAssembler
 from gateway.domain import (
@@ -38,6 +38,8 @@ class _WordTokenizer:
 
 
 class FakeBackend(Backend):
+    capabilities = frozenset({Capability.GENERATE, Capability.EMBED})
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec.name)
         assert isinstance(spec.backend, FakeBackendSpec)

@@ -89,9 +89,7 @@ class Registry:
     def attach_metrics(self, metrics: Metrics) -> None:
         """Hand the app's metrics to the backends that record their own (upstream, routing)."""
         for entry in self._entries.values():
-            attach = getattr(entry.backend, "attach_metrics", None)
-            if attach is not None:
-                attach(metrics)
+            entry.backend.attach_metrics(metrics)
 
     # lookup ----------------------------------------------------------------
     @property

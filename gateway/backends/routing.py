@@ -22,8 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from gateway.backends.base import Backend, GenerationEvent, ModelInfo, QueueStats
-from gateway.backends.upstream import UpstreamBackend
+from gateway.backends.base import Backend, Capability, GenerationEvent, ModelInfo, QueueStats
 from gateway.config import ModelSpec
 from gateway.domain import (
     EmbeddingRequest,
@@ -52,7 +51,7 @@ class Deployment:
 
     @property
     def remote(self) -> bool:
-        return isinstance(self.backend, UpstreamBackend)
+        return self.backend.remote
 
 
 def moves_on(error: GatewayError) -> bool:
@@ -73,8 +72,9 @@ class RoutingBackend(Backend):
         by_name = {d.name: d for d in self.deployments}
         self.fallbacks = [by_name[n] for n in self.routing.fallback]
         self.balanced = [d for d in self.deployments if d.name not in self.routing.fallback]
-        totals = [b.upstream.timeouts.total for b in backends.values() if isinstance(b, UpstreamBackend)]
-        self.total = max(totals, default=None)  # seconds from a request's arrival to its deadline
+        # the request's one deadline: the longest of its upstreams' (local deployments have none)
+        self.total_timeout = max((b.total_timeout for b in backends.values() if b.total_timeout is not None), default=None)
+        self.capabilities = self._capabilities()
         self._turn = 0
         self._prober: asyncio.Task[None] | None = None
         self.attach_metrics(Metrics())
@@ -84,9 +84,12 @@ class RoutingBackend(Backend):
         self._cooldown_gauges = {d.name: metrics.upstream_cooldown.labels(d.label) for d in self.deployments}
         for d in self.deployments:
             self._cooldown_gauges[d.name].set(0)
-            attach = getattr(d.backend, "attach_metrics", None)
-            if attach is not None:
-                attach(metrics)
+            d.backend.attach_metrics(metrics)
+
+    def _capabilities(self) -> frozenset[Capability]:
+        """What any deployment can do. generate() is always this router's own call: it moves a whole
+        answer on to the next deployment, where a stream moves on only before its first event."""
+        return frozenset().union(*(d.backend.capabilities for d in self.deployments)) | {Capability.WHOLE_RESPONSE}
 
     # lifecycle -------------------------------------------------------------
     async def _load(self) -> None:
@@ -96,6 +99,7 @@ class RoutingBackend(Backend):
                 log.error("deployment %s failed to start: %s", d.label, d.backend.error)
         if not any(d.backend.state == ModelState.READY for d in self.deployments):
             raise RuntimeError("no deployment started: " + "; ".join(f"{d.name}: {d.backend.error}" for d in self.deployments))
+        self.capabilities = self._capabilities()  # local deployments know theirs once loaded
 
     async def close(self) -> None:
         if self._prober is not None:
@@ -136,7 +140,7 @@ class RoutingBackend(Backend):
     def _attempts(self) -> Iterator[tuple[Deployment, float | None]]:
         """The deployments this request tries, in order, each with the request's deadline (loop time)."""
         loop = asyncio.get_running_loop()
-        deadline = None if self.total is None else loop.time() + self.total
+        deadline = None if self.total_timeout is None else loop.time() + self.total_timeout
         tried = 0
         for d in self.candidates():
             if d.remote and deadline is not None and loop.time() >= deadline:
@@ -176,11 +180,8 @@ class RoutingBackend(Backend):
 
     # probing ---------------------------------------------------------------
     async def _probe(self, d: Deployment) -> bool:
-        probe = getattr(d.backend, "probe", None)
-        if probe is None:
-            return d.backend.state == ModelState.READY
         try:
-            return bool(await probe())
+            return await d.backend.probe()
         except Exception:
             log.exception("probe of %s failed", d.label)
             return False

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 
-from gateway.backends.base import Backend, GenerationEvent, ModelInfo
+from gateway.backends.base import Backend, Capability, GenerationEvent, ModelInfo
 from gateway.config import ModelSpec, UpstreamBackendSpec
 from gateway.domain import (
     EmbeddingRequest,
@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _DEFAULT_HEALTH = {"openai": "/models", "tgi": "/health", "hf": None}
+# What each dialect's server does. generate() is one whole-answer call, not the stream collected.
+_CAPABILITIES = {
+    "openai": frozenset({Capability.GENERATE, Capability.EMBED, Capability.WHOLE_RESPONSE}),
+    "tgi": frozenset({Capability.GENERATE, Capability.WHOLE_RESPONSE}),
+    "hf": frozenset({Capability.GENERATE, Capability.EMBED, Capability.HF_TASKS, Capability.WHOLE_RESPONSE}),
+}
 
 
 class _StreamBroken(UpstreamError):
@@ -48,8 +54,12 @@ class _StreamBroken(UpstreamError):
 
 
 class UpstreamBackend(Backend):
+    remote = True
+
     def __init__(self, spec: ModelSpec, upstream: UpstreamBackendSpec, deployment: str | None = None) -> None:
         super().__init__(spec.name)
+        self.capabilities = _CAPABILITIES[upstream.dialect]
+        self.total_timeout = upstream.timeouts.total
         self.spec = spec
         self.upstream = upstream
         self.deployment = deployment or spec.name

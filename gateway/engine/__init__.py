@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from gateway.engine.runtime.loader import checkpoint_path, load_model, resolve_source
     from gateway.engine.runtime.observer import EngineObserver, NoObserver
     from gateway.engine.runtime.packed import pack_linears
-    from gateway.engine.runtime.prompt_limits import text_bound
+    from gateway.engine.runtime.prompt_limits import TextBound, text_bound
 
 # name -> the module that defines it, under gateway.engine (the three parts; these names stay)
 _WHERE = {
@@ -38,6 +38,7 @@ _WHERE = {
     "context_length": "generation.engine",
     "GenerationEngine": "generation.engine",
     "text_bound": "runtime.prompt_limits",
+    "TextBound": "runtime.prompt_limits",
     "Embedder": "encoders.embedder",
     "PoolingConfig": "encoders.embedder",
     "read_pooling_config": "encoders.embedder",
@@ -61,6 +62,7 @@ __all__ = [
     "context_length",
     "GenerationEngine",
     "text_bound",
+    "TextBound",
     "Embedder",
     "PoolingConfig",
     "read_pooling_config",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from gateway.backends.base import Backend, collect
+from gateway.backends.base import Backend, Capability, collect
 from gateway.backends.registry import Entry
 from gateway.domain import GenerationEvent, GenerationRequest, GenerationResult, StreamEnd
 from gateway.state import AppState
@@ -38,8 +38,7 @@ async def run_generation(
     state: AppState, entry: Entry, backend: Backend, request: GenerationRequest, received_at: float | None = None
 ) -> GenerationResult:
     """A whole result, metered like a stream from `received_at` (when the request arrived)."""
-    # Capability.WHOLE_RESPONSE replaces this check once every backend declares its capabilities.
-    if type(backend).generate is Backend.generate:
+    if Capability.WHOLE_RESPONSE not in backend.capabilities:
         # the backend's answer is its own stream collected: time its first token there
         return await collect(stream_generation(state, entry, backend, request, received_at), request.sampling.n)
     # A backend with its own whole-answer call (upstream) hands over every token at once.
