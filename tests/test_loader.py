@@ -190,7 +190,18 @@ def test_auto_dtype_on_a_gpu(monkeypatch: pytest.MonkeyPatch, bf16_supported: bo
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
     monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: False)  # the CPU plays no part on a GPU
     assert pick_dtype("auto", torch.device("cuda", 0)) == expected
+    assert pick_dtype("auto", torch.device("cuda", 0), generative=False) == expected
     assert pick_dtype("float32", torch.device("cuda", 0)) == torch.float32
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_auto_keeps_encoders_in_float32_on_a_cpu(monkeypatch: pytest.MonkeyPatch, fast_bf16: bool) -> None:
+    """Embedding vectors and scores must not depend on which CPU computed them."""
+    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: fast_bf16)
+    cpu = torch.device("cpu")
+    assert pick_dtype("auto", cpu, generative=False) == torch.float32
+    assert pick_dtype("auto", cpu) == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert pick_dtype("bfloat16", cpu, generative=False) == torch.bfloat16  # an explicit choice stands
 
 
 @pytest.mark.parametrize(

@@ -49,9 +49,10 @@ def read_checkpoint(args: LocalArgs, task: Task | None) -> Checkpoint:
     if task == Task.IMAGE_CLASSIFICATION:
         from transformers import AutoImageProcessor
 
-        preprocessor, model, device, dtype = load_model(engine, cache, auto_cls, AutoImageProcessor)
+        preprocessor, model, device, dtype = load_model(engine, cache, auto_cls, AutoImageProcessor, generative=False)
     else:
-        preprocessor, model, device, dtype = load_model(engine, cache, auto_cls)
+        generative = task == Task.TEXT_GENERATION
+        preprocessor, model, device, dtype = load_model(engine, cache, auto_cls, generative=generative)
     pooling = None
     if task in EMBEDDING_TASKS:
         from gateway.engine import read_pooling_config

@@ -71,14 +71,19 @@ def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+def pick_dtype(requested: str, device: torch.device, *, generative: bool = True) -> torch.dtype:
+    """`auto`: a reduced precision where the hardware runs it fast; on a CPU only for the generation
+    engine, which keeps the residual stream, norms and logits in float32 itself. Encoders (embeddings,
+    classification, QA, seq2seq) stay float32 on a CPU: their outputs are read as numbers (vectors
+    stored and compared across machines, scores), bf16 moves them in the third digit by an amount
+    that depends on the CPU's kernels, and for these small models it measured no faster."""
     if requested != "auto":
         return getattr(torch, requested)
     if device.type == "cuda":
         # GPUs before Ampere have no bf16 units; fp16 still halves memory and runs on their tensor cores.
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # Without native bf16 a CPU emulates it, slower than float32.
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.bfloat16 if generative and cpu_has_fast_bf16() else torch.float32
 
 
 def _gguf_cache_dir(cache_root: Path, gguf: Path) -> Path:
@@ -137,17 +142,18 @@ def checkpoint_path(spec: EngineArgs, cache_root: Path, auto_cls: Any) -> tuple[
 
 
 def load_model(
-    spec: EngineArgs, cache_root: Path, auto_cls: Any, preprocessor_cls: Any = None
+    spec: EngineArgs, cache_root: Path, auto_cls: Any, preprocessor_cls: Any = None, *, generative: bool = True
 ) -> tuple[Any, Any, torch.device, torch.dtype]:
     """Load preprocessor and model for `spec` with `auto_cls` (e.g. AutoModelForCausalLM).
 
-    The preprocessor is a tokenizer unless `preprocessor_cls` says otherwise (AutoImageProcessor).
+    The preprocessor is a tokenizer unless `preprocessor_cls` says otherwise (AutoImageProcessor);
+    `generative` says the model runs on the generation engine (see `pick_dtype`).
     """
     from transformers import AutoTokenizer
 
     path, kwargs = checkpoint_path(spec, cache_root, auto_cls)
     device = pick_device(spec.device)
-    dtype = pick_dtype(spec.dtype, device)
+    dtype = pick_dtype(spec.dtype, device, generative=generative)
     tokenizer = (preprocessor_cls or AutoTokenizer).from_pretrained(path, **kwargs)
     model_kwargs = dict(kwargs, dtype=dtype)
     if spec.device_map:
