@@ -27,10 +27,10 @@ serve: install
 test: install check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Lint and type check; `make test` (and so CI) runs it before pytest. mypy reads [tool.mypy] in pyproject.toml.
+# Lint, format check and type check; `make test` (and so CI) runs it before pytest. mypy reads [tool.mypy] in pyproject.toml.
 check: install
 	$(VENV)/bin/ruff check gateway tests bench
-	# Enabled by the lead once the tree is formatted: $(VENV)/bin/ruff format --check gateway tests bench
+	$(VENV)/bin/ruff format --check gateway tests bench
 	$(VENV)/bin/mypy
 
 lint: check

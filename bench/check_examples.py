@@ -63,9 +63,17 @@ def main() -> None:
             runs[dtype].append((tokenizer.decode([t for t in tokens if t not in eos]), margins))
     print("| kind | prompt | float32 answer | min margin (at token) | bf16 answer same | verdict |")
     print("|---|---|---|---|---|---|")
-    for (kind, prompt, _), (text, margins), (text16, _) in zip(examples, runs[torch.float32], runs[torch.bfloat16], strict=True):
+    for (kind, prompt, _), (text, margins), (text16, _) in zip(
+        examples, runs[torch.float32], runs[torch.bfloat16], strict=True
+    ):
         low = min(range(len(margins)), key=margins.__getitem__)
-        verdict = "ok" if margins[low] >= MIN_MARGIN and text == text16 else "NEAR-TIE" if margins[low] < MIN_MARGIN else "DIFFERS"
+        verdict = (
+            "ok"
+            if margins[low] >= MIN_MARGIN and text == text16
+            else "NEAR-TIE"
+            if margins[low] < MIN_MARGIN
+            else "DIFFERS"
+        )
         same = "yes" if text == text16 else f"no: {text16!r}"
         print(f"| {kind} | {prompt!r} | {text!r} | {margins[low]:.3f} ({low}) | {same} | {verdict} |")
 

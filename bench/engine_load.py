@@ -254,7 +254,12 @@ def summarise(rounds: list[tuple[list[Sample], float]], tokenizer: Any) -> dict[
 
 
 def drive(
-    targets: dict[str, tuple[str, str]], levels: list[int], rounds: int, per_client: int, max_tokens: int, tokenizer: Any
+    targets: dict[str, tuple[str, str]],
+    levels: list[int],
+    rounds: int,
+    per_client: int,
+    max_tokens: int,
+    tokenizer: Any,
 ) -> dict[str, dict[str, Any]]:
     """Every target at every level, `rounds` times, interleaved (the order of targets rotates each
     round), so that noise from the rest of the machine hits every target alike."""
@@ -308,7 +313,10 @@ def offline_generate(checkpoint: str, dtype: str, levels: list[int], max_tokens:
             started = time.perf_counter()
             with torch.inference_mode():
                 model.generate(
-                    **batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                    **batch,
+                    max_new_tokens=max_tokens,
+                    min_new_tokens=max_tokens,
+                    do_sample=False,
                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                 )
             runs.append(time.perf_counter() - started)
@@ -391,14 +399,30 @@ def checks(results: dict[str, Any], max_wait_ms: float) -> list[dict[str, Any]]:
             continue
         if tf_bf16 and c in tf_bf16:
             ratio = gw[c]["output_tokens_per_s"] / max(tf_bf16[c]["output_tokens_per_s"], 1e-9)
-            rows.append({"check": f"c={c} tok/s vs transformers serve bf16 >= 1.2x", "value": ratio, "ok": ratio >= 1.2})
+            rows.append(
+                {"check": f"c={c} tok/s vs transformers serve bf16 >= 1.2x", "value": ratio, "ok": ratio >= 1.2}
+            )
             ok = (gw[c]["ttft_p50"] or 1e9) <= (tf_bf16[c]["ttft_p50"] or 0)
-            rows.append({"check": f"c={c} TTFT p50 <= transformers serve bf16", "value": [gw[c]["ttft_p50"], tf_bf16[c]["ttft_p50"]], "ok": ok})
+            rows.append(
+                {
+                    "check": f"c={c} TTFT p50 <= transformers serve bf16",
+                    "value": [gw[c]["ttft_p50"], tf_bf16[c]["ttft_p50"]],
+                    "ok": ok,
+                }
+            )
         if tf_default and c in tf_default:
             ratio = gw[c]["output_tokens_per_s"] / max(tf_default[c]["output_tokens_per_s"], 1e-9)
-            rows.append({"check": f"c={c} tok/s vs transformers serve defaults >= 3x", "value": ratio, "ok": ratio >= 3})
+            rows.append(
+                {"check": f"c={c} tok/s vs transformers serve defaults >= 3x", "value": ratio, "ok": ratio >= 3}
+            )
             ok = (gw[c]["ttft_p50"] or 1e9) <= (tf_default[c]["ttft_p50"] or 0)
-            rows.append({"check": f"c={c} TTFT p50 <= transformers serve defaults", "value": [gw[c]["ttft_p50"], tf_default[c]["ttft_p50"]], "ok": ok})
+            rows.append(
+                {
+                    "check": f"c={c} TTFT p50 <= transformers serve defaults",
+                    "value": [gw[c]["ttft_p50"], tf_default[c]["ttft_p50"]],
+                    "ok": ok,
+                }
+            )
     if "1" in gw and "1" in offline:
         ratio = gw["1"]["output_tokens_per_s"] / offline["1"]["output_tokens_per_s"]
         rows.append({"check": "c=1 tok/s vs offline generate (1 sequence) >= 1x", "value": ratio, "ok": ratio >= 1})
@@ -412,7 +436,9 @@ def checks(results: dict[str, Any], max_wait_ms: float) -> list[dict[str, Any]]:
         rows.append({"check": "embeddings c=16 req/s batched vs unbatched >= 3x", "value": ratio, "ok": ratio >= 3})
         limit = emb["1"]["unbatched"]["latency_p50"] + max_wait_ms / 1000
         got = emb["1"]["batched"]["latency_p50"]
-        rows.append({"check": "embeddings c=1 p50 <= unbatched + max_wait_ms", "value": [got, limit], "ok": got <= limit})
+        rows.append(
+            {"check": "embeddings c=1 p50 <= unbatched + max_wait_ms", "value": [got, limit], "ok": got <= limit}
+        )
     return rows
 
 
@@ -434,7 +460,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         levels = sorted(int(c) for c in offline)
         label = f"offline generate ({results['dtype']}, static batch)"
         axes[0].plot(levels, [offline[str(c)]["output_tokens_per_s"] for c in levels], "k--", marker="x", label=label)
-    for ax, title in zip(axes[:3], ("output tokens/s", "time to first token p50 (ms)", "inter-token latency p50 (ms)"), strict=True):
+    for ax, title in zip(
+        axes[:3], ("output tokens/s", "time to first token p50 (ms)", "inter-token latency p50 (ms)"), strict=True
+    ):
         ax.set_title(title)
         ax.set_xlabel("concurrent streams")
         ax.set_xticks([int(c) for c in results["gateway"]])
@@ -447,7 +475,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axes[3].bar(names, [v["requests_per_s"] for v in values], color=["#999", "#1f77b4", "#999", "#1f77b4"])
         axes[3].set_title("embeddings: single-sentence requests/s")
         axes[3].tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"SmolLM2-135M-Instruct, {results['max_tokens']} output tokens per request, {results['cpu']}", fontsize=10)
+    fig.suptitle(
+        f"SmolLM2-135M-Instruct, {results['max_tokens']} output tokens per request, {results['cpu']}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -32,7 +32,9 @@ def main() -> None:
     for streams in (1, 16):
         for slot in range(streams):
             step.forward(StepPlan(prefills=[PrefillChunk(slot, 0, list(range(10, 50)), True)]))
-        plan = StepPlan(decode_slots=list(range(streams)), decode_tokens=[100] * streams, decode_positions=[40] * streams)
+        plan = StepPlan(
+            decode_slots=list(range(streams)), decode_tokens=[100] * streams, decode_positions=[40] * streams
+        )
         times: dict[str, list[float]] = {name: [] for name in variants}
         for run in range(RUNS + 1):
             for name, logits in variants.items():

@@ -143,7 +143,18 @@ models:
 """
     )
     log = open(tmp / "gateway.log", "wb")  # noqa: SIM115 - lives as long as the process
-    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port), "--host", "127.0.0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 

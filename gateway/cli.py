@@ -32,7 +32,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI- and Hugging Face-compatible inference gateway.")
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="OpenAI- and Hugging Face-compatible inference gateway."
+    )
     # `config` takes the same flags as `serve`, so it shows what that `serve` would run with.
     settings = argparse.ArgumentParser(add_help=False)
     settings.add_argument("--config", help="YAML config file; the embedded default config when omitted.")

@@ -49,7 +49,9 @@ class LocalBackendSpec(_Strict):
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless set.")
     max_batch_size: int = Field(
-        16, ge=1, description="Generation: sequences decoded together (KV cache slots); other tasks: inputs per forward pass."
+        16,
+        ge=1,
+        description="Generation: sequences decoded together (KV cache slots); other tasks: inputs per forward pass.",
     )
     max_queue: int = Field(
         64, ge=1, description="Requests waiting for the batch; more get 429 (HF: `overloaded`) with a Retry-After."
@@ -104,7 +106,9 @@ class UpstreamTimeouts(_Strict):
 
 
 class UpstreamRetry(_Strict):
-    max_retries: int = Field(2, ge=0, description="Retries after the first attempt (connect errors, timeouts, 429, 502-504).")
+    max_retries: int = Field(
+        2, ge=0, description="Retries after the first attempt (connect errors, timeouts, 429, 502-504)."
+    )
     backoff_base: float = Field(0.1, ge=0, description="First backoff in seconds; doubles each retry, with jitter.")
     backoff_max: float = Field(5.0, ge=0, description="Longest backoff between two attempts.")
     max_retry_after: float = Field(
@@ -132,7 +136,8 @@ class UpstreamBackendSpec(_Strict):
     retry: UpstreamRetry = Field(default_factory=UpstreamRetry)
     max_connections: int = Field(100, ge=1, description="Pooled keep-alive connections to this upstream.")
     health_path: str | None = Field(
-        None, description="GET path probed while cooled down; default `/models` (openai), `/health` (tgi), a small real POST (hf)."
+        None,
+        description="GET path probed while cooled down; default `/models` (openai), `/health` (tgi), a small real POST (hf).",
     )
 
     @field_validator("url")
@@ -213,7 +218,8 @@ class ServerSettings(_Strict):
         0.0, ge=0, description="Interval of SSE comment pings on idle streams; 0 disables them."
     )
     access_log: bool = Field(
-        True, description="One log line per request from uvicorn; costs about a sixth of the throughput in front of a fast upstream."
+        True,
+        description="One log line per request from uvicorn; costs about a sixth of the throughput in front of a fast upstream.",
     )
 
 

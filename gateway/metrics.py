@@ -29,7 +29,10 @@ class Metrics:
 
     def _http_and_models(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
-            "gateway_requests", "HTTP requests by route, model and status code.", ["route", "model", "status"], registry=r
+            "gateway_requests",
+            "HTTP requests by route, model and status code.",
+            ["route", "model", "status"],
+            registry=r,
         )
         self.request_latency = Histogram(
             "gateway_request_duration_seconds",
@@ -58,17 +61,25 @@ class Metrics:
             "gateway_running_requests", "Requests in the running batch.", ["model"], registry=r
         )
         self.queue_time = Histogram(
-            "gateway_queue_time_seconds", "Time a request waited for the batch before its compute started.",
-            ["model"], buckets=_SMALL_BUCKETS, registry=r,
+            "gateway_queue_time_seconds",
+            "Time a request waited for the batch before its compute started.",
+            ["model"],
+            buckets=_SMALL_BUCKETS,
+            registry=r,
         )
         self.batch_duration = Histogram(
             "gateway_batch_duration_seconds",
             "Time of one forward pass: a generation step (with its sampling) or an encoder batch.",
-            ["model"], buckets=_SMALL_BUCKETS, registry=r,
+            ["model"],
+            buckets=_SMALL_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "gateway_batch_size", "Sequences (generation) or inputs (encoder tasks) per forward pass.", ["model"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+            "gateway_batch_size",
+            "Sequences (generation) or inputs (encoder tasks) per forward pass.",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
         )
 
     def _upstreams(self, r: CollectorRegistry) -> None:
@@ -76,21 +87,31 @@ class Metrics:
         self.upstream_requests = Counter(
             "gateway_upstream_requests", "Requests sent to upstream deployments.", ["deployment", "outcome"], registry=r
         )
-        self.upstream_retries = Counter("gateway_upstream_retries", "Retries per deployment.", ["deployment"], registry=r)
+        self.upstream_retries = Counter(
+            "gateway_upstream_retries", "Retries per deployment.", ["deployment"], registry=r
+        )
         self.upstream_fallbacks = Counter(
-            "gateway_upstream_fallbacks", "Requests moved on to another deployment, by the one they moved to.",
-            ["model", "deployment"], registry=r,
+            "gateway_upstream_fallbacks",
+            "Requests moved on to another deployment, by the one they moved to.",
+            ["model", "deployment"],
+            registry=r,
         )
         self.upstream_cooldown = Gauge(
             "gateway_upstream_cooldown", "1 while a deployment is cooled down.", ["deployment"], registry=r
         )
         self.upstream_latency = Histogram(
-            "gateway_upstream_duration_seconds", "Upstream response time.", ["deployment"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "gateway_upstream_duration_seconds",
+            "Upstream response time.",
+            ["deployment"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.upstream_ttfb = Histogram(
-            "gateway_upstream_time_to_first_byte_seconds", "Upstream time to first byte.", ["deployment"],
-            buckets=_SMALL_BUCKETS, registry=r,
+            "gateway_upstream_time_to_first_byte_seconds",
+            "Upstream time to first byte.",
+            ["deployment"],
+            buckets=_SMALL_BUCKETS,
+            registry=r,
         )
 
     def of_model(self, model: str) -> ModelMetrics:
@@ -98,7 +119,9 @@ class Metrics:
         bound = self._models.get(model)
         if bound is None:
             bound = self._models[model] = ModelMetrics(
-                self.time_to_first_token.labels(model), self.prompt_tokens.labels(model), self.generated_tokens.labels(model)
+                self.time_to_first_token.labels(model),
+                self.prompt_tokens.labels(model),
+                self.generated_tokens.labels(model),
             )
         return bound
 

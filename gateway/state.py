@@ -16,4 +16,3 @@ class AppState:
     registry: Registry
     metrics: Metrics
     started_at: int = field(default_factory=lambda: int(time.time()))
-

@@ -7,8 +7,13 @@ import pytest
 from tests.helpers import LiveServer, settings_for
 
 FAKE_MODELS = [
-    {"name": "fake-chat", "aliases": ["fake/chat"], "task": "text-generation", "default": True,
-     "backend": {"kind": "fake"}},
+    {
+        "name": "fake-chat",
+        "aliases": ["fake/chat"],
+        "task": "text-generation",
+        "default": True,
+        "backend": {"kind": "fake"},
+    },
     {"name": "fake-embed", "task": "feature-extraction", "backend": {"kind": "fake", "dimensions": 8}},
 ]
 

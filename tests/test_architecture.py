@@ -169,8 +169,15 @@ def test_generation_event_defined_once() -> None:
         f"{rel(path)}:{node.lineno}"
         for path in GATEWAY
         for node in ast.walk(tree(path))
-        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "GenerationEvent" for t in node.targets))
-        or (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "GenerationEvent")
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "GenerationEvent" for t in node.targets)
+        )
+        or (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and node.target.id == "GenerationEvent"
+        )
     ]
     assert len(where) == 1 and where[0].startswith("domain.py:"), f"GenerationEvent defined at {where}"
 

@@ -127,7 +127,9 @@ def test_flags_reach_the_effective_config(
 
 
 def test_gateway_config_command_prints_the_file_it_was_given(tmp_path: Path) -> None:
-    models = [{"name": "m", "aliases": ["org/m"], "task": "text-generation", "backend": {"kind": "fake", "delay_ms": 3}}]
+    models = [
+        {"name": "m", "aliases": ["org/m"], "task": "text-generation", "backend": {"kind": "fake", "delay_ms": 3}}
+    ]
     config = write(tmp_path, {"server": {"port": 8123}, "models": models})
     run = subprocess.run([GATEWAY, "config", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
@@ -155,8 +157,16 @@ def test_without_config_the_embedded_default_is_used(capsys: pytest.CaptureFixtu
         ({"models": []}, {"GATEWAY_SERVER__PORT": "abc"}, "server.port: Input should be a valid integer"),
         ({"models": []}, {"GATEWAY_SERVER__API_KEYS": "k1"}, "lists and mappings are JSON"),
     ],
-    ids=["unknown-field", "bad-type", "unknown-nested-field", "unknown-top-level", "bad-yaml", "not-a-mapping",
-         "bad-env-type", "env-not-json"],
+    ids=[
+        "unknown-field",
+        "bad-type",
+        "unknown-nested-field",
+        "unknown-top-level",
+        "bad-yaml",
+        "not-a-mapping",
+        "bad-env-type",
+        "env-not-json",
+    ],
 )
 def test_bad_config_is_a_readable_error(
     tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

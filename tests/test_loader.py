@@ -110,13 +110,16 @@ def test_unwritable_cache_loads_the_gguf_directly(tiny_gguf: Path, tmp_path: Pat
     spec = EngineArgs(source=str(tiny_gguf), device="cpu", dtype="float32")
     tokenizer, model, *_, model_cls, _ = load(spec, blocked / "cache")
     assert conversions == []
-    assert model_cls.calls[0] == (str(tiny_gguf.parent), {"trust_remote_code": False, "gguf_file": tiny_gguf.name, "dtype": torch.float32})
+    assert model_cls.calls[0] == (
+        str(tiny_gguf.parent),
+        {"trust_remote_code": False, "gguf_file": tiny_gguf.name, "dtype": torch.float32},
+    )
     assert logits(tokenizer, model).shape[-1] == model.config.vocab_size
 
 
 # --- trust_remote_code ---------------------------------------------------------------------------
 
-REMOTE_CODE = '''
+REMOTE_CODE = """
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
@@ -126,7 +129,7 @@ class RemoteTinyConfig(LlamaConfig):
 
 class RemoteTinyForCausalLM(LlamaForCausalLM):
     config_class = RemoteTinyConfig
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +179,12 @@ def test_remote_code_is_refused_unless_the_model_turns_it_on(remote_code_model: 
     ],
 )
 def test_model_is_loaded_in_the_resolved_dtype(
-    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requested: str, fast_bf16: bool, expected: torch.dtype
+    tiny_llama: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    requested: str,
+    fast_bf16: bool,
+    expected: torch.dtype,
 ) -> None:
     monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: fast_bf16)
     spec = EngineArgs(source=str(tiny_llama), device="cpu", dtype=requested)  # type: ignore[arg-type]

@@ -30,8 +30,12 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_crossing_token() -> None:
         assert SequenceSampler(SamplingParams(temperature=1, top_k=1, seed=seed), [], 4).choose(logits)[0] == 1
     # probabilities are about [0.03, 0.64, 0.09, 0.24]: top_p=0.5 keeps token 1 alone,
     # top_p=0.85 keeps 1 and 3 (the token whose mass crosses 0.85 is kept)
-    assert {SequenceSampler(SamplingParams(temperature=1, top_p=0.5, seed=s), [], 4).choose(logits)[0] for s in range(20)} == {1}
-    seen = {SequenceSampler(SamplingParams(temperature=1, top_p=0.85, seed=s), [], 4).choose(logits)[0] for s in range(50)}
+    assert {
+        SequenceSampler(SamplingParams(temperature=1, top_p=0.5, seed=s), [], 4).choose(logits)[0] for s in range(20)
+    } == {1}
+    seen = {
+        SequenceSampler(SamplingParams(temperature=1, top_p=0.85, seed=s), [], 4).choose(logits)[0] for s in range(50)
+    }
     assert seen == {1, 3}
 
 

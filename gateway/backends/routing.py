@@ -73,7 +73,9 @@ class RoutingBackend(Backend):
         self.fallbacks = [by_name[n] for n in self.routing.fallback]
         self.balanced = [d for d in self.deployments if d.name not in self.routing.fallback]
         # the request's one deadline: the longest of its upstreams' (local deployments have none)
-        self.total_timeout = max((b.total_timeout for b in backends.values() if b.total_timeout is not None), default=None)
+        self.total_timeout = max(
+            (b.total_timeout for b in backends.values() if b.total_timeout is not None), default=None
+        )
         self.capabilities = self._capabilities()
         self._turn = 0
         self._prober: asyncio.Task[None] | None = None
@@ -98,7 +100,9 @@ class RoutingBackend(Backend):
             if isinstance(result, BaseException):
                 log.error("deployment %s failed to start: %s", d.label, d.backend.error)
         if not any(d.backend.state == ModelState.READY for d in self.deployments):
-            raise RuntimeError("no deployment started: " + "; ".join(f"{d.name}: {d.backend.error}" for d in self.deployments))
+            raise RuntimeError(
+                "no deployment started: " + "; ".join(f"{d.name}: {d.backend.error}" for d in self.deployments)
+            )
         self.capabilities = self._capabilities()  # local deployments know theirs once loaded
 
     async def close(self) -> None:

@@ -73,8 +73,9 @@ class UpstreamBackend(Backend):
         # Children bound once: label lookups stay off the hot path.
         dep = self.deployment
         self._outcomes: dict[str, Any] = {}
-        self._requests = lambda outcome: self._outcomes.get(outcome) or self._outcomes.setdefault(
-            outcome, metrics.upstream_requests.labels(dep, outcome)
+        self._requests = lambda outcome: (
+            self._outcomes.get(outcome)
+            or self._outcomes.setdefault(outcome, metrics.upstream_requests.labels(dep, outcome))
         )
         self._retries = metrics.upstream_retries.labels(dep)
         self._latency = metrics.upstream_latency.labels(dep)
@@ -195,7 +196,9 @@ class UpstreamBackend(Backend):
         path, body, _ = self._generation_call(request, stream=False)
         if self.upstream.dialect == "openai":
             keep = dialects.kept_stops(request)
-            return await self._post_json(path, body, lambda data: dialects.openai_result(data, request.sampling.n, keep))
+            return await self._post_json(
+                path, body, lambda data: dialects.openai_result(data, request.sampling.n, keep)
+            )
         drop = dialects.dropped_stops(request)
         # TGI gives the prompt's length in a header only (its non-streamed details have no input_length).
         return await self._post_json(
@@ -233,7 +236,9 @@ class UpstreamBackend(Backend):
                 raise
             if first is None:
                 response.close()
-                raise RetryableFailure(f"{self.where} ended the stream before any output.", status=502, kind="stream_broken")
+                raise RetryableFailure(
+                    f"{self.where} ended the stream before any output.", status=502, kind="stream_broken"
+                )
             self._ttfb.observe(loop.time() - began)  # the first event is in
             return response, first
 

@@ -282,7 +282,9 @@ def _objects(inputs: Any, keys: dict[str, type], example: str) -> tuple[list[dic
     if not items:
         raise InvalidRequest(f"'inputs' must be {example} or a non-empty list of them.", param="inputs")
     for item in items:
-        if not isinstance(item, dict) or any(not isinstance(item.get(k), t) or not item.get(k) for k, t in keys.items()):
+        if not isinstance(item, dict) or any(
+            not isinstance(item.get(k), t) or not item.get(k) for k, t in keys.items()
+        ):
             raise InvalidRequest(f"'inputs' must be {example} or a list of them.", param="inputs")
     return [{k: item[k] for k in keys} for item in items], many
 

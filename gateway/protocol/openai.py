@@ -191,7 +191,9 @@ class ChatMessageIn(BaseModel):
             if part.type != "text":
                 continue  # the type itself is refused by to_domain
             check_extras(
-                part.model_extra or {}, where=f"{where}content[{number}].", unknown="is not a known field of a content part"
+                part.model_extra or {},
+                where=f"{where}content[{number}].",
+                unknown="is not a known field of a content part",
             )
         # Chat templates take no participant names; one entry however many messages have one.
         return ["messages[].name"] if self.name is not None else []

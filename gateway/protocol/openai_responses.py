@@ -44,7 +44,9 @@ def chat_completion(result: GenerationResult, *, id: str, model: str, created: i
     }
 
 
-def chat_chunk(*, id: str, model: str, created: int, choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
+def chat_chunk(
+    *, id: str, model: str, created: int, choices: list[dict[str, Any]], usage: Usage | None = None
+) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": id,
         "object": "chat.completion.chunk",
@@ -108,7 +110,9 @@ def completion(results: list[GenerationResult], *, id: str, model: str, created:
     }
 
 
-def completion_chunk(*, id: str, model: str, created: int, delta: TokenDelta | None, usage: Usage | None = None) -> dict[str, Any]:
+def completion_chunk(
+    *, id: str, model: str, created: int, delta: TokenDelta | None, usage: Usage | None = None
+) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": id,
         "object": "text_completion",

@@ -76,9 +76,7 @@ def name_default_model(state: AppState, ctx: RequestContext, task: Task) -> None
 def check_task(entry: Entry, task: Task | None) -> None:
     """Refuse a model whose task (known once loaded, at the latest) cannot answer `task`."""
     if task is not None and entry.task is not None and entry.task not in COMPATIBLE_TASKS.get(task, {task}):
-        raise TaskNotSupported(
-            f"Model '{entry.spec.name}' serves {entry.task.value}, not {task.value}.", param="model"
-        )
+        raise TaskNotSupported(f"Model '{entry.spec.name}' serves {entry.task.value}, not {task.value}.", param="model")
 
 
 async def resolve(

@@ -242,11 +242,11 @@ def tgi_parameters(request: GenerationRequest) -> dict[str, Any]:
 def _tgi_token(token: dict[str, Any], top: Any = None) -> TokenDelta:
     special = bool(token.get("special"))
     alternatives = tuple(
-        TopToken(int(t["id"]), str(t.get("text") or ""), float(t["logprob"]), bool(t.get("special")))
-        for t in top or ()
+        TopToken(int(t["id"]), str(t.get("text") or ""), float(t["logprob"]), bool(t.get("special"))) for t in top or ()
     )
-    return TokenDelta(0, "" if special else token.get("text") or "", token.get("id"), token.get("logprob"), special,
-                      top=alternatives)
+    return TokenDelta(
+        0, "" if special else token.get("text") or "", token.get("id"), token.get("logprob"), special, top=alternatives
+    )
 
 
 def tgi_result(data: Any, drop_stop: tuple[str, ...] = (), prompt_tokens: str | None = None) -> GenerationResult:

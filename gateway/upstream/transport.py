@@ -41,7 +41,10 @@ def status_failure(status: int, body: bytes, headers: Any, where: str) -> Except
     if status in RETRY_STATUSES:
         kind = "status_429" if status == 429 else "status_5xx"
         return RetryableFailure(
-            f"{where} answered {status}.", status=status, kind=kind, retry_after=parse_retry_after(headers.get("Retry-After"))
+            f"{where} answered {status}.",
+            status=status,
+            kind=kind,
+            retry_after=parse_retry_after(headers.get("Retry-After")),
         )
     if status in (400, 413, 422):
         # The upstream refused this request's content: the client can fix it, so it learns why.
@@ -89,7 +92,9 @@ class Transport:
             await self.session.close()
             self.session = None
 
-    async def post(self, path: str, body: dict[str, Any], *, timeout: float, stream: bool, where: str) -> aiohttp.ClientResponse:
+    async def post(
+        self, path: str, body: dict[str, Any], *, timeout: float, stream: bool, where: str
+    ) -> aiohttp.ClientResponse:
         """POST and return the response once its headers are in and its status is 2xx.
 
         For `stream`, `timeout` bounds each read (time to first byte and every gap
@@ -125,7 +130,11 @@ class Transport:
         data = None if body is None else orjson.dumps(body)
         try:
             async with self.session.request(
-                method, self.base_url + path, data=data, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+                method,
+                self.base_url + path,
+                data=data,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
             ) as response:
                 return response.status < 500 and response.status != 429
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):

@@ -54,7 +54,11 @@ def test_streamed_answer_matches(client: openai.OpenAI) -> None:
 
 
 def test_food_sentences_are_closer(client: openai.OpenAI) -> None:
-    sentences = ["I love eating pizza with cheese.", "Pasta with tomato sauce is my favourite meal.", "The stock market fell sharply today."]
+    sentences = [
+        "I love eating pizza with cheese.",
+        "Pasta with tomato sauce is my favourite meal.",
+        "The stock market fell sharply today.",
+    ]
     data = client.embeddings.create(model=EMBED, input=sentences).data  # base64 on the wire
     vectors = np.array([d.embedding for d in data])
     assert vectors.shape == (3, 384)
@@ -114,7 +118,10 @@ def test_concurrent_requests_all_complete(client: openai.OpenAI) -> None:
 
     def ask() -> None:
         r = client.chat.completions.create(
-            model=CHAT, messages=[{"role": "user", "content": "What is the capital of Japan?"}], temperature=0, max_tokens=12
+            model=CHAT,
+            messages=[{"role": "user", "content": "What is the capital of Japan?"}],
+            temperature=0,
+            max_tokens=12,
         )
         results.append(r.choices[0].message.content or "")
 

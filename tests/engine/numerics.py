@@ -34,13 +34,19 @@ def load(dtype: torch.dtype, *, fused: bool | None = True, slots: int = 1) -> tu
     if fused is None:
         return tokenizer, model
     assert not fused or fused_llama.supports(model)
-    step = fused_llama.FusedLlama(model, slots=slots, max_len=MAX_LEN) if fused else HFStepModel(model, slots=slots, max_len=MAX_LEN)
+    step = (
+        fused_llama.FusedLlama(model, slots=slots, max_len=MAX_LEN)
+        if fused
+        else HFStepModel(model, slots=slots, max_len=MAX_LEN)
+    )
     return tokenizer, step
 
 
 def chat_ids(tokenizer: Any, question: str) -> list[int]:
     """The prompt the gateway builds for a one-message chat request (as `LocalBackend._prompt_ids`)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -48,7 +54,9 @@ def completion_ids(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
-def greedy(step: Any, prompt: list[int], new_tokens: int, stop: frozenset[int] = frozenset()) -> tuple[list[int], list[float]]:
+def greedy(
+    step: Any, prompt: list[int], new_tokens: int, stop: frozenset[int] = frozenset()
+) -> tuple[list[int], list[float]]:
     """Greedy continuation through the step model (slot 0), and the margin between the top two
     log-probabilities at each generated position."""
     tokens: list[int] = []

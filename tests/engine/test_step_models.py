@@ -25,7 +25,9 @@ SLOTS = (3, 0, 5, 1)  # one per prompt; deliberately not 0..3
 def _build(kind: str, folder: Path) -> Path:
     import transformers as tf
 
-    common = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+    common = dict(
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128
+    )
     configs = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(num_key_value_heads=2, intermediate_size=128)),
         # no sliding window: with one, supports() leaves Mistral to the generic path
@@ -40,7 +42,9 @@ def _build(kind: str, folder: Path) -> Path:
     }
     config_cls, model_cls, extra = configs[kind]
     if kind == "gpt2":
-        config = config_cls(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+        config = config_cls(
+            vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+        )
     else:
         config = config_cls(**common, **extra)
     torch.manual_seed(0)

@@ -41,8 +41,9 @@ def hf_models(tiny: dict[str, Path]) -> list[dict[str, object]]:
         _local("bart-translator", tiny["bart"], task="translation"),
         _local("t5", tiny["t5"]),  # inferred: text2text-generation
         _local("vit", tiny["vit"]),
-        _local("all-minilm-l6-v2", MINILM, task="feature-extraction",
-               aliases=["sentence-transformers/all-MiniLM-L6-v2"]),
+        _local(
+            "all-minilm-l6-v2", MINILM, task="feature-extraction", aliases=["sentence-transformers/all-MiniLM-L6-v2"]
+        ),
         _local("lazy-sentiment", tiny["sentiment"], preload=False),
     ]
 

@@ -22,6 +22,8 @@ def hf_section() -> str:
     found = SECTION.search((ROOT / "README.md").read_text())
     assert found, "README.md lost its Hugging Face section markers"
     return found.group(1)
+
+
 BLOCK = re.compile(r"```(bash|python)\n(.*?)```", re.DOTALL)
 
 

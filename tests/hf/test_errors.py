@@ -34,27 +34,55 @@ def _error(r: requests.Response, status: int, error_type: str, *words: str) -> N
     [
         ("/models/no/such-model", {"json": {"inputs": "x"}}, 404, "not_found", ["no/such-model"]),
         ("/models/acme/sentiment", {"data": b""}, 422, "validation", ["empty"]),
-        ("/models/acme/sentiment", {"data": b"{oops", "headers": {"content-type": "application/json"}},
-         422, "validation", ["JSON"]),
+        (
+            "/models/acme/sentiment",
+            {"data": b"{oops", "headers": {"content-type": "application/json"}},
+            422,
+            "validation",
+            ["JSON"],
+        ),
         ("/models/acme/sentiment", {"json": {"inputs": 3}}, 422, "validation", ["inputs"]),
         ("/models/acme/sentiment", {"json": {"inputs": ["a", ""]}}, 422, "validation", ["empty"]),
-        ("/models/acme/sentiment", {"json": {"inputs": "x", "parameters": {"top_k": 0}}}, 422, "validation",
-         ["top_k"]),
-        ("/models/acme/sentiment", {"json": {"inputs": "x", "parameters": {"temperature": 1}}}, 422, "validation",
-         ["temperature"]),
-        ("/models/acme/sentiment", {"json": {"inputs": "x", "options": {"wait_for_model": "soon"}}}, 422,
-         "validation", ["wait_for_model"]),
+        ("/models/acme/sentiment", {"json": {"inputs": "x", "parameters": {"top_k": 0}}}, 422, "validation", ["top_k"]),
+        (
+            "/models/acme/sentiment",
+            {"json": {"inputs": "x", "parameters": {"temperature": 1}}},
+            422,
+            "validation",
+            ["temperature"],
+        ),
+        (
+            "/models/acme/sentiment",
+            {"json": {"inputs": "x", "options": {"wait_for_model": "soon"}}},
+            422,
+            "validation",
+            ["wait_for_model"],
+        ),
         ("/models/acme/sentiment", {"json": {"inputs": "x", "extra": 1}}, 422, "validation", ["extra"]),
         ("/models/acme/sentiment", {"json": {"inputs": "word " * 300}}, 200, None, []),  # truncated, as hosted
         ("/models/mlm", {"json": {"inputs": "word " * 300 + "[MASK]"}}, 422, "validation", ["at most 128"]),
         ("/models/qa", {"json": {"inputs": {"question": "who?"}}}, 422, "validation", ["context"]),
-        ("/models/all-minilm-l6-v2", {"json": {"inputs": {"source_sentence": "a", "sentences": [1]}}}, 422,
-         "validation", ["sentences"]),
-        ("/models/all-minilm-l6-v2", {"json": {"inputs": "a", "prompt_name": "query"}}, 422, "validation",
-         ["prompt_name"]),
-        ("/models/bart-summarizer",
-         {"json": {"inputs": "x", "parameters": {"generate_parameters": {"max_new_tokens": 4000}}}},
-         422, "validation", ["max_new_tokens"]),
+        (
+            "/models/all-minilm-l6-v2",
+            {"json": {"inputs": {"source_sentence": "a", "sentences": [1]}}},
+            422,
+            "validation",
+            ["sentences"],
+        ),
+        (
+            "/models/all-minilm-l6-v2",
+            {"json": {"inputs": "a", "prompt_name": "query"}},
+            422,
+            "validation",
+            ["prompt_name"],
+        ),
+        (
+            "/models/bart-summarizer",
+            {"json": {"inputs": "x", "parameters": {"generate_parameters": {"max_new_tokens": 4000}}}},
+            422,
+            "validation",
+            ["max_new_tokens"],
+        ),
         ("/models/vit", {"json": {"inputs": "x", "parameters": {"top_k": "many"}}}, 422, "validation", ["top_k"]),
         ("/models/gpt2", {"json": {"inputs": ""}}, 422, "validation", ["empty"]),
         ("/models/gpt2", {"json": {"inputs": ["a", "b"], "stream": True}}, 422, "validation", ["single prompt"]),
@@ -156,9 +184,20 @@ def test_question_is_cut_to_max_question_len(hf_server: LiveServer) -> None:
 
 
 WEIRD_BODIES = [
-    b"{}", b"[]", b"null", b"42", b'{"inputs": null}', b'{"inputs": {}}', b'{"inputs": [[]]}', b'{"inputs": [1, 2]}',
-    b'{"inputs": "x", "parameters": []}', b'{"inputs": "x", "parameters": {"top_k": -1}}', b"\xff\xfe\x00garbage",
-    b'{"inputs": "x", "options": []}', b'{"inputs": "\xf0\x9f\x99\x82 [MASK]"}', b'{"inputs": {"question": 1, "context": 2}}',
+    b"{}",
+    b"[]",
+    b"null",
+    b"42",
+    b'{"inputs": null}',
+    b'{"inputs": {}}',
+    b'{"inputs": [[]]}',
+    b'{"inputs": [1, 2]}',
+    b'{"inputs": "x", "parameters": []}',
+    b'{"inputs": "x", "parameters": {"top_k": -1}}',
+    b"\xff\xfe\x00garbage",
+    b'{"inputs": "x", "options": []}',
+    b'{"inputs": "\xf0\x9f\x99\x82 [MASK]"}',
+    b'{"inputs": {"question": 1, "context": 2}}',
 ]
 MODELS = ["gpt2", "acme/sentiment", "nli", "ner", "mlm", "qa", "bart-summarizer", "vit", "all-minilm-l6-v2"]
 
@@ -173,8 +212,10 @@ def test_no_input_makes_a_500(hf_server: LiveServer, model: str) -> None:
 
 
 def test_api_keys_apply_to_hf_routes() -> None:
-    models = [{"name": "chat", "task": "text-generation", "default": True, "backend": {"kind": "fake"}},
-              {"name": "org/embed", "task": "feature-extraction", "backend": {"kind": "fake"}}]
+    models = [
+        {"name": "chat", "task": "text-generation", "default": True, "backend": {"kind": "fake"}},
+        {"name": "org/embed", "task": "feature-extraction", "backend": {"kind": "fake"}},
+    ]
     with LiveServer(settings_for(models, api_keys=["sekret"])) as server:
         server.wait_ready()
         ok = InferenceClient(base_url=f"{server.url}/models/org/embed", api_key="sekret")

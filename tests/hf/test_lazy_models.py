@@ -69,7 +69,9 @@ def test_time_to_first_token_counts_from_arrival(tiny: dict[str, Path], tmp_path
         assert count == 1 and total >= load > 0
         for path in ("/generate", "/"):
             assert requests.post(server.url + path, json=body).ok
-        assert OpenAI(base_url=f"{server.url}/v1", api_key="x").completions.create(model="gpt2", prompt="Hi", max_tokens=2)
+        assert OpenAI(base_url=f"{server.url}/v1", api_key="x").completions.create(
+            model="gpt2", prompt="Hi", max_tokens=2
+        )
         count, _ = _ttft(server, "gpt2")
         assert count == 4
 
@@ -98,7 +100,9 @@ def test_estimated_time_comes_from_measured_loads(tiny: dict[str, Path], tmp_pat
         assert r.headers["retry-after"] == str(round(r.json()["estimated_time"]))
         mlm_bytes = sum(f.stat().st_size for f in tiny["mlm"].rglob("*") if f.is_file())
         rate = sum(sizes.values()) / (40.0 * len(sizes))
-        r = requests.post(f"{s.url}/models/mlm", json={"inputs": "life is [MASK] .", "options": {"wait_for_model": False}})
+        r = requests.post(
+            f"{s.url}/models/mlm", json={"inputs": "life is [MASK] .", "options": {"wait_for_model": False}}
+        )
         assert r.status_code == 503 and r.json()["estimated_time"] == pytest.approx(mlm_bytes / rate, abs=0.5)
         assert requests.post(f"{s.url}/models/ner", json={"inputs": "My name is Sarah"}).ok
     assert json.loads(history.read_text())[ner_key]["seconds"] < 40.0  # the new measurement replaces it

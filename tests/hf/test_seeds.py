@@ -33,10 +33,12 @@ def test_requests_text_generation(hf_server: LiveServer) -> None:
         response = requests.post(API_URL, headers=headers, json=payload)
         return response.json()
 
-    result = query({
-        "inputs": "The future of AI is",
-        "parameters": {"max_new_tokens": 50, "temperature": 0.7, "top_p": 0.95, "do_sample": True},
-    })
+    result = query(
+        {
+            "inputs": "The future of AI is",
+            "parameters": {"max_new_tokens": 50, "temperature": 0.7, "top_p": 0.95, "do_sample": True},
+        }
+    )
     assert isinstance(result[0]["generated_text"], str) and result[0]["generated_text"]
 
     data = query("Can you please let us know more details about your ")  # a bare JSON string
@@ -76,8 +78,15 @@ def test_inference_client_text_generation(hf_server: LiveServer) -> None:
         seed=42,  # For reproducibility
     )
     again = client.text_generation(
-        "Write a poem about Python programming", model=f"{hf_server.url}/models/gpt2", max_new_tokens=200,
-        temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.2, do_sample=True, seed=42,
+        "Write a poem about Python programming",
+        model=f"{hf_server.url}/models/gpt2",
+        max_new_tokens=200,
+        temperature=0.8,
+        top_p=0.9,
+        top_k=50,
+        repetition_penalty=1.2,
+        do_sample=True,
+        seed=42,
     )
     assert response == again
 
@@ -249,7 +258,7 @@ def test_rate_limiting_example(one_slot_server: LiveServer, capsys: pytest.Captu
 
             except HTTPError as e:
                 if e.response.status_code == 429:  # Rate limited
-                    retry_after = int(e.response.headers.get('Retry-After', 2 ** attempt))
+                    retry_after = int(e.response.headers.get("Retry-After", 2**attempt))
                     print(f"Rate limited. Waiting {retry_after}s...")
                     time.sleep(retry_after)
                 else:
@@ -262,8 +271,9 @@ def test_rate_limiting_example(one_slot_server: LiveServer, capsys: pytest.Captu
         assert requests.post(API_URL, json={"inputs": "Hello", "parameters": {"max_new_tokens": 1}}).ok
     engine = one_slot_server.state.registry.lookup("gpt2").backend.engine
     # A long stream holds the slot and a short request waits: the queue is full.
-    running = requests.post(API_URL, json={"inputs": "Hello", "parameters": {"max_new_tokens": 480}, "stream": True},
-                            stream=True)
+    running = requests.post(
+        API_URL, json={"inputs": "Hello", "parameters": {"max_new_tokens": 480}, "stream": True}, stream=True
+    )
     assert running.status_code == 200
     with ThreadPoolExecutor(max_workers=2) as pool:
         waiting = pool.submit(requests.post, API_URL, json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
@@ -271,7 +281,9 @@ def test_rate_limiting_example(one_slot_server: LiveServer, capsys: pytest.Captu
         while engine.queue_depth() < 1:
             assert time.monotonic() < deadline, "the second request never queued"
             time.sleep(0.005)
-        answer = pool.submit(robust_inference, {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 5}})
+        answer = pool.submit(
+            robust_inference, {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 5}}
+        )
         printed = ""
         while "Rate limited" not in printed:  # the first attempt found the queue full
             assert time.monotonic() < deadline and not answer.done(), printed

@@ -85,7 +85,9 @@ def test_token_classification_none_gives_per_token_entities(hf_server: LiveServe
 
 
 def test_token_classification_bad_strategy_is_a_validation_error(hf_server: LiveServer) -> None:
-    r = requests.post(f"{hf_server.url}/models/ner", json={"inputs": "x", "parameters": {"aggregation_strategy": "mean"}})
+    r = requests.post(
+        f"{hf_server.url}/models/ner", json={"inputs": "x", "parameters": {"aggregation_strategy": "mean"}}
+    )
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
     assert "aggregation_strategy" in r.json()["error"]
 
@@ -164,7 +166,9 @@ def test_summarization_matches_greedy_generate(hf_server: LiveServer, tiny: dict
     )
     tok = AutoTokenizer.from_pretrained(tiny["bart"])
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny["bart"]).eval()
-    ids = model.generate(**tok(text, return_tensors="pt", return_token_type_ids=False), max_new_tokens=6, min_new_tokens=6)
+    ids = model.generate(
+        **tok(text, return_tensors="pt", return_token_type_ids=False), max_new_tokens=6, min_new_tokens=6
+    )
     assert out.summary_text == tok.decode(ids[0], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     raw = requests.post(f"{hf_server.url}/models/bart-summarizer", json={"inputs": [text, "hello"]}).json()
@@ -189,8 +193,11 @@ def test_text2text_generation(hf_server: LiveServer, tiny: dict[str, Path]) -> N
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     texts = ["hello world", "the game tonight was great"]
-    routes = [("models/t5", "t5"), ("pipeline/text2text-generation/t5", "t5"),
-              ("pipeline/text2text-generation/bart-summarizer", "bart")]
+    routes = [
+        ("models/t5", "t5"),
+        ("pipeline/text2text-generation/t5", "t5"),
+        ("pipeline/text2text-generation/bart-summarizer", "bart"),
+    ]
     for route, checkpoint in routes:
         url = f"{hf_server.url}/{route}"
         tok = AutoTokenizer.from_pretrained(tiny[checkpoint])
@@ -205,8 +212,11 @@ def test_text2text_generation(hf_server: LiveServer, tiny: dict[str, Path]) -> N
         one = requests.post(url, json={"inputs": texts[0], "parameters": generate}).json()
         assert one == [{"generated_text": expected[0]}]  # a list even for one input, as hosted
 
-        greedy = tok.decode(model.generate(**tok(texts[0], return_tensors="pt", return_token_type_ids=False))[0],
-                            skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        greedy = tok.decode(
+            model.generate(**tok(texts[0], return_tensors="pt", return_token_type_ids=False))[0],
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=False,
+        )
         assert InferenceClient(base_url=url).text_generation(texts[0]) == greedy
         assert asyncio.run(AsyncInferenceClient(base_url=url).text_generation(texts[0])) == greedy
 
@@ -218,7 +228,9 @@ def test_seq2seq_seed_is_per_request(hf_server: LiveServer) -> None:
 
     def sample(seed: int) -> str:
         generate = {"do_sample": True, "temperature": 5.0, "max_new_tokens": 8, "seed": seed}
-        return requests.post(url, json={"inputs": "hello world", "parameters": {"generate_parameters": generate}}).json()
+        return requests.post(
+            url, json={"inputs": "hello world", "parameters": {"generate_parameters": generate}}
+        ).json()
 
     torch.manual_seed(1234)
     state = torch.get_rng_state()
@@ -255,7 +267,9 @@ def test_image_classification_raw_bytes_and_base64(hf_server: LiveServer) -> Non
 
 
 def test_image_classification_garbage_is_a_validation_error(hf_server: LiveServer) -> None:
-    r = requests.post(f"{hf_server.url}/models/vit", data=b"\x00\x01not an image", headers={"content-type": "image/png"})
+    r = requests.post(
+        f"{hf_server.url}/models/vit", data=b"\x00\x01not an image", headers={"content-type": "image/png"}
+    )
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
     r = requests.post(f"{hf_server.url}/models/vit", json={"inputs": "%%%not base64"})
     assert r.status_code == 422 and "base64" in r.json()["error"]
@@ -305,7 +319,9 @@ def test_stream_is_refused_where_the_task_does_not_stream(hf_server: LiveServer)
         r = requests.post(f"{hf_server.url}/models/{model}", json={"inputs": inputs, "stream": True})
         assert r.status_code == 422 and r.json()["error_type"] == "validation" and "stream" in r.json()["error"]
         assert requests.post(f"{hf_server.url}/models/{model}", json={"inputs": inputs, "stream": False}).ok
-    r = requests.post(f"{hf_server.url}/pipeline/feature-extraction/acme/sentiment", json={"inputs": "x", "stream": True})
+    r = requests.post(
+        f"{hf_server.url}/pipeline/feature-extraction/acme/sentiment", json={"inputs": "x", "stream": True}
+    )
     assert r.status_code == 422 and "stream" in r.json()["error"]
 
 

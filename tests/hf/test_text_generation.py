@@ -99,7 +99,9 @@ def test_stop_sequence_is_dropped_on_openai_routes(hf_server: LiveServer) -> Non
     openai = OpenAI(base_url=f"{hf_server.url}/v1", api_key="unused")
     out = openai.completions.create(model="gpt2", prompt="Hello", max_tokens=10, stop=[stop], temperature=0)
     assert out.choices[0].text == free[: free.index(stop)] and out.choices[0].finish_reason == "stop"
-    chunks = openai.completions.create(model="gpt2", prompt="Hello", max_tokens=10, stop=[stop], temperature=0, stream=True)
+    chunks = openai.completions.create(
+        model="gpt2", prompt="Hello", max_tokens=10, stop=[stop], temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == free[: free.index(stop)]
 
 
@@ -319,8 +321,12 @@ class _VLLMUpstream:
 
     def __init__(self) -> None:
         self.stops: list[list[str]] = []
-        app = Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
-                                Route("/v1/models", lambda _: JSONResponse({"data": []}))])
+        app = Starlette(
+            routes=[
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/models", lambda _: JSONResponse({"data": []})),
+            ]
+        )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="error", lifespan="off"))
@@ -355,8 +361,12 @@ def vllm() -> Iterator[_VLLMUpstream]:
 
 def test_stop_sequence_kept_through_an_openai_upstream(vllm: _VLLMUpstream) -> None:
     """An OpenAI-style upstream drops the stop; a TGI route puts back the one the upstream names."""
-    model = {"name": "up", "task": "text-generation", "default": True,
-             "backend": {"kind": "upstream", "url": f"{vllm.url}/v1"}}
+    model = {
+        "name": "up",
+        "task": "text-generation",
+        "default": True,
+        "backend": {"kind": "upstream", "url": f"{vllm.url}/v1"},
+    }
     with LiveServer(settings_for([model])) as gw:
         gw.wait_ready()
         client = InferenceClient(base_url=gw.url)
@@ -365,7 +375,8 @@ def test_stop_sequence_kept_through_an_openai_upstream(vllm: _VLLMUpstream) -> N
         out = client.text_generation("Say", max_new_tokens=8, stop=["zzz"], details=True)
         assert out.generated_text == "Hello from the upstream" and out.details.finish_reason == "length"
         sdk = OpenAI(base_url=f"{gw.url}/v1", api_key="unused")
-        assert sdk.completions.create(model="up", prompt="Say", max_tokens=8, stop=[" the"]).choices[0].text == "Hello from"
+        assert (
+            sdk.completions.create(model="up", prompt="Say", max_tokens=8, stop=[" the"]).choices[0].text
+            == "Hello from"
+        )
     assert vllm.stops == [[" the"], [" the"], ["zzz"], [" the"]]
-
-

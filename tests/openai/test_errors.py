@@ -87,12 +87,18 @@ def test_stream_options_are_honoured_or_refused(fake_server: LiveServer) -> None
         extra = {} if stream is None else {"stream": stream}
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(
-                model="fake-chat", messages=msgs, stream_options={"include_usage": True}, **extra  # type: ignore[arg-type]
+                model="fake-chat",
+                messages=msgs,
+                stream_options={"include_usage": True},
+                **extra,  # type: ignore[arg-type]
             )
         assert info.value.param == "stream_options" and "stream" in info.value.message
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(
-                model="fake-chat", prompt="a b", stream_options={"include_usage": True}, **extra  # type: ignore[arg-type]
+                model="fake-chat",
+                prompt="a b",
+                stream_options={"include_usage": True},
+                **extra,  # type: ignore[arg-type]
             )
         assert info.value.param == "stream_options"
     # null asks for nothing
@@ -141,7 +147,8 @@ def test_completions_logprobs_zero_is_refused_not_dropped(fake_server: LiveServe
 def test_message_fields_that_would_be_dropped_are_400(fake_server: LiveServer, message: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client_for(fake_server).chat.completions.create(
-            model="fake-chat", messages=[{"role": "user", "content": "x"}, message]  # type: ignore[list-item]
+            model="fake-chat",
+            messages=[{"role": "user", "content": "x"}, message],  # type: ignore[list-item]
         )
     assert info.value.param == param and info.value.code == "unsupported_parameter"
     assert param in info.value.message
@@ -152,11 +159,21 @@ def test_neutral_message_fields_accepted_and_name_reported(fake_server: LiveServ
         {"role": "system", "content": "s", "name": "rules"},
         {"role": "user", "content": "p q", "name": "bob"},
         # An earlier answer echoed back as the SDK models it: empty tool-call fields.
-        {"role": "assistant", "content": "r", "tool_calls": [], "refusal": None, "function_call": None, "annotations": []},
+        {
+            "role": "assistant",
+            "content": "r",
+            "tool_calls": [],
+            "refusal": None,
+            "function_call": None,
+            "annotations": [],
+        },
         {"role": "user", "content": [{"type": "text", "text": "s t"}]},
     ]
     raw = client_for(fake_server).chat.completions.with_raw_response.create(
-        model="fake-chat", messages=messages, temperature=0, user="u1"  # type: ignore[arg-type]
+        model="fake-chat",
+        messages=messages,
+        temperature=0,
+        user="u1",  # type: ignore[arg-type]
     )
     assert raw.headers["x-gateway-ignored-params"] == "user,messages[].name"
     assert raw.parse().choices[0].message.content == "s t"  # the fake backend echoes the last message
@@ -166,7 +183,11 @@ def test_neutral_message_fields_accepted_and_name_reported(fake_server: LiveServ
     "path, body, param",
     [
         ("/v1/chat/completions", {"model": "fake-chat", "messages": "hi"}, "messages"),
-        ("/v1/chat/completions", {"model": "fake-chat", "messages": [{"role": "user", "content": "x"}], "n": "two"}, "n"),
+        (
+            "/v1/chat/completions",
+            {"model": "fake-chat", "messages": [{"role": "user", "content": "x"}], "n": "two"},
+            "n",
+        ),
         ("/v1/completions", {"model": "fake-chat", "prompt": {"a": 1}}, "prompt"),
         ("/v1/embeddings", {"model": "fake-embed", "input": 5}, "input"),
         ("/v1/embeddings", {"model": "fake-embed", "input": "x", "encoding_format": "int8"}, "encoding_format"),
@@ -181,7 +202,9 @@ def test_openai_routes_answer_400_never_422(fake_server: LiveServer, path: str, 
 
 
 def test_malformed_json_is_400_in_envelope(fake_server: LiveServer) -> None:
-    resp = httpx.post(f"{fake_server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    resp = httpx.post(
+        f"{fake_server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 400
     assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -219,7 +242,10 @@ def test_error_envelope_follows_the_route_not_the_url() -> None:
             httpx.post(f"{server.url}/models/nope/v1/embeddings", json={"inputs": "x"}),  # 401
             httpx.post(f"{server.url}/models/nope/v1/embeddings", json={"inputs": "x"}, headers=key),  # 404
         ]
-        assert [(r.status_code, r.json()["error_type"]) for r in hf_shaped] == [(401, "authentication"), (404, "not_found")]
+        assert [(r.status_code, r.json()["error_type"]) for r in hf_shaped] == [
+            (401, "authentication"),
+            (404, "not_found"),
+        ]
         assert all(isinstance(r.json()["error"], str) for r in hf_shaped)
 
 
@@ -260,7 +286,9 @@ def test_overloaded_is_429_with_retry_after(scripted: tuple[LiveServer, _Scripte
     server, backend = scripted
     backend.mode = "overloaded"
     with pytest.raises(openai.RateLimitError) as info:
-        client_for(server).chat.completions.create(model="scripted", messages=[{"role": "user", "content": "x"}], stream=True)
+        client_for(server).chat.completions.create(
+            model="scripted", messages=[{"role": "user", "content": "x"}], stream=True
+        )
     assert info.value.response.headers["retry-after"] == "3"
 
 
@@ -291,7 +319,9 @@ def test_lazy_model_loads_on_first_use() -> None:
     models = [{"name": "lazy", "task": "text-generation", "preload": False, "backend": {"kind": "fake"}}]
     with LiveServer(settings_for(models)) as server:
         assert httpx.get(f"{server.url}/v1/models/lazy").json()["state"] == "pending"
-        resp = client_for(server).chat.completions.create(model="lazy", messages=[{"role": "user", "content": "hi"}], temperature=0)
+        resp = client_for(server).chat.completions.create(
+            model="lazy", messages=[{"role": "user", "content": "hi"}], temperature=0
+        )
         assert resp.choices[0].message.content == "hi"
         assert httpx.get(f"{server.url}/v1/models/lazy").json()["state"] == "ready"
 

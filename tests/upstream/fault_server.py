@@ -160,13 +160,20 @@ class FaultUpstream:
             await asyncio.sleep(self.slow_seconds)
         path = request.url.path
         if path.endswith("/embeddings"):
-            data = [{"object": "embedding", "index": i, "embedding": [0.5, -0.25, float(i)]} for i in range(len(body["input"]))]
-            return Response(orjson.dumps({"object": "list", "data": data, "usage": {"prompt_tokens": 3, "total_tokens": 3}}))
+            data = [
+                {"object": "embedding", "index": i, "embedding": [0.5, -0.25, float(i)]}
+                for i in range(len(body["input"]))
+            ]
+            return Response(
+                orjson.dumps({"object": "list", "data": data, "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+            )
         chat = path.endswith("/chat/completions")
         words = WORDS if behaviour != "slow_stream" else WORDS * 20
         if not body.get("stream"):
             text = "".join(words)
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+            choice = (
+                {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+            )
             choice["finish_reason"] = "stop"
             usage = {"prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5 + len(words)}
             return Response(orjson.dumps({"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage}))
@@ -184,7 +191,9 @@ class FaultUpstream:
         stream = request.url.path.endswith("/generate_stream")
         return self._tgi_answer(request, behaviour, stream, body)
 
-    def _tgi_answer(self, request: Request, behaviour: str, stream: bool, body: dict[str, Any] | None = None) -> Response:
+    def _tgi_answer(
+        self, request: Request, behaviour: str, stream: bool, body: dict[str, Any] | None = None
+    ) -> Response:
         if not stream:
             # As TGI answers with details: tokens (and top_tokens when asked), prefill only with
             # decoder_input_details, and the prompt's length in the x-prompt-tokens header alone.
@@ -192,7 +201,10 @@ class FaultUpstream:
             top_n = params.get("top_n_tokens") or 0
             tokens = [{"id": i, "text": w, "logprob": -0.1 * (i + 1), "special": False} for i, w in enumerate(WORDS)]
             details: dict[str, Any] = {
-                "finish_reason": "length", "generated_tokens": len(WORDS), "seed": None, "prefill": [],
+                "finish_reason": "length",
+                "generated_tokens": len(WORDS),
+                "seed": None,
+                "prefill": [],
                 "tokens": tokens,
                 "top_tokens": [[{**t, "id": t["id"] + k} for k in range(top_n)] for t in tokens] if top_n else None,
             }

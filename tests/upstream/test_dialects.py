@@ -52,7 +52,9 @@ def test_hf_endpoint_text_generation_and_embeddings(fault) -> None:
     ]
     with front(models) as gw:
         client = sdk(gw)
-        assert client.completions.create(model="g", prompt="x", max_tokens=4).choices[0].text == "Hello from the upstream"
+        assert (
+            client.completions.create(model="g", prompt="x", max_tokens=4).choices[0].text == "Hello from the upstream"
+        )
         parts = [c.choices[0].text for c in client.completions.create(model="g", prompt="x", max_tokens=4, stream=True)]
         vectors = client.embeddings.create(model="e", input=["abc", "de"], encoding_format="float")
     assert "".join(parts) == "Hello from the upstream"
@@ -61,12 +63,18 @@ def test_hf_endpoint_text_generation_and_embeddings(fault) -> None:
 
 
 def _backend(url: str, dialect: str) -> UpstreamBackend:
-    spec = ModelSpec.model_validate({"name": "c", "task": "text-classification", "backend": upstream(url, dialect=dialect)})
+    spec = ModelSpec.model_validate(
+        {"name": "c", "task": "text-classification", "backend": upstream(url, dialect=dialect)}
+    )
     return UpstreamBackend(spec, spec.backend)
 
 
 def test_task_routes_post_inputs_and_parameters_to_the_model_url(fault) -> None:
-    model = {"name": "c", "task": "text-classification", "backend": upstream(f"{fault.url}/hf/classifier", dialect="hf")}
+    model = {
+        "name": "c",
+        "task": "text-classification",
+        "backend": upstream(f"{fault.url}/hf/classifier", dialect="hf"),
+    }
     with front([model]) as gw:
         one = httpx.post(f"{gw.url}/models/c", json={"inputs": "I like it", "parameters": {"top_k": 1}})
         two = InferenceClient(base_url=f"{gw.url}/models/c").text_classification("so so")
@@ -79,7 +87,11 @@ def test_task_routes_post_inputs_and_parameters_to_the_model_url(fault) -> None:
 def test_images_go_to_an_hf_endpoint_as_base64(fault) -> None:
     """The hosted API takes an image as a base64 string in `inputs`, one image per call."""
     image, other = b"\x89PNG\r\n\x1a\n-one", b"\x89PNG\r\n\x1a\n-two"
-    model = {"name": "v", "task": "image-classification", "backend": upstream(f"{fault.url}/hf/classifier", dialect="hf")}
+    model = {
+        "name": "v",
+        "task": "image-classification",
+        "backend": upstream(f"{fault.url}/hf/classifier", dialect="hf"),
+    }
     with front([model]) as gw:
         raw = httpx.post(f"{gw.url}/models/v", content=image, headers={"content-type": "image/png"})
         encoded = [base64.b64encode(i).decode() for i in (image, other)]
@@ -124,10 +136,14 @@ def test_run_task_on_an_openai_upstream_is_not_supported(fault) -> None:
     "model, message",
     [
         ({"name": "m"}, "exactly one of"),
-        ({"name": "m", "backend": {"kind": "fake"}, "deployments": [{"name": "a", "backend": {"kind": "fake"}}]},
-         "exactly one of"),
-        ({"name": "m", "deployments": [{"name": "a", "backend": {"kind": "fake"}}], "routing": {"fallback": ["b"]}},
-         "unknown deployments"),
+        (
+            {"name": "m", "backend": {"kind": "fake"}, "deployments": [{"name": "a", "backend": {"kind": "fake"}}]},
+            "exactly one of",
+        ),
+        (
+            {"name": "m", "deployments": [{"name": "a", "backend": {"kind": "fake"}}], "routing": {"fallback": ["b"]}},
+            "unknown deployments",
+        ),
         ({"name": "m", "deployments": [{"name": "a", "backend": {"kind": "fake"}}] * 2}, "unique"),
         ({"name": "m", "backend": {"kind": "upstream", "url": "http://user:pw@host/v1"}}, "credentials"),
         ({"name": "m", "backend": {"kind": "upstream", "url": "file:///etc/passwd"}}, "http"),
@@ -149,15 +165,20 @@ def test_tgi_whole_answer_counts_the_prompt_and_fills_details(fault) -> None:
         out = client.text_generation("one two three", max_new_tokens=4, details=True)
         top = httpx.post(
             f"{gw.url}/models/t",
-            json={"inputs": "a b", "parameters": {"max_new_tokens": 4, "details": True, "top_n_tokens": 2, "truncate": 7}},
+            json={
+                "inputs": "a b",
+                "parameters": {"max_new_tokens": 4, "details": True, "top_n_tokens": 2, "truncate": 7},
+            },
         )
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (3, 4, 7)
     assert whole.usage.prompt_tokens_details.cached_tokens == 0
     assert out.generated_text == "Hello from the upstream"
     assert out.details.generated_tokens == 4 and out.details.finish_reason == "length"
     assert [(t.id, t.text, t.logprob) for t in out.details.tokens] == [
-        (0, "Hello", pytest.approx(-0.1)), (1, " from", pytest.approx(-0.2)),
-        (2, " the", pytest.approx(-0.3)), (3, " upstream", pytest.approx(-0.4)),
+        (0, "Hello", pytest.approx(-0.1)),
+        (1, " from", pytest.approx(-0.2)),
+        (2, " the", pytest.approx(-0.3)),
+        (3, " upstream", pytest.approx(-0.4)),
     ]
     # top_n_tokens and truncate reach TGI (they were dropped) and its top tokens come back
     assert fault.bodies[-1]["parameters"]["top_n_tokens"] == 2 and fault.bodies[-1]["parameters"]["truncate"] == 7

@@ -67,7 +67,9 @@ def test_chat_stream_passes_each_chunk(chain, downstream) -> None:
     assert len(texts) == 4  # one chunk per upstream token: nothing merged or buffered
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
-    assert reasons == [c.choices[0].finish_reason for c in direct if c.choices] == [None, None, None, "stop"]  # the fake echoed its whole prompt
+    assert (
+        reasons == [c.choices[0].finish_reason for c in direct if c.choices] == [None, None, None, "stop"]
+    )  # the fake echoed its whole prompt
 
 
 def test_each_chunk_reaches_the_client_while_the_upstream_still_generates(chain) -> None:
@@ -89,9 +91,13 @@ def test_completions_stream_and_not(chain) -> None:
     whole = client.completions.create(model="chat", prompt="red green blue", temperature=0, max_tokens=2)
     assert whole.choices[0].text == "red green"
     assert whole.choices[0].finish_reason == "length"
-    parts = [c.choices[0].text for c in client.completions.create(
-        model="chat", prompt="red green blue", temperature=0, max_tokens=2, stream=True
-    ) if c.choices]
+    parts = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model="chat", prompt="red green blue", temperature=0, max_tokens=2, stream=True
+        )
+        if c.choices
+    ]
     assert "".join(parts) == "red green"
 
 

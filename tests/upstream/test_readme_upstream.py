@@ -71,6 +71,7 @@ def test_upstream_section_works_as_written(tmp_path: Path) -> None:
     front = _start(
         front_line.replace("examples/upstream-fallback.yaml", str(tmp_path / "front.yaml")), env, tmp_path / "front.log"
     )
+
     def at_front(code: str) -> str:
         return code.replace("localhost:8000", f"127.0.0.1:{front_port}")
 

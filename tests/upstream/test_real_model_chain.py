@@ -20,7 +20,11 @@ SMOLLM = {
 def test_real_model_through_two_gateways(tmp_path, cache_dir) -> None:
     with gateway_process({"models": [SMOLLM], "cache_dir": cache_dir}, tmp_path) as url:
         direct = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        model = {"name": "chat", "task": "text-generation", "backend": upstream(f"{url}/v1", model="smol", timeouts={"per_try": 60, "total": 120})}
+        model = {
+            "name": "chat",
+            "task": "text-generation",
+            "backend": upstream(f"{url}/v1", model="smol", timeouts={"per_try": 60, "total": 120}),
+        }
         with front([model]) as gw:
             args = dict(messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, temperature=0)
             want = direct.chat.completions.create(model="smol", **args).choices[0].message.content

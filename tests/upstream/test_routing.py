@@ -68,8 +68,10 @@ def test_local_falls_back_to_upstream(fault, stream) -> None:
         gw.wait_ready(10)
         _failing_local(gw)
         result = sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=stream)
-        text = "".join(c.choices[0].delta.content or "" for c in result if c.choices) if stream else (
-            result.choices[0].message.content
+        text = (
+            "".join(c.choices[0].delta.content or "" for c in result if c.choices)
+            if stream
+            else (result.choices[0].message.content)
         )
     assert text == "Hello from the upstream"
     assert fault.hits["/v1/chat/completions"] == 1
@@ -234,9 +236,11 @@ def test_one_deadline_per_request_across_upstream_fallbacks(stream) -> None:
         for server in (a, b, c):
             server.queue("/v1/chat/completions", *["slow"] * 10)
         model = routed(
-            [{"name": "a", "backend": upstream(f"{a.url}/v1", **limits(1))},  # two tries: 0.6 s
-             {"name": "b", "backend": upstream(f"{b.url}/v1", **limits(10))},
-             {"name": "c", "backend": upstream(f"{c.url}/v1", **limits(10))}],
+            [
+                {"name": "a", "backend": upstream(f"{a.url}/v1", **limits(1))},  # two tries: 0.6 s
+                {"name": "b", "backend": upstream(f"{b.url}/v1", **limits(10))},
+                {"name": "c", "backend": upstream(f"{c.url}/v1", **limits(10))},
+            ],
             fallback=["b", "c"],
         )
         with front([model]) as gw:
@@ -305,4 +309,6 @@ def test_an_hf_endpoint_is_probed_with_a_real_request_before_it_comes_back(fault
         assert wait_until(lambda: metric(gw, "gateway_upstream_cooldown", deployment="m/remote") == 0)
         probe = fault.bodies[-1]
         assert probe == {"inputs": "ping", "parameters": {"max_new_tokens": 1}}  # a real, one-token request
-        assert client.completions.create(model="m", prompt="x", max_tokens=4).choices[0].text == "Hello from the upstream"
+        assert (
+            client.completions.create(model="m", prompt="x", max_tokens=4).choices[0].text == "Hello from the upstream"
+        )

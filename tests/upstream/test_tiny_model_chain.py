@@ -47,18 +47,36 @@ def downstream(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, 
 @pytest.fixture(scope="module")
 def chain(downstream: str, tiny: dict[str, Path], cache_dir: str) -> Iterator[LiveServer]:
     models = [
-        {"name": "tgi-gen", "task": "text-generation", "default": True,
-         "backend": upstream(downstream, dialect="tgi", **SLOW_OK)},
-        {"name": "hf-gen", "task": "text-generation",
-         "backend": upstream(f"{downstream}/models/tiny-gpt2", dialect="hf", **SLOW_OK)},
-        {"name": "oa-gen", "task": "text-generation",
-         "backend": upstream(f"{downstream}/v1", model="tiny-gpt2", **SLOW_OK)},
-        {"name": "vit", "task": "image-classification",
-         "backend": upstream(f"{downstream}/models/vit", dialect="hf", **SLOW_OK)},
-        {"name": "routed", "task": "text-generation",
-         "deployments": [{"name": "remote", "backend": upstream(downstream, dialect="tgi", **SLOW_OK)},
-                         {"name": "local", "backend": _local(tiny["gpt2"])}],
-         "routing": {"fallback": ["local"]}},
+        {
+            "name": "tgi-gen",
+            "task": "text-generation",
+            "default": True,
+            "backend": upstream(downstream, dialect="tgi", **SLOW_OK),
+        },
+        {
+            "name": "hf-gen",
+            "task": "text-generation",
+            "backend": upstream(f"{downstream}/models/tiny-gpt2", dialect="hf", **SLOW_OK),
+        },
+        {
+            "name": "oa-gen",
+            "task": "text-generation",
+            "backend": upstream(f"{downstream}/v1", model="tiny-gpt2", **SLOW_OK),
+        },
+        {
+            "name": "vit",
+            "task": "image-classification",
+            "backend": upstream(f"{downstream}/models/vit", dialect="hf", **SLOW_OK),
+        },
+        {
+            "name": "routed",
+            "task": "text-generation",
+            "deployments": [
+                {"name": "remote", "backend": upstream(downstream, dialect="tgi", **SLOW_OK)},
+                {"name": "local", "backend": _local(tiny["gpt2"])},
+            ],
+            "routing": {"fallback": ["local"]},
+        },
     ]
     settings = settings_for(models)
     settings.cache_dir = Path(cache_dir)
@@ -103,7 +121,9 @@ def test_openai_chat_over_the_openai_dialect(chain, downstream) -> None:
     want = sdk(chain, timeout=60).chat.completions
     direct = httpx.post(f"{downstream}/v1/chat/completions", json={"model": "tiny-gpt2", **args}, timeout=60).json()
     got = want.create(model="oa-gen", **args).choices[0].message.content
-    streamed = "".join(c.choices[0].delta.content or "" for c in want.create(model="oa-gen", stream=True, **args) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in want.create(model="oa-gen", stream=True, **args) if c.choices
+    )
     assert got == streamed == direct["choices"][0]["message"]["content"] and got
 
 
@@ -191,4 +211,6 @@ def test_whole_answers_over_tgi_dialects_keep_usage_and_details(chain, downstrea
     assert [(t["id"], t["text"], t["special"]) for t in through["tokens"]] == [
         (t["id"], t["text"], t["special"]) for t in direct["tokens"]
     ]
-    assert [t["logprob"] for t in through["tokens"]] == pytest.approx([t["logprob"] for t in direct["tokens"]], abs=1e-4)
+    assert [t["logprob"] for t in through["tokens"]] == pytest.approx(
+        [t["logprob"] for t in direct["tokens"]], abs=1e-4
+    )

@@ -79,7 +79,9 @@ class LocalBackend(Backend):
             began = time.monotonic()  # not counting the wait for another model's load
             checkpoint = read_checkpoint(self.args, self.task)
         model = load_local_model(checkpoint, self.args, self._engine_failed)
-        self._history.record(history_key(self.args.engine), time.monotonic() - began, checkpoint_bytes(self.args.engine))
+        self._history.record(
+            history_key(self.args.engine), time.monotonic() - began, checkpoint_bytes(self.args.engine)
+        )
         return model
 
     def _engine_failed(self, why: str) -> None:

@@ -57,7 +57,9 @@ class EncoderModel:
         if self.tasks is None:
             self.capabilities = frozenset({Capability.EMBED})
         else:
-            self.capabilities = frozenset({Capability.HF_TASKS, Capability.EMBED} if self._lends else {Capability.HF_TASKS})
+            self.capabilities = frozenset(
+                {Capability.HF_TASKS, Capability.EMBED} if self._lends else {Capability.HF_TASKS}
+            )
 
     def observe(self, observer: EngineObserver) -> None:
         self.batcher.observer = observer

@@ -141,9 +141,7 @@ class GenerativeModel:
     # operations ------------------------------------------------------------
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         # Templating and tokenising a long prompt takes milliseconds: not on the event loop.
-        prompt_ids, max_tokens = await asyncio.get_running_loop().run_in_executor(
-            None, self._validated_prompt, request
-        )
+        prompt_ids, max_tokens = await asyncio.get_running_loop().run_in_executor(None, self._validated_prompt, request)
         async for event in self.engine.stream(
             prompt_ids, request.sampling, max_tokens, request.keep_stop, request_id=request.request_id
         ):

@@ -248,7 +248,9 @@ class GenerationEngine:
         self._outbox.clear()
         log.critical(
             "the generation engine of %s stopped (%s); failing requests %s; the model is marked failed",
-            self.name, self.failure, ", ".join(job.request_id or "(no id)" for job in streams) or "(none)",
+            self.name,
+            self.failure,
+            ", ".join(job.request_id or "(no id)" for job in streams) or "(none)",
             exc_info=exc,
         )
         for job in list(self.scheduler.jobs):

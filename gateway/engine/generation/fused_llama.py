@@ -199,7 +199,9 @@ class FusedLlama:
             split = (self.heads + self.kv_heads) * self.head_dim
             qk = qkv[:, :split].reshape(n, self.heads + self.kv_heads, self.head_dim).float()
             if w["q_norm"] is not None:
-                qk = torch.cat((self._rms(qk[:, : self.heads], w["q_norm"]), self._rms(qk[:, self.heads :], w["k_norm"])), 1)
+                qk = torch.cat(
+                    (self._rms(qk[:, : self.heads], w["q_norm"]), self._rms(qk[:, self.heads :], w["k_norm"])), 1
+                )
             qk = self._rotate(qk, rope).to(dtype)
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             keys, values = self.cache.keys[index], self.cache.values[index]

@@ -29,7 +29,9 @@ class Float32Head(torch.nn.Module):
         self.weight = head.weight
         self.in_features, self.out_features = head.weight.shape[1], head.weight.shape[0]
         bias = getattr(head, "bias", None)
-        self._linear = PackedLinear(head.weight.detach().float(), None if bias is None else bias.detach().float(), batch_hint)
+        self._linear = PackedLinear(
+            head.weight.detach().float(), None if bias is None else bias.detach().float(), batch_hint
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x.float())
@@ -55,7 +57,9 @@ class _SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         return None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.store.keys[self.index], self.store.values[self.index]
         view = self.view
         if view.chunk is None:  # decode: one new token per row, each at its own position
@@ -147,7 +151,9 @@ class HFStepModel:
             view.positions = positions.to(self.device)
             view.length = int(positions.max()) + 1
             allowed = torch.arange(view.length)[None, :] <= positions[:, None]
-            rows.append(self._call(torch.tensor(plan.decode_tokens)[:, None], positions[:, None], allowed[:, None, None]))
+            rows.append(
+                self._call(torch.tensor(plan.decode_tokens)[:, None], positions[:, None], allowed[:, None, None])
+            )
         for chunk in plan.prefills:
             view.chunk = chunk
             view.length = chunk.end

@@ -36,7 +36,9 @@ class Sequence:
 
     __slots__ = ("job", "index", "slot", "sampler", "text", "prefilled", "length", "token", "produced", "done")
 
-    def __init__(self, job: GenerationJob, index: int, slot: int, sampler: SequenceSampler, text: TextAssembler) -> None:
+    def __init__(
+        self, job: GenerationJob, index: int, slot: int, sampler: SequenceSampler, text: TextAssembler
+    ) -> None:
         self.job, self.index, self.slot = job, index, slot
         self.sampler, self.text = sampler, text
         self.prefilled = 0  # prompt tokens in the cache (the first sequence of a job prefills for all)

@@ -113,7 +113,11 @@ class Scheduler:
         """End one job with `error`: its slots are freed, its client gets the error, the others go on."""
         log.error(
             "request %s failed while %s (%s: %s); the other requests go on",
-            job.request_id or "(no id)", during, type(error).__name__, error, exc_info=error,
+            job.request_id or "(no id)",
+            during,
+            type(error).__name__,
+            error,
+            exc_info=error,
         )
         self.drop(job)
         job.emit(job, error)
@@ -162,8 +166,12 @@ class Scheduler:
         if len(parts) == 1:
             self.fail(parts[0].job, error, "running the forward pass")
             return []
-        log.warning("a forward pass of %d requests failed (%s: %s); running them one by one",
-                    len(parts), type(error).__name__, error)
+        log.warning(
+            "a forward pass of %d requests failed (%s: %s); running them one by one",
+            len(parts),
+            type(error).__name__,
+            error,
+        )
         done = []
         for part in parts:
             try:

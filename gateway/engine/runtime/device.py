@@ -37,7 +37,10 @@ def device_worker(device: str) -> ThreadPoolExecutor:
             import torch
 
             _workers[key] = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"compute-{key}", initializer=torch.set_num_threads, initargs=(compute_threads(),)
+                max_workers=1,
+                thread_name_prefix=f"compute-{key}",
+                initializer=torch.set_num_threads,
+                initargs=(compute_threads(),),
             )
         return _workers[key]
 

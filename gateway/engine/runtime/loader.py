@@ -35,9 +35,7 @@ def resolve_source(spec: EngineArgs) -> ResolvedSource:
         # own __init__ imports dependencies we deliberately do not install.
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(
-                f"Python package '{package}' is not installed (needed for model source '{source}')"
-            )
+            raise FileNotFoundError(f"Python package '{package}' is not installed (needed for model source '{source}')")
         source = str(Path(list(found.submodule_search_locations)[0]) / inner)
     path = Path(source).expanduser()
     if path.suffix == ".gguf":

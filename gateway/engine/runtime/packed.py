@@ -50,7 +50,9 @@ class PackedLinearModule(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self._linear = PackedLinear(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), batch_hint)
+        self._linear = PackedLinear(
+            linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), batch_hint
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x)

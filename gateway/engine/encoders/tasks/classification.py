@@ -41,9 +41,9 @@ def _ranked(model: Any, logits: torch.Tensor, params: dict[str, Any], default_to
 @torch.inference_mode()
 def run_text(tm: TaskModel, items: list[str], params: dict[str, Any]) -> list[list[dict]]:
     """One list of {label, score} per text, best first (all labels unless `top_k`)."""
-    batch = tm.tokenizer(
-        items, padding=True, truncation=True, max_length=tm.max_length, return_tensors="pt"
-    ).to(tm.device)
+    batch = tm.tokenizer(items, padding=True, truncation=True, max_length=tm.max_length, return_tensors="pt").to(
+        tm.device
+    )
     return _ranked(tm.model, tm.model(**batch).logits, params, None)
 
 
@@ -57,7 +57,9 @@ def run_image(tm: TaskModel, items: list[bytes], params: dict[str, Any]) -> list
         try:
             images.append(Image.open(io.BytesIO(data)).convert("RGB"))
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-            raise InvalidRequest(f"Input {number} is not an image this server can read: {exc}.", param="inputs") from exc
+            raise InvalidRequest(
+                f"Input {number} is not an image this server can read: {exc}.", param="inputs"
+            ) from exc
     batch = tm.image_processor(images=images, return_tensors="pt").to(tm.device)
     batch = {k: v.to(tm.model.dtype) if v.is_floating_point() else v for k, v in batch.items()}
     return _ranked(tm.model, tm.model(**batch).logits, params, 5)

@@ -15,7 +15,9 @@ def run(tm: TaskModel, items: list[str], params: dict[str, Any]) -> list[list]:
         raise InvalidRequest("This model's tokenizer has no mask token.", param="model")
     for number, text in enumerate(items):
         if mask not in text:
-            raise InvalidRequest(f"Input {number} has no mask token; put {mask} where a word is missing.", param="inputs")
+            raise InvalidRequest(
+                f"Input {number} has no mask token; put {mask} where a word is missing.", param="inputs"
+            )
     tm.check_length(items)
     kwargs: dict[str, Any] = {"top_k": params.get("top_k", 5)}
     if params.get("targets"):

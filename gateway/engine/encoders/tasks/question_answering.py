@@ -35,19 +35,21 @@ def _candidates(
     scores = scores.masked_fill(~allowed, -1.0).flatten()
     best = torch.topk(scores, min(top_k, scores.numel()))
     width = p_start.shape[0]
-    return [(float(s), int(i) // width, int(i) % width) for s, i in zip(best.values, best.indices, strict=True) if s >= 0]
+    return [
+        (float(s), int(i) // width, int(i) % width) for s, i in zip(best.values, best.indices, strict=True) if s >= 0
+    ]
 
 
-def _questions(tokenizer: Any, items: list[dict[str, str]], params: dict[str, Any], max_len: int) -> tuple[list[str], int]:
+def _questions(
+    tokenizer: Any, items: list[dict[str, str]], params: dict[str, Any], max_len: int
+) -> tuple[list[str], int]:
     """The questions (cut to `max_question_len` tokens if asked) and the stride between context
     windows, checking each question leaves its windows room for the context."""
     stride = min(params.get("doc_stride", 128), max_len // 2)
     questions = [item["question"] for item in items]
     if "max_question_len" in params:  # keep the first max_question_len tokens of each question
         limit = params["max_question_len"]
-        questions = [
-            tokenizer.decode(tokenizer(q, add_special_tokens=False)["input_ids"][:limit]) for q in questions
-        ]
+        questions = [tokenizer.decode(tokenizer(q, add_special_tokens=False)["input_ids"][:limit]) for q in questions]
     for number, q in enumerate(questions):
         room = max_len - len(tokenizer(q)["input_ids"]) - 1
         if room < 8:  # the context is read in windows next to the question: leave it some room
@@ -63,7 +65,9 @@ def _questions(tokenizer: Any, items: list[dict[str, str]], params: dict[str, An
 Span = tuple[float, int, int]  # (score, start char, end char)
 
 
-def _spans(tm: TaskModel, enc: Any, count: int, params: dict[str, Any], top_k: int) -> tuple[list[list[Span]], list[float]]:
+def _spans(
+    tm: TaskModel, enc: Any, count: int, params: dict[str, Any], top_k: int
+) -> tuple[list[list[Span]], list[float]]:
     """Per item: its candidate spans from every window, and its best "no answer" score."""
     inputs = {k: v.to(tm.device) for k, v in enc.items() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
     out = tm.model(**inputs)
