@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -36,8 +38,9 @@ def build_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
     return tokenizer
 
 
-def build_tiny_llama(folder: Path) -> Path:
-    """A 2-layer Llama with random weights and a byte-level BPE tokenizer."""
+def build_tiny_llama(folder: Path, context: int = 256, adjust: Callable[[Any, Any], None] | None = None) -> Path:
+    """A 2-layer Llama with random weights and a byte-level BPE tokenizer; `adjust(model, tokenizer)`
+    may change the weights before they are saved."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,13 +53,17 @@ def build_tiny_llama(folder: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    if adjust is not None:
+        with torch.no_grad():
+            adjust(model, tokenizer)
+    model.save_pretrained(folder)
     return folder
 
 

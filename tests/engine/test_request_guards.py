@@ -19,46 +19,28 @@ from huggingface_hub.errors import ValidationError
 
 from gateway.engine.runtime.prompt_limits import text_bound
 from tests.helpers import LiveServer, settings_for
-from tests.tiny_models import build_tokenizer
+from tests.tiny_models import build_tiny_llama
 
 MODEL = "tiny"
 CONTEXT = 4096
 CHAT = [{"role": "user", "content": "hello world"}]
 
 
-def build_long_tiny_llama(folder: Path) -> Path:
-    """A 2-layer random Llama with a 4096-token context that never ends a generation on its own:
-    its end-of-sequence logit is pinned far below every other."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def never_ending(model, tokenizer) -> None:  # noqa: ANN001
+    """Pin the end-of-sequence logit far below every other, so a generation never ends on its own.
+    Feature 0 of the residual stream is 1 at every position and nothing writes to it, so after the
+    final norm it is positive; only the end-of-sequence row reads it, negatively."""
+    model.model.embed_tokens.weight[:, 0] = 1.0
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight[0] = 0.0
+        layer.mlp.down_proj.weight[0] = 0.0
+    model.lm_head.weight[:, 0] = 0.0
+    model.lm_head.weight[tokenizer.eos_token_id, 0] = -100.0
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=CONTEXT,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        # Feature 0 of the residual stream is 1 at every position and nothing writes to it, so
-        # after the final norm it is positive; only the end-of-sequence row reads it, negatively.
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[0] = 0.0
-            layer.mlp.down_proj.weight[0] = 0.0
-        model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[tokenizer.eos_token_id, 0] = -100.0
-    model.save_pretrained(folder)
-    return folder
+
+def build_long_tiny_llama(folder: Path) -> Path:
+    """A 2-layer random Llama with a 4096-token context that never ends a generation on its own."""
+    return build_tiny_llama(folder, context=CONTEXT, adjust=never_ending)
 
 
 @pytest.fixture(scope="module")
