@@ -482,6 +482,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it runs bf16 natively: figures differ between CPU kinds."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")), "")
+    flags = next((line.partition(":")[2].split() for line in lines if line.startswith("flags")), [])
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name or platform.machine()}, {'native bf16: ' + ' '.join(native) if native else 'no native bf16'}"
+
+
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
@@ -545,7 +557,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "command": "python bench/engine_load.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cpu": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+        "cpu": f"{os.cpu_count()} CPU cores, {cpu_model()}",
         "dtype": dtype,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
