@@ -1,7 +1,9 @@
 """What the service layer knows about the HTTP request it serves, without knowing HTTP.
 
-The middleware builds one RequestContext per request; services take it instead of a
-framework request object, so they can be called (and tested) without FastAPI.
+A route makes one RequestContext per request (`routes/common/deps.context`, from what the
+middleware put in the request's state) and keeps it there, where the middleware reads the
+model label; services take it instead of a framework request object, so they can be called
+(and tested) without FastAPI.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from dataclasses import dataclass
 @dataclass(slots=True)
 class RequestContext:
     request_id: str
-    received_at: float  # loop time when the request arrived
+    received_at: float  # time.perf_counter() when the request arrived
     # Resolves when the client disconnects; await it only after the body was read
     # (the next ASGI receive() then returns only on disconnect).
     wait_disconnect: Callable[[], Awaitable[object]]
-    deadline: float | None = None  # loop time by which the answer is due, when one is set
+    deadline: float | None = None  # time.perf_counter() by which the answer is due (for per-key limits; unset today)
     identity: str | None = None  # the API key's owner, once keys name one
     model: str | None = None  # the model name for metrics labels; set by services.resolve

@@ -146,7 +146,7 @@ class ModelMetrics:
 
 
 class EngineMetrics:
-    """A local engine's observer (gateway.engine.observer), writing to one model's metrics.
+    """A local engine's observer (gateway.engine.runtime.observer), writing to one model's metrics.
     Called from compute threads: prometheus_client's metrics are thread-safe."""
 
     def __init__(self, queue_time: Any, batch_size: Any, batch_duration: Any) -> None:

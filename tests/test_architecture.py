@@ -182,7 +182,7 @@ def test_generation_event_defined_once() -> None:
     assert len(where) == 1 and where[0].startswith("domain.py:"), f"GenerationEvent defined at {where}"
 
 
-LOCAL = files("backends/local.py", "backends/local/**/*.py")
+LOCAL = files("backends/local/**/*.py")
 
 
 @pytest.mark.parametrize("path", cases("local_fields", LOCAL))

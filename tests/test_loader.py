@@ -258,3 +258,19 @@ def test_device_map_is_handed_to_accelerate(tiny_llama: Path, tmp_path: Path) ->
     _, model, *_, model_cls, _ = load(spec, tmp_path)
     assert model_cls.calls[0][1]["device_map"] == "meta"
     assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+def test_engine_args_default_like_the_settings_they_come_from() -> None:
+    """EngineArgs mirrors LocalBackendSpec's fields so the engine never imports the config: the
+    defaults must not drift apart (a model configured with defaults would load differently)."""
+    from dataclasses import MISSING, fields
+
+    from gateway.config import LocalBackendSpec
+
+    spec_fields = LocalBackendSpec.model_fields
+    for field in fields(EngineArgs):
+        assert field.name in spec_fields, field.name
+        if field.default is not MISSING:
+            assert spec_fields[field.name].default == field.default, field.name
+    spec = LocalBackendSpec(kind="local", source="some/model")
+    assert EngineArgs.of(spec) == EngineArgs(source="some/model")

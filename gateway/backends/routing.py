@@ -235,7 +235,7 @@ class RoutingBackend(Backend):
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         last: GatewayError | None = None
         for d, deadline in self._attempts():
-            # every backend writes generate_stream as an async generator, so it can be closed
+            # a stream that can be closed (every backend's generate_stream returns an async generator)
             stream = cast(AsyncGenerator[GenerationEvent, None], d.backend.generate_stream(request))
             d.outstanding += 1
             streaming = False

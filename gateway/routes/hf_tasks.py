@@ -20,14 +20,14 @@ from gateway.routes.common.responses import FastJSONResponse
 from gateway.routes.common.sse import sse_response
 from gateway.services import hf_tasks
 from gateway.services import tgi as generation
-from gateway.services.resolve import name_model
+from gateway.services.resolve import resolve_entry
 
 router = APIRouter(tags=["huggingface"], route_class=HFRoute)
 
 
 async def _run(request: Request, state: StateDep, model_id: str, forced: Task | None) -> Response:
     ctx = context(request)
-    name_model(state, ctx, model_id)  # a body refused below still counts under the model it named
+    resolve_entry(state, ctx, model_id, placeholders=False)  # 404 first; a refused body counts under the model
     body = hf.read_body(await request.body(), request.headers.get("content-type"))
     out = await hf_tasks.run(state, ctx, model_id, forced, body)
     if isinstance(out, hf_tasks.TaskOutcome):

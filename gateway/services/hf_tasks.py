@@ -53,7 +53,8 @@ def health(state: AppState, ctx: RequestContext, model_id: str) -> ModelState:
     entry = resolve_entry(state, ctx, model_id, placeholders=False)
     backend = entry.backend
     if backend.state == ModelState.FAILED:
-        raise ModelNotReady(f"Model '{entry.spec.name}' failed to load: {backend.error}")
+        how = "has failed" if backend.load_seconds is not None else "failed to load"  # loaded, then its engine died
+        raise ModelNotReady(f"Model '{entry.spec.name}' {how}: {backend.error}")
     if backend.state == ModelState.LOADING:
         raise loading_error(entry)
     return backend.state

@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
-from gateway.backends.base import ModelInfo
+from gateway.backends.base import Capability, ModelInfo
 from gateway.context import RequestContext
 from gateway.domain import GenerationEvent, GenerationRequest, ModelState, Task
+from gateway.errors import UnsupportedParameter
 from gateway.protocol import tgi
 from gateway.protocol.hf import HFCall
 from gateway.protocol.tgi import Generated, TGIParameters
@@ -72,11 +73,15 @@ async def generate(
     """One answer per prompt, generated concurrently; the first failure cancels the others."""
     target = await _target(state, ctx, model, wait)
     entry, backend = target
+    wants_prefill = params.details and params.decoder_input_details
+    if wants_prefill and Capability.PROMPT_LOGPROBS not in backend.capabilities:
+        # refused before generating, not after a whole answer nobody will get
+        raise UnsupportedParameter("decoder_input_details", f"is not supported by model '{backend.name}'")
 
     async def one(prompt: str) -> Generated:
         request = params.to_domain(prompt, ctx.request_id)
         result = await run_generation(state, entry, backend, request, ctx.received_at)
-        prefill = await backend.prompt_logprobs(request) if params.details and params.decoder_input_details else []
+        prefill = await backend.prompt_logprobs(request) if wants_prefill else []
         return Generated(prompt, result, _seed(request), prefill)
 
     # Cancelled if the client leaves: nobody would read the answer (the body has been read by now).

@@ -43,7 +43,7 @@ def load(dtype: torch.dtype, *, fused: bool | None = True, slots: int = 1) -> tu
 
 
 def chat_ids(tokenizer: Any, question: str) -> list[int]:
-    """The prompt the gateway builds for a one-message chat request (as `LocalBackend._prompt_ids`)."""
+    """The prompt the gateway builds for a one-message chat request (as `GenerativeModel._prompt_ids`)."""
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
     )

@@ -155,3 +155,25 @@ def test_cache_grows_on_demand_up_to_its_bound(tmp_path: Path) -> None:
     assert step.cache.capacity == 64 and logits.shape[0] == 1
     with pytest.raises(ValueError):
         step.cache.reserve(101)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_logits_are_float32_on_both_paths_in_bf16(kind: str, tmp_path: Path) -> None:
+    """bf16 weights, float32 logits, through each step model's forward and score: logits rounded to
+    bf16 (steps of 0.125 at a small model's magnitudes) turned near-ties into coin flips. Logits
+    computed in bf16 and then widened would all be bf16 values; float32 ones are not."""
+    folder = _build(kind, tmp_path / kind)
+    args = EngineArgs(source=str(folder), dtype="bfloat16", device="cpu")
+    _, model, _, dtype = load_model(args, tmp_path / "cache", __import__("transformers").AutoModelForCausalLM)
+    assert dtype == torch.bfloat16
+    prompt = _prompts()[1]
+    builders = [HFStepModel] + ([fused_llama.FusedLlama] if kind == "llama" else [])
+    for build in builders:  # the fused model takes transformers' layers over: it comes last
+        step = build(model, slots=2, max_len=128)
+        logits = step.forward(StepPlan(prefills=[PrefillChunk(0, 0, prompt, True)]))
+        decoded = step.forward(StepPlan(decode_slots=[0], decode_tokens=[5], decode_positions=[len(prompt)]))
+        for rows in (logits, decoded):
+            assert rows.dtype == torch.float32, build.__name__
+            assert (rows.to(torch.bfloat16).float() != rows).float().mean() > 0.5, build.__name__
+        scores = torch.tensor(step.score(prompt))
+        assert (scores.to(torch.bfloat16).float() != scores).any(), build.__name__

@@ -205,3 +205,18 @@ def test_tgi_deployment_refuses_what_it_cannot_carry(fault) -> None:
             assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
     assert fault.hits["/generate"] == 1 and fault.hits["/generate_stream"] == 0
     assert fault.hits["/v1/completions"] == 0
+
+
+def test_prompt_logprobs_an_upstream_cannot_give_are_refused_before_generating(fault) -> None:
+    """No upstream dialect returns TGI's prefill: decoder_input_details is a 422 naming it, decided from
+    the backend's capabilities before any request reaches the upstream (not after a whole answer)."""
+    models = [
+        {"name": "t", "task": "text-generation", "backend": upstream(fault.url, dialect="tgi")},
+        {"name": "o", "task": "text-generation", "backend": upstream(f"{fault.url}/v1")},
+    ]
+    body = {"inputs": "x", "parameters": {"max_new_tokens": 2, "details": True, "decoder_input_details": True}}
+    with front(models) as gw:
+        for name in ("t", "o"):
+            r = httpx.post(f"{gw.url}/models/{name}", json=body)
+            assert r.status_code == 422 and "decoder_input_details" in r.json()["error"], r.text
+    assert fault.hits["/generate"] == 0 and fault.hits["/v1/completions"] == 0

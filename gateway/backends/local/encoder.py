@@ -100,7 +100,10 @@ class EncoderModel:
         if self.embedder is None and self._lends:
             from gateway.engine import Embedder, PoolingConfig
 
-            self.embedder = Embedder(self.model.base_model, self.tokenizer, self.device, PoolingConfig(mode="mean"))
+            pooling = PoolingConfig(mode="mean")
+            self.embedder = Embedder(
+                self.model.base_model, self.tokenizer, self.device, pooling, self.args.max_input_tokens
+            )
         return self.embedder
 
     async def run_task(self, request: TaskRequest) -> list[Any]:

@@ -148,10 +148,8 @@ class GenerativeModel:
             yield event
 
     async def prompt_logprobs(self, request: GenerationRequest) -> list[TokenDelta]:
-        ids = self._prompt_ids(request)
-        if request.truncate:
-            ids = ids[-request.truncate :]
-        self._budget(ids, 1)
+        # the same checks as the generation it comes with, off the event loop
+        ids, _ = await asyncio.get_running_loop().run_in_executor(None, self._validated_prompt, request)
         scores = await self.engine.score(ids)
         special = set(self.tokenizer.all_special_ids)
         return [

@@ -26,7 +26,7 @@ class Float32Head(torch.nn.Module):
 
     def __init__(self, head: torch.nn.Linear, batch_hint: int) -> None:
         super().__init__()
-        self.weight = head.weight
+        self.weight, self.bias = head.weight, head.bias
         self.in_features, self.out_features = head.weight.shape[1], head.weight.shape[0]
         bias = getattr(head, "bias", None)
         self._linear = PackedLinear(

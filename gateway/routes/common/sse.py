@@ -30,7 +30,6 @@ def sse_response(
     done_marker: bool = True,
     ping_seconds: float = 0.0,
     headers: dict[str, str] | None = None,
-    on_close: Callable[[], None] | None = None,
 ) -> EventSourceResponse:
     async def events() -> AsyncIterator[str]:
         try:
@@ -41,9 +40,6 @@ def sse_response(
         except Exception as exc:  # after the 200 only an in-band error can tell the client
             log.exception("stream failed")
             yield orjson.dumps(error_event(BackendFailure(f"Stream failed: {type(exc).__name__}"))).decode()
-        finally:
-            if on_close is not None:
-                on_close()
         if done_marker:
             yield DONE
 
