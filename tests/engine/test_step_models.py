@@ -177,3 +177,25 @@ def test_logits_are_float32_on_both_paths_in_bf16(kind: str, tmp_path: Path) -> 
             assert (rows.to(torch.bfloat16).float() != rows).float().mean() > 0.5, build.__name__
         scores = torch.tensor(step.score(prompt))
         assert (scores.to(torch.bfloat16).float() != scores).any(), build.__name__
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_model_holds_an_untied_head_once(dtype: str, tmp_path: Path) -> None:
+    """The fused head is a float32 (packed) copy: the model's own untied head must not stay resident
+    beside it (for a large vocabulary that is gigabytes)."""
+    import gc
+    import weakref
+
+    folder = _build("llama", tmp_path / "llama")  # LlamaConfig's default: an untied head
+    args = EngineArgs(source=str(folder), dtype=dtype, device="cpu")
+    _, model, _, _ = load_model(args, tmp_path / "cache", __import__("transformers").AutoModelForCausalLM)
+    original = weakref.ref(model.get_output_embeddings().weight)
+    prompt = _prompts()[0]
+    with torch.inference_mode():
+        expected = model(torch.tensor([prompt])).logits[0, -1].float()
+    step = fused_llama.FusedLlama(model, slots=2, max_len=128)
+    gc.collect()
+    assert original() is None
+    logits = step.forward(StepPlan(prefills=[PrefillChunk(0, 0, prompt, True)]))[0]
+    assert int(logits.argmax()) == int(expected.argmax())
+    assert torch.allclose(logits, expected, atol=1e-3 if dtype == "float32" else 0.5)

@@ -84,6 +84,9 @@ class FusedLlama:
         # float32 normed residual): bfloat16 logits step by 0.125 at SmolLM2's magnitudes, and
         # near-ties rounded to one value made greedy answers depend on the CPU's kernels.
         self.head = PackedLinear(head.weight.float(), None if head.bias is None else head.bias.float(), slots)
+        if head.weight is not weight:  # an untied head is only read through that copy from here on
+            model.set_output_embeddings(None)
+        del head
         # rows of a head: [x0..x(d/2-1) | y0..y(d/2-1)] -> [x0, y0, x1, y1, ...], RoPE's pairs side by side
         half = self.head_dim // 2
         self._pairs = torch.tensor([i // 2 + (i % 2) * half for i in range(self.head_dim)], device=self.device)
