@@ -17,7 +17,7 @@ from gateway.protocol import hf, tgi
 from gateway.routes.common.deps import StateDep, context
 from gateway.routes.common.families import HFRoute
 from gateway.routes.common.responses import FastJSONResponse
-from gateway.routes.common.sse import sse_response
+from gateway.routes.common.tgi import tgi_response
 from gateway.services import hf_tasks
 from gateway.services import tgi as generation
 from gateway.services.resolve import resolve_entry
@@ -32,12 +32,8 @@ async def _run(request: Request, state: StateDep, model_id: str, forced: Task | 
     out = await hf_tasks.run(state, ctx, model_id, forced, body)
     if isinstance(out, hf_tasks.TaskOutcome):
         return FastJSONResponse(hf.shape_output(out.task, out.outputs, out.many))
-    if isinstance(out, generation.Streamed):  # a text-generation model answers as TGI does
-        events = tgi.stream_events(out.events, out.prompt, out.params, out.seed)
-        ping = state.settings.server.sse_ping_seconds
-        return sse_response(events, error_event=hf.error_body, done_marker=False, ping_seconds=ping)
-    body, headers = tgi.generation_response(out.results, out.params, single=False)
-    return FastJSONResponse(body, headers=headers)
+    # a text-generation model answers as TGI does
+    return tgi_response(out, single=False, ping_seconds=state.settings.server.sse_ping_seconds)
 
 
 async def run_model(model_id: str, request: Request, state: StateDep) -> Response:

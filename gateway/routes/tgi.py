@@ -12,11 +12,10 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.domain import Task
-from gateway.protocol import hf, tgi
+from gateway.protocol import tgi
 from gateway.routes.common.deps import StateDep, context
 from gateway.routes.common.families import HFRoute
-from gateway.routes.common.responses import FastJSONResponse
-from gateway.routes.common.sse import sse_response
+from gateway.routes.common.tgi import tgi_response
 from gateway.services import tgi as generation
 from gateway.services.resolve import name_default_model
 
@@ -30,12 +29,7 @@ async def _serve(request: Request, state: StateDep, *, stream: bool | None, sing
     call = tgi.read_call(await request.body())
     wants_stream = bool(call.stream) if stream is None else stream
     out = await generation.run(state, ctx, None, call, stream=wants_stream)
-    if isinstance(out, generation.Streamed):
-        events = tgi.stream_events(out.events, out.prompt, out.params, out.seed)
-        ping = state.settings.server.sse_ping_seconds
-        return sse_response(events, error_event=hf.error_body, done_marker=False, ping_seconds=ping)
-    body, headers = tgi.generation_response(out.results, out.params, single=single and not out.many)
-    return FastJSONResponse(body, headers=headers)
+    return tgi_response(out, single=single, ping_seconds=state.settings.server.sse_ping_seconds)
 
 
 async def compat_generate(request: Request, state: StateDep) -> Response:

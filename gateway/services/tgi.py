@@ -46,19 +46,14 @@ class Described(NamedTuple):
 Model = str | None | Resolved
 
 
-async def _target(state: AppState, ctx: RequestContext, model: Model, wait: bool) -> Resolved:
-    if isinstance(model, Resolved):
-        return model
-    return await resolve(state, ctx, model, Task.TEXT_GENERATION, wait=wait)
-
-
 def _seed(request: GenerationRequest) -> int | None:
     return None if request.sampling.greedy else request.sampling.seed
 
 
 async def run(state: AppState, ctx: RequestContext, model: Model, call: HFCall, *, stream: bool) -> Outcome:
     """A parsed TGI call: the model is loaded (as `wait_for_model` says) before its parameters are judged."""
-    target = await _target(state, ctx, model, call.options.wait_for_model is not False)
+    wait = call.options.wait_for_model is not False
+    target = model if isinstance(model, Resolved) else await resolve(state, ctx, model, Task.TEXT_GENERATION, wait=wait)
     params = tgi.parse_parameters(call.parameters)
     prompts, many = tgi.prompts(call.inputs)
     if stream:
@@ -68,10 +63,9 @@ async def run(state: AppState, ctx: RequestContext, model: Model, call: HFCall, 
 
 
 async def generate(
-    state: AppState, ctx: RequestContext, model: Model, params: TGIParameters, prompts: list[str], *, wait: bool = True
+    state: AppState, ctx: RequestContext, target: Resolved, params: TGIParameters, prompts: list[str]
 ) -> list[Generated]:
     """One answer per prompt, generated concurrently; the first failure cancels the others."""
-    target = await _target(state, ctx, model, wait)
     entry, backend = target
     wants_prefill = params.details and params.decoder_input_details
     if wants_prefill and Capability.PROMPT_LOGPROBS not in backend.capabilities:
@@ -89,10 +83,10 @@ async def generate(
 
 
 async def stream_one(
-    state: AppState, ctx: RequestContext, model: Model, params: TGIParameters, prompt: str, *, wait: bool = True
+    state: AppState, ctx: RequestContext, target: Resolved, params: TGIParameters, prompt: str
 ) -> Streamed:
     """The prompt's event stream, primed so that errors before any token are an HTTP error."""
-    entry, backend = await _target(state, ctx, model, wait)
+    entry, backend = target
     request = params.to_domain(prompt, ctx.request_id)
     events = await primed(stream_generation(state, entry, backend, request, ctx.received_at))
     return Streamed(events, prompt, _seed(request), params)
