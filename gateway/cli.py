@@ -52,6 +52,27 @@ def configure_logging(level: str) -> None:
     )
 
 
+def reload_on_hangup(app: Any) -> None:
+    """SIGHUP reloads the configuration (as POST /admin/config/reload). A plain signal handler, not
+    the loop's: uvicorn installs its own for SIGINT and SIGTERM only, and this one only hands the
+    reload to the event loop that runs the app (known once it has started)."""
+    import asyncio
+    import signal
+
+    from gateway.services.admin import reload_on_signal
+
+    state = app.state.gateway
+
+    def on_hangup(signum: int, frame: Any) -> None:
+        loop = state.loop
+        if loop is None:
+            logging.getLogger(__name__).warning("SIGHUP before the server started: ignored")
+            return
+        loop.call_soon_threadsafe(lambda: state.background(asyncio.ensure_future(reload_on_signal(state))))
+
+    signal.signal(signal.SIGHUP, on_hangup)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
@@ -72,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.app import create_app
 
     configure_logging(settings.server.log_level)
-    app = create_app(settings)
+    app = create_app(settings, settings_source=lambda: load_settings(config, **args))
+    reload_on_hangup(app)
     uvicorn.run(
         app,
         host=settings.server.host,

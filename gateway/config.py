@@ -7,14 +7,24 @@ then the defaults below. Nothing here is instantiated at import time.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -25,6 +35,47 @@ from gateway.validation import format_errors
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """Ollama's keep_alive: seconds as a number, or `30s`, `5m`, `1h`; a negative value keeps the
+    model loaded for ever (math.inf), 0 unloads it as soon as it is idle."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("keep_alive must be a number of seconds or a duration such as '5m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ValueError("keep_alive must be a number of seconds or a duration such as '30s', '5m', '1h'")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return math.inf if seconds < 0 else seconds
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes as an integer or `512MiB`, `4GiB`, `2GB` (powers of 1024 either way)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = _SIZE.match(str(value))
+    if match is None:
+        raise ValueError("a size is a number of bytes or e.g. '512MiB', '4GiB'")
+    unit = (match.group(2) or "B")[0].upper()
+    return int(float(match.group(1)) * 1024 ** "BKMGT".index(unit))
+
+
+KeepAlive = Annotated[float | None, BeforeValidator(parse_keep_alive)]
+ByteSize = Annotated[int | None, BeforeValidator(parse_size)]
 
 
 class LocalBackendSpec(_Strict):
@@ -86,6 +137,13 @@ class LocalBackendSpec(_Strict):
     )
     normalize: bool | None = Field(
         None, description="Embeddings: L2-normalise; unset reads the sentence-transformers config."
+    )
+    adapter: str | None = Field(
+        None,
+        description=(
+            "A PEFT LoRA adapter folder applied to `source` (the base model): the model is the base with the "
+            "adapter merged into its weights, served under this model's own name."
+        ),
     )
 
 
@@ -192,6 +250,13 @@ class ModelSpec(_Strict):
     default: bool = Field(
         False, description="Serve requests that name no known model (TGI-style routes, `model: tgi`)."
     )
+    keep_alive: KeepAlive = Field(
+        None,
+        description=(
+            "Local models: unload after this long unused (seconds or `30s`, `5m`, `1h`; negative: never); "
+            "unset takes `runtime.keep_alive`. A request's own `keep_alive` overrides it, as in Ollama."
+        ),
+    )
 
     @model_validator(mode="after")
     def _backend_or_deployments(self) -> ModelSpec:
@@ -223,11 +288,33 @@ class ServerSettings(_Strict):
     )
 
 
+class RuntimeSettings(_Strict):
+    """Models at run time: how long idle local models stay loaded, and the memory they may use."""
+
+    keep_alive: KeepAlive = Field(
+        math.inf,
+        description="Default `keep_alive` of local models (negative or unset: loaded until unloaded or evicted).",
+    )
+    memory_share: float = Field(
+        0.8, gt=0, le=1, description="Share of the machine's RAM (and of each GPU's memory) local models may use."
+    )
+    cpu_memory: ByteSize = Field(
+        None, description="Memory local models on the CPU may use; default memory_share of RAM."
+    )
+    gpu_memory: ByteSize = Field(
+        None, description="Memory local models may use on each GPU; default memory_share of its memory."
+    )
+    unload_timeout: float = Field(
+        60.0, ge=0, description="Longest wait for a model's in-flight requests before it is unloaded anyway."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     models: list[ModelSpec] = Field(default_factory=list, description="The models this gateway serves.")
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     cache_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gateway",
         description="Where converted checkpoints (e.g. from GGUF) are kept between restarts.",

@@ -9,7 +9,7 @@ model label; services take it instead of a framework request object, so they can
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -22,3 +22,12 @@ class RequestContext:
     deadline: float | None = None  # time.perf_counter() by which the answer is due (for per-key limits; unset today)
     identity: str | None = None  # the API key's owner, once keys name one
     model: str | None = None  # the model name for metrics labels; set by services.resolve
+    keep_alive: float | None = None  # the request's own keep_alive (Ollama's), for the model it resolves
+    # Released once the response has been sent (middleware): the model's in-flight count, so that
+    # an unload waits for this request, its stream included.
+    releases: list[Callable[[], None]] = field(default_factory=list)
+
+    def release(self) -> None:
+        for release in self.releases:
+            release()
+        self.releases.clear()

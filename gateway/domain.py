@@ -36,6 +36,7 @@ class ModelState(str, enum.Enum):
     PENDING = "pending"  # lazily loaded, not asked for yet
     LOADING = "loading"
     READY = "ready"
+    UNLOADING = "unloading"  # finishing its in-flight requests before it is freed; new ones get 503
     FAILED = "failed"
 
 

@@ -68,6 +68,13 @@ class ModelNotFound(GatewayError):
         )
 
 
+class Conflict(InvalidRequest):
+    """The change asked for clashes with what is served (a model name already taken)."""
+
+    status_code = 409
+    code = "conflict"
+
+
 class TaskNotSupported(InvalidRequest):
     code = "task_not_supported"
 
@@ -86,6 +93,15 @@ class ModelNotReady(GatewayError):
             headers["Retry-After"] = str(max(1, round(estimated_time)))
         super().__init__(message, headers=headers)
         self.estimated_time = estimated_time
+
+
+class InsufficientMemory(ModelNotReady):
+    """A model does not fit in the memory budget and no idle model can be unloaded to make room."""
+
+    code = "insufficient_memory"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, estimated_time=5.0)
 
 
 class Overloaded(GatewayError):

@@ -53,6 +53,22 @@ class Metrics:
         self.model_state = Gauge(
             "gateway_model_state", "1 for the state each model is in.", ["model", "state"], registry=r
         )
+        self.model_memory = Gauge(
+            "gateway_model_memory_bytes",
+            "A loaded local model's memory: `measured` (parameters, buffers, KV cache reservation) and "
+            "`rss_delta` (the process's resident-size growth while it loaded, a cross-check).",
+            ["model", "device", "kind"],
+            registry=r,
+        )
+        self.memory_budget = Gauge(
+            "gateway_memory_budget_bytes", "Memory local models may use, per device.", ["device"], registry=r
+        )
+        self.model_unloads = Counter(
+            "gateway_model_unloads",
+            "Models unloaded, by why: idle (keep_alive), room (evicted for another), admin, config.",
+            ["model", "reason"],
+            registry=r,
+        )
 
     def _local_engine(self, r: CollectorRegistry) -> None:
         """Filled by the local engines (queue and running gauges are read at scrape time, routes/ops.py)."""

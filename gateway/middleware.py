@@ -96,6 +96,8 @@ class GatewayMiddleware:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             context = state.get("context")  # the RequestContext; services.resolve names its model
+            if context is not None:
+                context.release()  # the model leases resolve took: the response is over
             model = context.model if context is not None and context.model is not None else "none"
             key = (label, model, status_holder[0])
             children = self._children.get(key)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.backends.registry import Registry
@@ -16,3 +18,11 @@ class AppState:
     registry: Registry
     metrics: Metrics
     started_at: int = field(default_factory=lambda: int(time.time()))
+    # Reads the configuration again (the same file, environment and flags): config reload, SIGHUP.
+    settings_source: Callable[[], Settings] | None = None
+    loop: asyncio.AbstractEventLoop | None = None  # the app's loop once it has started (signal handlers)
+    tasks: set[asyncio.Future[None]] = field(default_factory=set)  # background work kept referenced
+
+    def background(self, task: asyncio.Future[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)

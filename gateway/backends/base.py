@@ -54,6 +54,17 @@ class QueueStats:
     running: int
 
 
+@dataclass(frozen=True)
+class MemoryUse:
+    """What a loaded local model holds: on which device, and how many bytes (parameters, buffers and
+    its KV cache's full reservation); `rss_delta` is the process's resident-size growth while it
+    loaded, a cross-check (other allocations and the allocator's own caching make it differ)."""
+
+    device: str  # "cpu" or "cuda:N": budgets are per device
+    bytes: int
+    rss_delta: int | None = None
+
+
 @dataclass
 class ModelInfo:
     """What /v1/models, /info and /ready report about a backend."""
@@ -110,6 +121,15 @@ class Backend(abc.ABC):
 
     def queue_stats(self) -> QueueStats | None:
         """The engine's queue and batch, for backends that batch locally."""
+        return None
+
+    # memory (local models; others use none of the budget) -------------------------
+    def memory_use(self) -> MemoryUse | None:
+        """Measured once loaded; None for a backend that holds no model in this process."""
+        return None
+
+    def memory_estimate(self) -> MemoryUse | None:
+        """What loading is expected to take, before it loads: for making room in the budget."""
         return None
 
     def attach_metrics(self, metrics: Metrics) -> None:

@@ -88,6 +88,43 @@ class RoutingBackend(Backend):
             self._cooldown_gauges[d.name].set(0)
             d.backend.attach_metrics(metrics)
 
+    # deployments at run time: the others keep their breakers, counts and turn ----------------
+    def _regroup(self) -> None:
+        by_name = {d.name: d for d in self.deployments}
+        self.fallbacks = [by_name[n] for n in self.routing.fallback if n in by_name]
+        self.balanced = [d for d in self.deployments if d.name not in self.routing.fallback]
+        self.total_timeout = max(
+            (d.backend.total_timeout for d in self.deployments if d.backend.total_timeout is not None), default=None
+        )
+        self.capabilities = self._capabilities()
+
+    async def add_deployment(self, name: str, backend: Backend, metrics: Metrics | None) -> None:
+        """Start `backend` and put it in rotation (balanced: it is not in the model's fallback list)."""
+        if any(d.name == name for d in self.deployments):
+            raise ValueError(f"deployment '{name}' exists")
+        cooldown = self.routing.cooldown
+        deployment = Deployment(name, f"{self.name}/{name}", backend, Breaker(cooldown.failures, cooldown.seconds))
+        if metrics is not None:
+            backend.attach_metrics(metrics)
+            self._cooldown_gauges[name] = metrics.upstream_cooldown.labels(deployment.label)
+        await backend.start()  # a failure is raised before it joins the rotation
+        self.deployments.append(deployment)
+        self._regroup()
+
+    async def remove_deployment(self, name: str, drain_seconds: float) -> None:
+        """Take `name` out of rotation now; close it once its requests are done (or `drain_seconds`)."""
+        deployment = next((d for d in self.deployments if d.name == name), None)
+        if deployment is None:
+            raise KeyError(name)
+        if len(self.deployments) == 1:
+            raise ValueError("a model keeps at least one deployment")
+        self.deployments.remove(deployment)
+        self._regroup()
+        deadline = asyncio.get_running_loop().time() + drain_seconds
+        while deployment.outstanding and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await deployment.backend.close()
+
     def _capabilities(self) -> frozenset[Capability]:
         """What any deployment can do. generate() is always this router's own call: it moves a whole
         answer on to the next deployment, where a stream moves on only before its first event."""

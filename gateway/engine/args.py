@@ -27,6 +27,7 @@ class EngineArgs:
     fused: bool = True
     pooling: Literal["auto", "mean", "cls", "max", "last"] = "auto"
     normalize: bool | None = None
+    adapter: str | None = None  # a PEFT LoRA folder merged into the base's weights at load
 
     @classmethod
     def of(cls, spec: object) -> EngineArgs:

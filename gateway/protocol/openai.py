@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.config import KeepAlive
 from gateway.domain import SEED_MAX, SEED_MIN, ChatMessage, EmbeddingRequest, GenerationRequest, SamplingParams
 from gateway.errors import InvalidRequest, UnsupportedParameter
 
@@ -86,6 +87,9 @@ def check_extras(
 
 class _WireModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+    # Ollama's per-request keep_alive (an extension, sent through `extra_body`): how long the model
+    # stays loaded after this request; seconds or "5m", negative for ever, 0 to unload when idle.
+    keep_alive: KeepAlive = None
 
     def ignored_fields(self) -> list[str]:
         """Check the extra-field policy; return the no-effect fields that were sent."""

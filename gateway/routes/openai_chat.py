@@ -38,6 +38,7 @@ async def model_chat(model_id: str, request: Request) -> Response:
 async def _answer(request: Request, body: ChatCompletionRequest) -> Response:
     state: AppState = request.app.state.gateway
     ctx = context(request)
+    ctx.keep_alive = body.keep_alive
     name_model(state, ctx, body.model, Task.TEXT_GENERATION)  # a refused body counts under its model
     headers = ignored_header(body.ignored_fields())
     generation = body.to_domain(ctx.request_id)

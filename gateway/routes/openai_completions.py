@@ -27,6 +27,7 @@ async def create_completion(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest, Task.TEXT_GENERATION)
     state: AppState = request.app.state.gateway
     ctx = context(request)
+    ctx.keep_alive = body.keep_alive
     name_model(state, ctx, body.model, Task.TEXT_GENERATION)  # a refused body counts under its model
     headers = ignored_header(body.ignored_fields())
     generations = body.to_domain(ctx.request_id)

@@ -24,6 +24,7 @@ async def create_embeddings(request: Request) -> FastJSONResponse:
     body = await parse_body(request, EmbeddingsRequest, Task.FEATURE_EXTRACTION)
     state: AppState = request.app.state.gateway
     ctx = context(request)
+    ctx.keep_alive = body.keep_alive
     name_model(state, ctx, body.model, Task.FEATURE_EXTRACTION)  # a refused body counts under its model
     headers = ignored_header(body.ignored_fields())
     result = await embeddings.embed(state, ctx, body.model, body.to_domain())

@@ -89,8 +89,11 @@ async def resolve(
     wait: bool = True,
 ) -> Resolved:
     """The entry and its loaded backend (loading a lazy model; `wait` false answers ModelNotReady
-    while it loads), refused when the model's task cannot answer `task`."""
+    while it loads), refused when the model's task cannot answer `task`. The request holds the
+    model (an unload waits for it) until `ctx.release()`, which the middleware calls."""
     entry = resolve_entry(state, ctx, name, task, placeholders=placeholders)
     backend = await state.registry.ensure_loaded(entry, wait=wait)
     check_task(entry, task)
+    # no await since ensure_loaded: the model cannot have started unloading in between
+    ctx.releases.append(state.registry.lease(entry, backend, ctx.keep_alive).release)
     return Resolved(entry, backend)

@@ -13,12 +13,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from gateway.backends.base import Backend, Capability, ModelInfo, QueueStats
+from gateway.backends.base import Backend, Capability, MemoryUse, ModelInfo, QueueStats
 from gateway.backends.local.args import local_args
 from gateway.backends.local.encoder import EncoderModel
 from gateway.backends.local.factory import LocalModel, load_local_model, read_checkpoint
 from gateway.backends.local.generative import GenerativeModel
 from gateway.backends.local.history import LoadHistory, checkpoint_bytes, history_key
+from gateway.backends.local.memory import expected_device, give_back_memory, measure, rss_bytes
 from gateway.backends.local.task import config_task
 from gateway.config import ModelSpec, Settings
 from gateway.domain import (
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 # transformers' lazy imports and the weight-init patches it applies while loading are
 # process-global: two models loading on two threads corrupt each other. One at a time.
 _LOAD_LOCK = threading.Lock()
+# What each checkpoint (loaded one way) measured last time: the estimate of its next load.
+_MEASURED: dict[str, MemoryUse] = {}
 
 
 def expected_capabilities(task: Task | None) -> frozenset[Capability]:
@@ -62,6 +65,7 @@ class LocalBackend(Backend):
         self._model: LocalModel | None = None
         self._history = LoadHistory(settings.cache_dir / "load-times.json")
         self._observer: EngineObserver = NoObserver()
+        self._memory: MemoryUse | None = None
 
     def attach_metrics(self, metrics: Metrics) -> None:
         self._observer = metrics.engine_observer(self.name)
@@ -77,12 +81,30 @@ class LocalBackend(Backend):
     def _load_sync(self) -> LocalModel:
         with _LOAD_LOCK:
             began = time.monotonic()  # not counting the wait for another model's load
+            rss_before = rss_bytes()
             checkpoint = read_checkpoint(self.args, self.task)
-        model = load_local_model(checkpoint, self.args, self._engine_failed)
+            model = load_local_model(checkpoint, self.args, self._engine_failed)
+            engine = model.engine if isinstance(model, GenerativeModel) else None
+            self._memory = _MEASURED[self._memory_key] = measure(model.model, model.device, engine, rss_before)
         self._history.record(
             history_key(self.args.engine), time.monotonic() - began, checkpoint_bytes(self.args.engine)
         )
         return model
+
+    @property
+    def _memory_key(self) -> str:
+        return f"{history_key(self.args.engine)} {self.args.engine.adapter} {self.args.engine.max_batch_size}"
+
+    def memory_use(self) -> MemoryUse | None:
+        return self._memory if self._model is not None else None
+
+    def memory_estimate(self) -> MemoryUse | None:
+        """The last measurement of this checkpoint, else its files' size (a guess: dtype and KV cache aside)."""
+        known = _MEASURED.get(self._memory_key)
+        if known is not None:
+            return known
+        device = expected_device(self.args.engine.device, self.args.engine.device_map)
+        return MemoryUse(device, checkpoint_bytes(self.args.engine) or 0)
 
     def _engine_failed(self, why: str) -> None:
         """The engine's loop died (it failed its requests and refuses new ones): the model is
@@ -91,8 +113,11 @@ class LocalBackend(Backend):
         self.state = ModelState.FAILED
 
     async def close(self) -> None:
-        if self._model is not None:
-            await self._model.close()
+        model, self._model = self._model, None
+        if model is not None:
+            await model.close()
+            del model
+            await in_fresh_thread(give_back_memory)
 
     def queue_stats(self) -> QueueStats | None:
         return QueueStats(waiting=0, running=0) if self._model is None else self._model.queue_stats()

@@ -151,6 +151,13 @@ class GenerationEngine:
         device's thread between steps, beside the batch."""
         return await asyncio.wrap_future(self._executor.submit(self.scheduler.step_model.score, tokens))
 
+    def kv_cache_bytes(self) -> int:
+        """The KV cache's full reservation: every slot at its longest (the cache grows up to it)."""
+        cache = getattr(self.scheduler.step_model, "cache", None)
+        if cache is None:
+            return 0
+        return int(cache.bytes_per_token()) * self.max_batch_size * int(self.max_len)
+
     def close(self) -> None:
         """Fail what is still queued or running and stop ticking; waits for the compute thread."""
         with self._lock:

@@ -158,7 +158,17 @@ def load_model(
     if spec.device_map:
         model_kwargs["device_map"] = spec.device_map  # accelerate places the layers
     model = auto_cls.from_pretrained(path, **model_kwargs)
+    if spec.adapter:
+        model = merge_adapter(model, spec.adapter)
     if not spec.device_map:
         model = model.to(device)
     model.eval()
     return tokenizer, model, device, dtype
+
+
+def merge_adapter(model: Any, adapter: str) -> Any:
+    """The base with a PEFT LoRA adapter merged into its weights: a plain transformers model again,
+    so every forward path (the fused one included) serves it at the base's speed."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
