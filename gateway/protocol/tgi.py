@@ -49,7 +49,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "watermark": (None, False),
     "typical_p": (None, 1.0),
     "grammar": (None,),
-    "adapter_id": (None, ""),
 }
 
 
@@ -75,7 +74,7 @@ class TGIParameters(BaseModel):
     watermark: bool | None = None
     typical_p: float | None = None
     grammar: dict[str, Any] | None = None
-    adapter_id: str | None = None
+    adapter_id: str | None = None  # a served adapter model's name (services/tgi resolves it)
 
     _exact_seed = field_validator("seed", mode="before")(exact_integer)
 
@@ -136,6 +135,12 @@ def parse_parameters(raw: Any) -> TGIParameters:
         raise InvalidRequest(f"Invalid '{first.param}': {first.message}.", param=first.param) from exc
     params.check_supported()
     return params
+
+
+def adapter_of(parameters: Any) -> str | None:
+    """TGI's `adapter_id`, read before the parameters are (it picks the model they are judged for)."""
+    adapter = parameters.get("adapter_id") if isinstance(parameters, dict) else None
+    return adapter if isinstance(adapter, str) and adapter else None
 
 
 def read_call(raw: bytes) -> HFCall:
