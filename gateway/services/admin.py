@@ -29,7 +29,6 @@ def describe(state: AppState, entry: Entry) -> dict[str, Any]:
         "deployments": [d.name for d in spec.deployments] if spec.deployments is not None else None,
         "task": entry.task.value if entry.task else None,
         "state": backend.state.value,
-        "error": backend.error,
         "memory": None
         if memory is None
         else {"device": memory.device, "bytes": memory.bytes, "rss_delta_bytes": memory.rss_delta},
@@ -38,6 +37,7 @@ def describe(state: AppState, entry: Entry) -> dict[str, Any]:
         "in_flight": entry.inflight,
         "keep_alive": None if math.isinf(keep_alive) else keep_alive,
         "spec": spec.model_dump(mode="json", exclude_defaults=True),
+        **({"error": backend.error} if backend.error else {}),  # why it failed, only when it has
     }
 
 
