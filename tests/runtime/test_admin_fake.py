@@ -168,3 +168,23 @@ def test_request_racing_its_own_models_unload(tmp_path: Path) -> None:
         asyncio.run(requests())
         assert set(statuses) <= {200, 503}, statuses
         assert 200 in statuses
+
+
+def test_a_stream_runs_through_the_unload_of_another_model(tmp_path: Path) -> None:
+    with server_for(config_file(tmp_path, [chat("streaming", delay_ms=20), chat("gone")])) as server:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        stream = client.chat.completions.create(
+            model="streaming",
+            messages=[{"role": "user", "content": "a b c"}],
+            stream=True,
+            max_tokens=50,
+            stream_options={"include_usage": True},
+        )
+        chunks = [next(iter(stream))]
+        removed = httpx.delete(f"{server.url}/admin/models/gone", headers=HEADERS, timeout=10)
+        assert removed.status_code == 200
+        assert httpx.get(f"{server.url}/admin/models/streaming", headers=HEADERS).json()["in_flight"] == 1
+        chunks += list(stream)
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 50
+        assert [m.id for m in client.models.list()] == ["streaming"]
