@@ -96,7 +96,9 @@ class Entry:
     used_at: float | None = None  # wall clock of the last request, for the admin listing
     keep_alive: float | None = None  # the last request's own keep_alive (None: the model's)
     unloading: bool = False  # new requests are refused; set for good once the entry is removed
-    released: bool = False  # unloaded on purpose after it loaded: no longer gates /ready
+    # Does not gate /ready: unloaded on purpose since it loaded, or added while serving (a model
+    # loading at run time must not take a serving replica out of its load balancer).
+    released: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while inflight == 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload at a time
 
@@ -170,7 +172,7 @@ class Registry:
         return backend
 
     def _install(self, spec: ModelSpec) -> Entry:
-        entry = Entry(spec=spec, backend=self._new_backend(spec))
+        entry = Entry(spec=spec, backend=self._new_backend(spec), released=self._reaper is not None)
         self._entries[spec.name] = entry
         for name in entry.names:
             self._by_name[name] = entry

@@ -129,3 +129,20 @@ def test_memory_comes_back_across_load_unload_cycles(tmp_path: Path) -> None:
         grown = rss_bytes() - before
         print(f"RSS {before / 2**20:.1f} MiB before, {grown / 2**20:+.2f} MiB after 20 cycles")
         assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 20 load/unload cycles"
+
+
+def test_an_unload_past_its_timeout_answers_the_request_left_with_a_503(tiny: str) -> None:
+    """A request still running when `unload_timeout` runs out is failed cleanly (503), never a 500."""
+    settings = Settings(models=[local("stuck", tiny)], server={"port": 0}, runtime={"unload_timeout": 0.2})
+    with LiveServer(settings) as server, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert use(server.url, "stuck").status_code == 200
+        with busy_device():  # the request waits in the engine's queue
+            pending = pool.submit(use, server.url, "stuck", max_tokens=40)
+            time.sleep(0.3)
+            unloading = pool.submit(httpx.post, f"{server.url}/admin/models/stuck/unload", timeout=60)
+            time.sleep(0.5)
+        assert unloading.result().status_code == 200
+        answer = pending.result()
+        print("left request:", answer.status_code, answer.text[:160])
+        assert answer.status_code in (200, 503), answer.text
+        assert states(server.url) == {"stuck": "pending"}

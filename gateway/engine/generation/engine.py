@@ -275,7 +275,8 @@ class GenerationEngine:
                 log.exception("%s: reporting the engine's failure failed", self.name)
 
     def _shut_down(self) -> None:
-        error = RuntimeError("the server is shutting down")
+        # a 503, not a 500: the model went away (unloaded after its drain timeout, or the server stops)
+        error = ModelNotReady(f"Model '{self.name}' was unloaded before this request finished; retry it.")
         self.scheduler.fail_all(error)
         with self._lock:
             for job in self._waiting:
