@@ -11,7 +11,7 @@ from typing import Any
 
 from gateway.backends.registry import Entry
 from gateway.config import DeploymentSpec, ModelSpec
-from gateway.errors import ConfigError, InvalidRequest
+from gateway.errors import ConfigError, InsufficientMemory, InvalidRequest, ModelNotReady
 from gateway.state import AppState
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,15 @@ async def add(state: AppState, spec: ModelSpec, *, wait: bool) -> dict[str, Any]
     """Serve `spec` (the config file's model schema); with `wait`, answer once it has loaded."""
     entry = state.registry.add(spec)
     if wait and spec.preload:
-        await state.registry.ensure_loaded(entry)
+        try:
+            await state.registry.ensure_loaded(entry)
+        except InsufficientMemory:
+            raise  # 503 naming the busy models; the model stays listed and loads when there is room
+        except ModelNotReady:
+            # a spec that does not load (a wrong path, a missing file) is not kept: 400 with why
+            error = entry.backend.error
+            await state.registry.unload(entry, remove=True, reason="admin")
+            raise InvalidRequest(f"Model '{spec.name}' did not load: {error}") from None
     return describe(state, entry)
 
 
