@@ -14,7 +14,7 @@ from gateway.config import Settings
 from gateway.error_handlers import install_error_handlers
 from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
-from gateway.routes import hf_tasks, openai_chat, openai_completions, openai_embeddings, openai_models, ops, tgi
+from gateway.routes import hf_tasks, openai_chat, openai_completions, openai_embeddings, openai_models, ops, tgi, ui
 from gateway.routes.common.responses import FastJSONResponse
 from gateway.state import AppState
 
@@ -47,7 +47,7 @@ def create_app(settings: Settings, *, backend_factory: BackendFactory = default_
     # of FastAPI's own /openapi.json and /docs; the catch-all `/models/{model_id:path}` routes last.
     # The routes themselves, not include_router: FastAPI matches an included router lazily on
     # every request (twice), which cost a measurable share of the upstream hot path.
-    modules = (openai_chat, openai_completions, openai_embeddings, openai_models, ops, tgi, hf_tasks)
+    modules = (openai_chat, openai_completions, openai_embeddings, openai_models, ops, tgi, ui, hf_tasks)
     app.router.routes[:0] = [route for module in modules for route in module.router.routes]
     app.add_middleware(
         GatewayMiddleware,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from gateway.domain import ModelState
 from gateway.routes.common.deps import StateDep
 from gateway.routes.common.responses import FastJSONResponse
+from gateway.services.gauges import refresh_gauges
 
 router = APIRouter(tags=["ops"])
 
@@ -30,15 +30,8 @@ async def ready(state: StateDep) -> FastJSONResponse:
 
 
 async def metrics(state: StateDep) -> Response:
-    m = state.metrics
-    for entry in state.registry.entries:
-        for s in ModelState:
-            m.model_state.labels(entry.spec.name, s.value).set(1 if entry.backend.state == s else 0)
-        stats = entry.backend.queue_stats()
-        if stats is not None:
-            m.queue_depth.labels(entry.spec.name).set(stats.waiting)
-            m.running_requests.labels(entry.spec.name).set(stats.running)
-    body, content_type = m.render()
+    refresh_gauges(state)
+    body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)
 
 
