@@ -6,6 +6,7 @@ import contextlib
 import io
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -174,3 +175,21 @@ def test_token_classification_and_qa_spans(ui_server: str, open_page: Any) -> No
     marked = page.text_content("[data-result=spans] mark") or ""
     assert shown and marked.startswith(shown)  # the answer is highlighted in its context
     tab.shot("06-question-answering")
+
+
+def test_image_classification_upload(ui_server: str, open_page: Any, tmp_path: Path) -> None:
+    from PIL import Image
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    tab = open_page(ui_server)
+    page = tab.page
+    page.goto("/ui?model=tiny-vit")
+    page.set_input_files("#task-image", str(image))
+    page.wait_for_selector("img.preview")
+    page.click("#run")
+    page.wait_for_selector("[data-result=scores]")
+    assert sorted(page.locator("[data-result=scores] .name").all_text_contents()) == ["bird", "cat", "dog"]
+    code = page.text_content("#code") or ""
+    assert "--data-binary @'red.png'" in code and "Content-Type: image/png" in code
+    tab.axe()
