@@ -52,7 +52,7 @@ class Metrics:
         )
         self.inter_token_latency = Histogram(
             "gateway_inter_token_latency_seconds",
-            "Time between two successive tokens of one streamed choice.",
+            "Time between two successive tokens of one choice, as the backend hands them over.",
             ["model"],
             buckets=_ITL_BUCKETS,
             registry=r,

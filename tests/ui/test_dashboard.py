@@ -75,9 +75,16 @@ def test_dashboard_numbers_move(ui_server: str, open_page: Any) -> None:
     phone.shot("08-dashboard-phone")
 
 
+ROUTED = {
+    "name": "fake-routed",
+    "task": "text-generation",
+    "deployments": [{"name": "east", "backend": {"kind": "fake"}}, {"name": "west", "backend": {"kind": "fake"}}],
+}
+
+
 @pytest.fixture(scope="module")
 def keyed_server() -> Any:
-    with LiveServer(settings_for(FAKE_MODELS, api_keys=["sekrit"])) as server:
+    with LiveServer(settings_for([*FAKE_MODELS, ROUTED], api_keys=["sekrit"])) as server:
         server.wait_ready()
         yield server
 
@@ -104,7 +111,7 @@ def test_pages_ask_for_a_key(keyed_server: LiveServer, open_page: Any) -> None:
     page.fill("#api-key", "sekrit")
     page.click("form.keybox button")
     page.wait_for_selector("#model:not([disabled])")
-    assert page.locator("#model option").count() == len(FAKE_MODELS)
+    assert page.locator("#model option").count() == len(FAKE_MODELS) + 1
     assert page.evaluate("sessionStorage.getItem('gateway.apiKey')") == "sekrit"
     assert page.evaluate("localStorage.length") == 0  # never kept beyond the tab's session
     # a chat with the key: the code shown reads the key from the environment, never prints it
@@ -117,4 +124,6 @@ def test_pages_ask_for_a_key(keyed_server: LiveServer, open_page: Any) -> None:
     page.goto("/ui/dashboard?every=1")
     page.wait_for_selector("#models tbody tr")
     assert page.locator("#api-key").count() == 0
+    deployments = page.locator("tr[data-model='fake-routed'] [data-deployment]")
+    assert deployments.all_text_contents() == ["east (fake) healthy", "west (fake) healthy"]
     tab.shot("10-dashboard-with-key")

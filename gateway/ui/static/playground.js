@@ -11,6 +11,7 @@ const workspace = document.getElementById("workspace");
 const picker = document.getElementById("model");
 const info = document.getElementById("model-info");
 let models = [];
+let chat = null; // the chat panel shown, whose stream a change of model stops
 
 // code panel ------------------------------------------------------------------------------------
 const TAB_NAMES = { curl: "curl", openai: "OpenAI Python", hf: "InferenceClient" };
@@ -146,11 +147,13 @@ function select(name) {
   const where = model.deployments ? `${model.deployments.length} deployments` : model.backend;
   info.textContent = `${model.task ?? "unknown task"} · ${model.state} · ${where}`;
   document.getElementById("code-panel").hidden = true;
+  chat?.abort();
+  chat = null;
   history.replaceState(null, "", `?model=${encodeURIComponent(name)}`);
   if (model.state === "failed") {
     workspace.replaceChildren(el("div", { class: "alert", role: "alert" }, `This model failed to load: ${model.error ?? "unknown error"}`));
   } else if (model.task === "text-generation" || !model.task) {
-    new ChatPanel(workspace, model.id, (body) => showCode(chatCode(origin, body, Boolean(apiKey()))));
+    chat = new ChatPanel(workspace, model.id, (body) => showCode(chatCode(origin, body, Boolean(apiKey()))));
   } else if (TASKS[model.task] || MODES[model.task]) {
     showTask(model.id, model.task);
   } else {
