@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 from typing import Any
 
@@ -25,7 +24,7 @@ def _load(url: str, stop: threading.Event) -> None:
     body = {
         "model": CHAT,
         "messages": [{"role": "user", "content": "Count to twenty."}],
-        "max_tokens": 8,
+        "max_tokens": 6,
         "stream": True,
     }
     with httpx.Client(base_url=url, timeout=60) as client:
@@ -46,6 +45,7 @@ def test_dashboard_numbers_move(ui_server: str, open_page: Any) -> None:
     assert rows.count() == 6
     assert page.text_content(f"tr[data-model='{CHAT}'] .badge") == "ready"
     page.wait_for_function("document.querySelector('[data-tile=requests]').textContent !== '–'")
+    before = int(_tile(page, "total"))
     stop = threading.Event()
     workers = [threading.Thread(target=_load, args=(ui_server, stop)) for _ in range(2)]  # a batch of two
     for w in workers:
@@ -55,24 +55,22 @@ def test_dashboard_numbers_move(ui_server: str, open_page: Any) -> None:
         for key in ("tokens", "ttft", "itl"):
             page.wait_for_function(f"/[1-9]/.test(document.querySelector('[data-tile={key}]').textContent)")
         page.wait_for_function("/[1-9]/.test(document.querySelector('[data-series=\"4xx\"].legend-value').textContent)")
-        first = _tile(page, "total")
-        page.wait_for_function(f"document.querySelector('[data-tile=total]').textContent !== '{first}'")
-        assert int(_tile(page, "total")) > int(first)
-        assert re.fullmatch(r"[\d.]+ ms|[\d.]+ s", _tile(page, "ttft"))
-        # the charts drew lines through the readings
+        assert int(_tile(page, "total")) > before
+        # the charts drew lines through the readings (a window without a first token leaves a gap)
         path = page.get_attribute("#chart-requests path[data-series='2xx']", "d") or ""
         assert path.count("L") >= 2
+        assert page.get_attribute("#chart-ttft path[data-series='p50']", "d") not in ("", "M0,0")  # M0,0: no point yet
         tab.shot("07-dashboard-under-load")
+        phone = open_page(ui_server, width=375, height=800)
+        phone.page.goto("/ui/dashboard?every=1")
+        phone.page.wait_for_selector("#models tbody tr")
+        assert phone.page.evaluate("document.documentElement.scrollWidth") <= 375
+        phone.shot("08-dashboard-phone")
     finally:
         stop.set()
         for w in workers:
             w.join()
     tab.axe()
-    phone = open_page(ui_server, width=375, height=800)
-    phone.page.goto("/ui/dashboard?every=1")
-    phone.page.wait_for_selector("#models tbody tr")
-    assert phone.page.evaluate("document.documentElement.scrollWidth") <= 375
-    phone.shot("08-dashboard-phone")
 
 
 ROUTED = {

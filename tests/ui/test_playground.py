@@ -63,8 +63,11 @@ def test_chat_streams_token_by_token(ui_server: str, open_page: Any) -> None:
     page.click("#tab-openai")
     code = page.text_content("#code") or ""
     assert "client.chat.completions.create(" in code and "max_tokens=40," in code and "capital of Japan" in code
+    compile(code, "<openai code>", "exec")  # valid Python as shown
     page.click("#tab-hf")
-    assert "InferenceClient(base_url=" in (page.text_content("#code") or "")
+    code = page.text_content("#code") or ""
+    assert "InferenceClient(base_url=" in code and "temperature=0," in code
+    compile(code, "<InferenceClient code>", "exec")
     tab.shot("01-chat-streamed")
     tab.axe()
 

@@ -51,13 +51,13 @@ function keyArg(keyed, name) {
 export function chatCode(origin, body, keyed) {
   const { model, messages, stream, stream_options: _opts, ...sampling } = body;
   const imports = keyed ? "import os\n\n" : "";
+  const settings = kwargs(sampling, 4);
   const openai = `${imports}from openai import OpenAI
 
 client = OpenAI(base_url="${origin}/v1", ${keyArg(keyed, "api_key")})
 stream = client.chat.completions.create(
     model=${py(model)},
-    messages=${py(messages, 4)},
-${kwargs(sampling, 4)}
+    messages=${py(messages, 4)},${settings ? `\n${settings}` : ""}
     stream=True,
 )
 for chunk in stream:
@@ -68,8 +68,7 @@ for chunk in stream:
 
 client = InferenceClient(base_url="${origin}/models/${model}"${keyed ? `, ${keyArg(true, "api_key")}` : ""})
 for chunk in client.chat_completion(
-    messages=${py(messages, 4)},
-${kwargs(sampling, 4)}
+    messages=${py(messages, 4)},${settings ? `\n${settings}` : ""}
     stream=True,
 ):
     print(chunk.choices[0].delta.content or "", end="", flush=True)

@@ -6,7 +6,7 @@ import { api, el, errorMessage, formatNumber, formatSeconds } from "./common.js"
 
 const every = Math.max(0.5, Number(new URLSearchParams(window.location.search).get("every")) || 2);
 const rate = (v) => (v === null || v === undefined ? "–" : `${formatNumber(v, v < 10 ? 2 : 1)}/s`);
-const count = (v) => (v === null || v === undefined ? "–" : String(Math.round(v)));
+const count = (v) => (v === null || v === undefined ? "–" : Number.isInteger(v) ? String(v) : v.toFixed(1));
 
 const TILES = [
   ["requests", "Requests/s", (d) => sum(d.window.rates, ["requests.2xx", "requests.4xx", "requests.5xx"]), rate],
