@@ -88,6 +88,7 @@ def _gauge(gauges: Gauges, name: str, labels: dict[str, str], value: float) -> N
 def read(samples: Iterable[tuple[str, dict[str, str], float]], at: float) -> tuple[Reading, Gauges]:
     """One pass over the registry's samples: (name, labels, value) as prometheus_client collects them."""
     reading, gauges = Reading(at), Gauges()
+    reading.counters.update(dict.fromkeys((*RATE_KEYS, "prompt_tokens"), 0.0))  # every total, zero before traffic
     for name, labels, value in samples:
         hist = _HISTOGRAMS.get(name)
         if hist is not None:
