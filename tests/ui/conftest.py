@@ -125,6 +125,8 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "tiny-sentiment": tiny_models.build_bert("sentiment", root / "sentiment"),
         "tiny-ner": tiny_models.build_bert("ner", root / "ner"),
         "tiny-qa": tiny_models.build_bert("qa", root / "qa"),
+        "tiny-nli": tiny_models.build_bert("nli", root / "nli"),
+        "tiny-mlm": tiny_models.build_bert("mlm", root / "mlm"),
         "tiny-vit": tiny_models.build_vit(root / "vit"),
     }
     models = default["models"] + [

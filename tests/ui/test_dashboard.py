@@ -42,7 +42,7 @@ def test_dashboard_numbers_move(ui_server: str, open_page: Any) -> None:
     page.goto("/ui/dashboard?every=1")
     page.wait_for_selector("#models tbody tr")
     rows = page.locator("#models tbody tr")
-    assert rows.count() == 6
+    assert rows.count() == 8
     assert page.text_content(f"tr[data-model='{CHAT}'] .badge") == "ready"
     page.wait_for_function("document.querySelector('[data-tile=requests]').textContent !== '–'")
     before = int(_tile(page, "total"))

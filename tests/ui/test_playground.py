@@ -196,3 +196,21 @@ def test_image_classification_upload(ui_server: str, open_page: Any, tmp_path: P
     code = page.text_content("#code") or ""
     assert "--data-binary @'red.png'" in code and "Content-Type: image/png" in code
     tab.axe()
+
+
+def test_zero_shot_and_fill_mask(ui_server: str, open_page: Any) -> None:
+    tab = open_page(ui_server)
+    page = tab.page
+    page.goto("/ui?model=tiny-nli")
+    page.fill("#task-labels", "sports, politics, cooking")
+    page.click("#run")
+    page.wait_for_selector("[data-result=scores]")
+    assert sorted(page.locator("[data-result=scores] .name").all_text_contents()) == ["cooking", "politics", "sports"]
+    percents = [float(p.rstrip("%")) for p in page.locator("[data-result=scores] .value").all_text_contents()]
+    assert abs(sum(percents) - 100) < 0.2  # one label is true: the scores share 1
+    page.goto("/ui?model=tiny-mlm")
+    page.click("#run")
+    page.wait_for_selector("[data-result=scores]")
+    expected = httpx.post(f"{ui_server}/models/tiny-mlm", json={"inputs": "life is [MASK] ."}).json()
+    assert page.locator("[data-result=scores] .name").all_text_contents() == [e["token_str"] for e in expected]
+    tab.axe()

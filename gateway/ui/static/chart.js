@@ -57,13 +57,17 @@ export class LineChart {
     for (const s of this.series) {
       let path = "";
       let pen = false;
+      let last = null;
       this.data.forEach((d, i) => {
         const v = d[s.key];
-        if (typeof v !== "number") return void (pen = false);
-        path += `${pen ? "L" : "M"}${x(i + offset).toFixed(1)},${y(v).toFixed(1)}`;
+        if (typeof v !== "number") return void ((pen = false), (last = null));
+        last = [x(i + offset), y(v)];
+        path += `${pen ? "L" : "M"}${last[0].toFixed(1)},${last[1].toFixed(1)}`;
         pen = true;
       });
       nodes.push(svg("path", { d: path || "M0,0", fill: "none", stroke: s.color, "stroke-width": 2, "data-series": s.key }));
+      // the newest reading as a dot (none when it has no value): a lone reading still shows
+      if (last) nodes.push(svg("circle", { cx: last[0].toFixed(1), cy: last[1].toFixed(1), r: 2.5, fill: s.color }));
     }
     this.svg.replaceChildren(...nodes);
   }
