@@ -46,7 +46,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
+# package scope: the browser and the models' server go away before the suite's other packages run
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     path = _chromium_or_skip()
     with sync_api.sync_playwright() as playwright:
@@ -112,7 +113,7 @@ def open_page(browser: Any, artifacts: Path) -> Iterator[Any]:
         page.close(allowed)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`gateway serve` with the default models (SmolLM2 chat, MiniLM embeddings) and tiny task models.
     GATEWAY_UI_URL names one already running with those models instead (to iterate on the UI)."""
