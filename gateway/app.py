@@ -24,6 +24,7 @@ from gateway.routes import (
     openai_models,
     ops,
     tgi,
+    ui,
 )
 from gateway.routes.common.responses import FastJSONResponse
 from gateway.state import AppState
@@ -64,7 +65,7 @@ def create_app(
     # of FastAPI's own /openapi.json and /docs; the catch-all `/models/{model_id:path}` routes last.
     # The routes themselves, not include_router: FastAPI matches an included router lazily on
     # every request (twice), which cost a measurable share of the upstream hot path.
-    modules = (openai_chat, openai_completions, openai_embeddings, openai_models, ops, tgi, admin, hf_tasks)
+    modules = (openai_chat, openai_completions, openai_embeddings, openai_models, ops, tgi, admin, ui, hf_tasks)
     app.router.routes[:0] = [route for module in modules for route in module.router.routes]
     app.add_middleware(
         GatewayMiddleware,

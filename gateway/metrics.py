@@ -16,6 +16,8 @@ from gateway.domain import Usage
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 6, 12, 30)
+# Between two tokens of one stream: a decode step, from under a millisecond (a fast upstream) to seconds.
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 _SMALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -46,6 +48,13 @@ class Metrics:
             "Time from request received to the first generated token.",
             ["model"],
             buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "gateway_inter_token_latency_seconds",
+            "Time between two successive tokens of one choice, as the backend hands them over.",
+            ["model"],
+            buckets=_ITL_BUCKETS,
             registry=r,
         )
         self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
@@ -136,6 +145,7 @@ class Metrics:
         if bound is None:
             bound = self._models[model] = ModelMetrics(
                 self.time_to_first_token.labels(model),
+                self.inter_token_latency.labels(model),
                 self.prompt_tokens.labels(model),
                 self.generated_tokens.labels(model),
             )
@@ -151,8 +161,11 @@ class Metrics:
 
 
 class ModelMetrics:
-    def __init__(self, time_to_first_token: Any, prompt_tokens: Any, generated_tokens: Any) -> None:
+    def __init__(
+        self, time_to_first_token: Any, inter_token_latency: Any, prompt_tokens: Any, generated_tokens: Any
+    ) -> None:
         self.time_to_first_token = time_to_first_token
+        self.inter_token_latency = inter_token_latency
         self._prompt_tokens, self._generated_tokens = prompt_tokens, generated_tokens
 
     def count_tokens(self, usage: Usage) -> None:

@@ -23,7 +23,9 @@ from gateway.metrics import Metrics
 log = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+_OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/ui", "/ui/", "/ui/dashboard"})
+# The UI's pages and static files are open: the page asks for a key and sends it on its API calls.
+_OPEN_PREFIXES = ("/ui/static/",)
 
 
 class _BodyTooLarge(InvalidRequest):
@@ -75,7 +77,7 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            if path not in _OPEN_PATHS and not self._authorized(headers):
+            if path not in _OPEN_PATHS and not path.startswith(_OPEN_PREFIXES) and not self._authorized(headers):
                 await error_response(Unauthorized("Invalid or missing API key."), scope)(scope, receive, send_with_id)
                 return
             declared = headers.get(b"content-length")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.backends.registry import Registry
 from gateway.config import Settings
@@ -22,6 +24,8 @@ class AppState:
     settings_source: Callable[[], Settings] | None = None
     loop: asyncio.AbstractEventLoop | None = None  # the app's loop once it has started (signal handlers)
     tasks: set[asyncio.Future[None]] = field(default_factory=set)  # background work kept referenced
+    # services/dashboard.py's earlier readings of the metrics, bounded: rates are differences over them
+    metric_snapshots: deque[Any] = field(default_factory=lambda: deque(maxlen=64))
 
     def background(self, task: asyncio.Future[None]) -> None:
         self.tasks.add(task)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from gateway.domain import ModelState
 from gateway.routes.common.deps import StateDep
 from gateway.routes.common.responses import FastJSONResponse
+from gateway.services.gauges import refresh_gauges
 
 router = APIRouter(tags=["ops"])
 
@@ -30,22 +30,8 @@ async def ready(state: StateDep) -> FastJSONResponse:
 
 
 async def metrics(state: StateDep) -> Response:
-    m = state.metrics
-    m.model_state.clear()  # models come and go at run time: only the served ones are reported
-    m.model_memory.clear()
-    for device, limit in state.registry.budget.devices().items():
-        m.memory_budget.labels(device).set(limit)
-    for entry in state.registry.entries:
-        if (memory := entry.backend.memory_use()) is not None:
-            m.model_memory.labels(entry.spec.name, memory.device, "measured").set(memory.bytes)
-            m.model_memory.labels(entry.spec.name, memory.device, "rss_delta").set(memory.rss_delta or 0)
-        for s in ModelState:
-            m.model_state.labels(entry.spec.name, s.value).set(1 if entry.backend.state == s else 0)
-        stats = entry.backend.queue_stats()
-        if stats is not None:
-            m.queue_depth.labels(entry.spec.name).set(stats.waiting)
-            m.running_requests.labels(entry.spec.name).set(stats.running)
-    body, content_type = m.render()
+    refresh_gauges(state)
+    body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)
 
 

@@ -14,15 +14,21 @@ from gateway.state import AppState
 async def metered(
     state: AppState, model: str, events: AsyncIterator[GenerationEvent], started: float
 ) -> AsyncIterator[GenerationEvent]:
-    """Pass events through, recording time to first token and token counts."""
+    """Pass events through, recording time to first token, the time between tokens and token counts."""
     metrics = state.metrics.of_model(model)
-    first = True
+    itl = metrics.inter_token_latency
+    last: dict[int, float] = {}  # each choice's previous token (n > 1 interleaves choices)
     async for event in events:
-        if first and not isinstance(event, StreamEnd):
-            metrics.time_to_first_token.observe(time.perf_counter() - started)
-            first = False
         if isinstance(event, StreamEnd):
             metrics.count_tokens(event.usage)
+        else:
+            now = time.perf_counter()
+            if not last:
+                metrics.time_to_first_token.observe(now - started)
+            previous = last.get(event.index)
+            if previous is not None:
+                itl.observe(now - previous)
+            last[event.index] = now
         yield event
 
 
