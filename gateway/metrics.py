@@ -48,6 +48,13 @@ class Metrics:
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
+        self.inter_token_latency = Histogram(
+            "gateway_inter_token_latency_seconds",
+            "Time between consecutive streamed events of one generation (a token, or several tokens at once).",
+            ["model"],
+            buckets=_SMALL_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.generated_tokens = Counter("gateway_generation_tokens", "Tokens generated.", ["model"], registry=r)
         self.model_state = Gauge(
@@ -57,6 +64,9 @@ class Metrics:
     def _local_engine(self, r: CollectorRegistry) -> None:
         """Filled by the local engines (queue and running gauges are read at scrape time, routes/ops.py)."""
         self.queue_depth = Gauge("gateway_queue_depth", "Requests waiting for a batch slot.", ["model"], registry=r)
+        self.queue_capacity = Gauge(
+            "gateway_queue_capacity", "Most requests that may wait; more are refused.", ["model"], registry=r
+        )
         self.running_requests = Gauge(
             "gateway_running_requests", "Requests in the running batch.", ["model"], registry=r
         )
@@ -120,6 +130,7 @@ class Metrics:
         if bound is None:
             bound = self._models[model] = ModelMetrics(
                 self.time_to_first_token.labels(model),
+                self.inter_token_latency.labels(model),
                 self.prompt_tokens.labels(model),
                 self.generated_tokens.labels(model),
             )
@@ -135,8 +146,10 @@ class Metrics:
 
 
 class ModelMetrics:
-    def __init__(self, time_to_first_token: Any, prompt_tokens: Any, generated_tokens: Any) -> None:
-        self.time_to_first_token = time_to_first_token
+    def __init__(
+        self, time_to_first_token: Any, inter_token_latency: Any, prompt_tokens: Any, generated_tokens: Any
+    ) -> None:
+        self.time_to_first_token, self.inter_token_latency = time_to_first_token, inter_token_latency
         self._prompt_tokens, self._generated_tokens = prompt_tokens, generated_tokens
 
     def count_tokens(self, usage: Usage) -> None:

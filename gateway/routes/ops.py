@@ -38,6 +38,8 @@ async def metrics(state: StateDep) -> Response:
         if stats is not None:
             m.queue_depth.labels(entry.spec.name).set(stats.waiting)
             m.running_requests.labels(entry.spec.name).set(stats.running)
+            if stats.capacity is not None:
+                m.queue_capacity.labels(entry.spec.name).set(stats.capacity)
     body, content_type = m.render()
     return Response(body, media_type=content_type)
 

@@ -14,15 +14,19 @@ from gateway.state import AppState
 async def metered(
     state: AppState, model: str, events: AsyncIterator[GenerationEvent], started: float
 ) -> AsyncIterator[GenerationEvent]:
-    """Pass events through, recording time to first token and token counts."""
+    """Pass events through, recording time to first token, the gaps between events, and token counts."""
     metrics = state.metrics.of_model(model)
-    first = True
+    last: float | None = None
     async for event in events:
-        if first and not isinstance(event, StreamEnd):
-            metrics.time_to_first_token.observe(time.perf_counter() - started)
-            first = False
         if isinstance(event, StreamEnd):
             metrics.count_tokens(event.usage)
+        else:
+            now = time.perf_counter()
+            if last is None:
+                metrics.time_to_first_token.observe(now - started)
+            else:
+                metrics.inter_token_latency.observe(now - last)
+            last = now
         yield event
 
 
