@@ -46,25 +46,26 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.tom
 COPY README.md ./
 COPY gateway ./gateway
 # Bytecode only for what serving imports: pip's (every module) goes, then a warm-up run as root writes
-# it back for what a start imports (about 170 MB less). Then torch's C++ headers, test binaries and
-# protoc go: nothing compiles or runs tests in this image.
+# it back for what a start imports (about 170 MB less), and converts the default GGUF into the cache.
+# Then torch's C++ headers, test binaries and protoc go: nothing compiles or runs tests in this image.
 RUN pip install --no-deps . \
     && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
-    && XDG_CACHE_HOME=/tmp/warmup gateway warmup \
-    && rm -rf /tmp/warmup \
+    && XDG_CACHE_HOME=/var/cache/gateway gateway warmup \
+    && rm -rf /var/cache/gateway/huggingface \
     && torch=$(echo /opt/venv/lib/python3*/site-packages/torch) \
     && rm -rf "$torch/include" "$torch/test" "$torch"/bin/*Test "$torch"/bin/test_* "$torch"/bin/protoc*
 
 FROM cuda-base AS cuda
-RUN useradd --system --create-home --uid 10001 gateway \
-    && mkdir -p /var/cache/gateway && chown gateway /var/cache/gateway
+RUN groupadd --system --gid 10001 gateway \
+    && useradd --system --create-home --uid 10001 --gid 10001 gateway
 COPY --from=cuda-build /opt/venv /opt/venv
+COPY --from=cuda-build --chown=10001:10001 /var/cache/gateway /var/cache/gateway
 ENV XDG_CACHE_HOME=/var/cache/gateway \
     HF_HUB_OFFLINE=1 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001
-# Converted on the build machine's CPU; the model is moved to the GPU when the server loads it.
+# Converted on the build machine's CPU (cuda-build); the model moves to the GPU when the server loads it.
 RUN gateway warmup \
     && rm -rf /var/cache/gateway/huggingface
 WORKDIR /home/gateway
@@ -97,25 +98,26 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.tom
 COPY README.md ./
 COPY gateway ./gateway
 # Bytecode only for what serving imports: pip's (every module) goes, then a warm-up run as root writes
-# it back for what a start imports (about 170 MB less). Then torch's C++ headers, test binaries and
-# protoc go: nothing compiles or runs tests in this image.
+# it back for what a start imports (about 170 MB less), and converts the default GGUF into the cache.
+# Then torch's C++ headers, test binaries and protoc go: nothing compiles or runs tests in this image.
 RUN pip install --no-deps . \
     && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
-    && XDG_CACHE_HOME=/tmp/warmup gateway warmup \
-    && rm -rf /tmp/warmup \
+    && XDG_CACHE_HOME=/var/cache/gateway gateway warmup \
+    && rm -rf /var/cache/gateway/huggingface \
     && torch=$(echo /opt/venv/lib/python3*/site-packages/torch) \
     && rm -rf "$torch/include" "$torch/test" "$torch"/bin/*Test "$torch"/bin/test_* "$torch"/bin/protoc*
 
 FROM python-base AS cpu
-RUN useradd --system --create-home --uid 10001 gateway \
-    && mkdir -p /var/cache/gateway && chown gateway /var/cache/gateway
+RUN groupadd --system --gid 10001 gateway \
+    && useradd --system --create-home --uid 10001 --gid 10001 gateway
 COPY --from=cpu-build /opt/venv /opt/venv
+COPY --from=cpu-build --chown=10001:10001 /var/cache/gateway /var/cache/gateway
 # Converted checkpoints live here (GGUF -> safetensors); the models come from pip packages, never the Hub.
 ENV XDG_CACHE_HOME=/var/cache/gateway \
     HF_HUB_OFFLINE=1
 USER 10001
-# Convert the default GGUF at build time, in this stage: the cache key includes the GGUF's path and
-# mtime, which must be those the container sees.
+# The converted GGUF's cache key is the GGUF's path, size and mtime, which COPY keeps: this start finds
+# it (and would convert again if it did not; `make test-image` checks the size that would double).
 RUN gateway warmup \
     && rm -rf /var/cache/gateway/huggingface
 WORKDIR /home/gateway
