@@ -8,7 +8,7 @@ import sys
 from typing import Any, get_args
 
 from gateway.config import ServerSettings, Settings, load_settings
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +75,11 @@ def warmup(settings: Settings) -> int:
         finally:
             await registry.close()
 
-    asyncio.run(load_all())
+    try:
+        asyncio.run(load_all())
+    except GatewayError as exc:
+        print(f"gateway: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 
