@@ -4,6 +4,7 @@ the gateway config they ship loaded by the gateway itself."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -66,9 +67,12 @@ def test_compose_schema_and_files() -> None:
 
 
 def render(overlay: str) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
+    kubectl = shutil.which("kubectl")  # its built-in kustomize (v4 or newer: Debian's 1.20 is too old)
     if kubectl is None:
-        pytest.fail("kubectl (with kustomize) is needed to render deploy/kubernetes; .ci/run installs it")
+        message = "kubectl is needed to render deploy/kubernetes (`kubectl kustomize`)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     result = run(kubectl, "kustomize", KUBE / "overlays" / overlay)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
