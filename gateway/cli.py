@@ -7,8 +7,8 @@ import logging
 import sys
 from typing import Any, get_args
 
-from gateway.config import ServerSettings, load_settings
-from gateway.errors import ConfigError
+from gateway.config import ServerSettings, Settings, load_settings
+from gateway.errors import ConfigError, GatewayError
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", parents=[settings], help="Start the HTTP server.")
     commands.add_parser("config", parents=[settings], help="Print the effective configuration and exit.")
+    commands.add_parser(
+        "warmup",
+        parents=[settings],
+        help="Load every configured model once and exit: converts GGUF checkpoints into the cache (image builds).",
+    )
     return parser
 
 
@@ -73,6 +78,32 @@ def reload_on_hangup(app: Any) -> None:
     signal.signal(signal.SIGHUP, on_hangup)
 
 
+def warmup(settings: Settings) -> int:
+    """Import the serving code and load every model, as a start would, then exit: what a start
+    converts (GGUF) lands in the cache, and an image build compiles the bytecode that serving imports."""
+    import asyncio
+
+    from gateway.app import create_app
+    from gateway.backends.registry import Registry
+
+    create_app(settings)
+
+    async def load_all() -> None:
+        registry = Registry(settings)
+        try:
+            for entry in registry.entries:
+                await registry.ensure_loaded(entry)
+        finally:
+            await registry.close()
+
+    try:
+        asyncio.run(load_all())
+    except GatewayError as exc:
+        print(f"gateway: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
@@ -87,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
         return 0
+    if command == "warmup":
+        configure_logging(settings.server.log_level)
+        return warmup(settings)
 
     import uvicorn
 

@@ -82,6 +82,9 @@ class Metrics:
     def _local_engine(self, r: CollectorRegistry) -> None:
         """Filled by the local engines (queue and running gauges are read at scrape time, routes/ops.py)."""
         self.queue_depth = Gauge("gateway_queue_depth", "Requests waiting for a batch slot.", ["model"], registry=r)
+        self.queue_capacity = Gauge(
+            "gateway_queue_capacity", "Most requests that may wait; more are refused.", ["model"], registry=r
+        )
         self.running_requests = Gauge(
             "gateway_running_requests", "Requests in the running batch.", ["model"], registry=r
         )

@@ -52,6 +52,7 @@ class QueueStats:
 
     waiting: int
     running: int
+    capacity: int | None = None  # the most that may wait; more are refused (queue saturation = waiting / capacity)
 
 
 @dataclass(frozen=True)

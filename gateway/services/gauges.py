@@ -22,3 +22,5 @@ def refresh_gauges(state: AppState) -> None:
         if stats is not None:
             m.queue_depth.labels(entry.spec.name).set(stats.waiting)
             m.running_requests.labels(entry.spec.name).set(stats.running)
+            if stats.capacity is not None:
+                m.queue_capacity.labels(entry.spec.name).set(stats.capacity)

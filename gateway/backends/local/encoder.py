@@ -78,7 +78,9 @@ class EncoderModel:
         return min(total, self.args.max_input_tokens or total)
 
     def queue_stats(self) -> QueueStats:
-        return QueueStats(waiting=self.batcher.queue_depth(), running=self.batcher.running)
+        return QueueStats(
+            waiting=self.batcher.queue_depth(), running=self.batcher.running, capacity=self.batcher.max_queue
+        )
 
     async def close(self) -> None:
         await self.batcher.close()

@@ -58,7 +58,9 @@ class GenerativeModel:
         return self.args.max_input_tokens or self.context_length() - 1
 
     def queue_stats(self) -> QueueStats:
-        return QueueStats(waiting=self.engine.queue_depth(), running=self.engine.running)
+        return QueueStats(
+            waiting=self.engine.queue_depth(), running=self.engine.running, capacity=self.engine.max_queue
+        )
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
