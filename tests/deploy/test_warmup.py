@@ -27,13 +27,13 @@ def test_warmup_converts_once_and_exits(tmp_path: Path) -> None:
 
     first = warmup(config, cache)
     assert first.returncode == 0, first.stderr
-    assert "converting" in first.stderr and "model tiny ready" in first.stderr
+    assert "converting" in first.stderr and "model tiny: loading -> ready" in first.stderr
     (converted,) = (cache / "gguf").iterdir()
     assert (converted / "config.json").is_file()
 
     second = warmup(config, cache)
     assert second.returncode == 0, second.stderr
-    assert "converting" not in second.stderr and "model tiny ready" in second.stderr
+    assert "converting" not in second.stderr and "model tiny: loading -> ready" in second.stderr
 
 
 def test_warmup_fails_when_a_model_cannot_load(tmp_path: Path) -> None:
