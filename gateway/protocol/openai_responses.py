@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
-from gateway.domain import EmbeddingResult, GenerationEvent, GenerationResult, StreamEnd, TokenDelta, TopToken, Usage
+from gateway.domain import (
+    EmbeddingResult,
+    GenerationEvent,
+    GenerationResult,
+    StreamEnd,
+    TokenDelta,
+    TokenText,
+    TopToken,
+    Usage,
+)
 from gateway.errors import GatewayError
 from gateway.protocol.openai import encode_embedding
 
@@ -56,10 +66,25 @@ def chat_logprobs(tokens: Iterable[TokenDelta]) -> dict[str, Any]:
     return {"content": [chat_logprob(t) for t in tokens if scored(t)], "refusal": None}
 
 
-def completion_logprobs(tokens: Iterable[TokenDelta], offset: int = 0) -> dict[str, Any]:
+class TextOffsets:
+    """Where each token of a choice starts in its text, in characters: from the tokens' bytes
+    (a character split across tokens starts in the first), or their text where no bytes are known."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def start(self, token: TokenText) -> int:
+        start = self.offset
+        self.offset += len(self._decoder.decode(token.raw) if token.raw is not None else token.text)
+        return start
+
+
+def completion_logprobs(tokens: Iterable[TokenDelta], offsets: TextOffsets | None = None) -> dict[str, Any]:
     """A completion choice's `logprobs`: the tokens, their logprobs, the most likely tokens at each
     step (with the chosen one, as vLLM and OpenAI list it; None where the logprob is: an echoed
-    prompt's first token) and each token's offset in the text from `offset`."""
+    prompt's first token) and each token's offset in the text (`offsets` go on across chunks)."""
+    offsets = offsets or TextOffsets()
     body: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t in tokens:
         if not scored(t):
@@ -72,8 +97,7 @@ def completion_logprobs(tokens: Iterable[TokenDelta], offset: int = 0) -> dict[s
         body["tokens"].append(t.own.text)
         body["token_logprobs"].append(t.logprob)
         body["top_logprobs"].append(top)
-        body["text_offset"].append(offset)
-        offset += len(t.own.text)
+        body["text_offset"].append(offsets.start(t.own))
     return body
 
 
@@ -224,7 +248,7 @@ async def completion_chunks(
     With logprobs, each chunk carries its tokens' (as chat_chunks does), offsets running on
     across the choice's chunks."""
     pending: dict[int, list[TokenDelta]] = {}
-    offsets: dict[int, int] = {}
+    offsets: dict[int, TextOffsets] = {}
     async for event in events:
         if isinstance(event, StreamEnd):
             if include_usage:
@@ -236,9 +260,7 @@ async def completion_chunks(
             continue
         scores = None
         if logprobs:
-            tokens = pending.pop(event.index, [])
-            scores = completion_logprobs(tokens, offsets.get(event.index, 0))
-            offsets[event.index] = offsets.get(event.index, 0) + sum(len(t.own.text) for t in tokens if t.own)
+            scores = completion_logprobs(pending.pop(event.index, []), offsets.setdefault(event.index, TextOffsets()))
         yield completion_chunk(id=id, model=model, created=created, delta=event, logprobs=scores)
 
 

@@ -41,6 +41,16 @@ def _decoder_types(tokenizer: Any) -> set[str]:
     return {str(step.get("type")) for step in steps if isinstance(step, dict)}
 
 
+def token_string(raw: bytes) -> str:
+    """A token's text: its bytes decoded, or for bytes that are not whole UTF-8 characters
+    OpenAI's `bytes:\\xNN...` form, so that distinct tokens keep distinct strings (completions'
+    top_logprobs are keyed by them)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 class TokenBytes:
     """Token ID -> TokenText, cached per ID (thread-safe enough: a race computes one twice)."""
 
@@ -63,7 +73,7 @@ class TokenBytes:
 
     def _compute(self, token_id: int) -> TokenText:
         raw = self._raw(token_id)
-        return TokenText(raw.decode("utf-8", errors="replace"), raw)
+        return TokenText(token_string(raw), raw)
 
     def _raw(self, token_id: int) -> bytes:
         piece = self.tokenizer.convert_ids_to_tokens(token_id)
