@@ -128,6 +128,17 @@ def _raw(value: Any) -> bytes | None:
     return bytes(value) if isinstance(value, list) else None
 
 
+def _token_bytes(token: str) -> bytes:
+    """A completions token's bytes, which that API does not list: its text, or the bytes its
+    `bytes:\\xNN` form names (a token that is only part of a character)."""
+    if token.startswith("bytes:\\x"):
+        try:
+            return bytes(int(h, 16) for h in token[len("bytes:\\x") :].split("\\x"))
+        except ValueError:
+            pass
+    return token.encode()
+
+
 def openai_tokens(logprobs: Any, index: int = 0) -> list[TokenDelta]:
     """A choice's `logprobs` (chat's `content` entries, or completions' parallel lists) as one
     text-less delta per token, each described as itself (TokenDelta.own) with its top tokens."""
@@ -155,7 +166,7 @@ def openai_tokens(logprobs: Any, index: int = 0) -> list[TokenDelta]:
             "",
             logprob=None if value is None else float(value),
             top=tuple(TopToken(-1, str(k), float(v)) for k, v in (top or {}).items()),
-            own=TokenText(str(token), None),
+            own=TokenText(str(token), _token_bytes(str(token))),
             echoed=value is None,
         )
         for token, value, top in zip(logprobs["tokens"], values, tops, strict=True)
