@@ -56,20 +56,27 @@ class TokenBytes:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        kinds = _decoder_types(tokenizer)
-        self._byte_level = _gpt2_byte_decoder() if "ByteLevel" in kinds else None
-        self._sentencepiece = self._byte_level is None and bool(kinds & {"Metaspace", "Replace", "ByteFallback"})
-        self._added = {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}) or {}}
         self._cache: dict[int, TokenText] = {}
         self._lock = threading.Lock()
+        self._kinds: set[str] | None = None  # read on first use: serialising a large tokenizer takes a while
 
     def __call__(self, token_id: int) -> TokenText:
         found = self._cache.get(token_id)
         if found is None:
+            with self._lock:
+                if self._kinds is None:
+                    self._learn()
             found = self._compute(token_id)
             with self._lock:
                 self._cache[token_id] = found
         return found
+
+    def _learn(self) -> None:
+        kinds = _decoder_types(self.tokenizer)
+        self._byte_level = _gpt2_byte_decoder() if "ByteLevel" in kinds else None
+        self._sentencepiece = self._byte_level is None and bool(kinds & {"Metaspace", "Replace", "ByteFallback"})
+        self._added = {int(i) for i in getattr(self.tokenizer, "added_tokens_decoder", {}) or {}}
+        self._kinds = kinds
 
     def _compute(self, token_id: int) -> TokenText:
         raw = self._raw(token_id)
