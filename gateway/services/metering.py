@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from gateway.backends.base import Backend, Capability, collect, refuse_unserved
 from gateway.backends.registry import Entry
-from gateway.domain import GenerationEvent, GenerationRequest, GenerationResult, StreamEnd
+from gateway.domain import GenerationEvent, GenerationRequest, GenerationResult, StreamEnd, TokenDelta
 from gateway.state import AppState
 
 
@@ -18,7 +18,7 @@ async def metered(
     metrics = state.metrics.of_model(model)
     first = True
     async for event in events:
-        if first and not isinstance(event, StreamEnd):
+        if first and isinstance(event, TokenDelta) and not event.echoed:  # an echoed prompt is not an answer yet
             metrics.time_to_first_token.observe(time.perf_counter() - started)
             first = False
         if isinstance(event, StreamEnd):

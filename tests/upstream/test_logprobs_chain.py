@@ -109,3 +109,23 @@ def test_tgi_dialect_maps_logprobs_to_details(chain: LiveServer, downstream: str
     with pytest.raises(openai.BadRequestError) as info:
         _client(chain.url).completions.create(model="tgi", prompt=PROMPT, max_tokens=2, echo=True)
     assert info.value.param == "echo" and info.value.code == "unsupported_parameter"
+
+
+def test_malformed_upstream_logprobs_are_an_upstream_error() -> None:
+    """An upstream's logprobs that cannot be read are its fault (502), never a 500 of ours."""
+    from gateway.errors import UpstreamError
+    from gateway.upstream.dialects import OpenAIStream, openai_result
+
+    bad = [
+        {"content": [{"token": "a"}]},  # no logprob
+        {"tokens": ["a", "b"], "token_logprobs": [None]},  # lists of different lengths
+        {"content": [{"token": "a", "logprob": "x"}]},
+    ]
+    for logprobs in bad:
+        with pytest.raises(UpstreamError):
+            openai_result({"choices": [{"index": 0, "text": "ab", "logprobs": logprobs}]}, 1)
+        with pytest.raises(UpstreamError):
+            OpenAIStream().feed({"choices": [{"index": 0, "text": "ab", "logprobs": logprobs}]})
+    good = {"content": [{"token": "bytes:\\xe3\\x81", "logprob": -1.0, "bytes": [227, 129], "top_logprobs": []}]}
+    (event,) = OpenAIStream().feed({"choices": [{"index": 0, "delta": {"content": ""}, "logprobs": good}]})
+    assert event.own is not None and event.own.raw == b"\xe3\x81" and event.logprob == -1.0
