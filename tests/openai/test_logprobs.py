@@ -238,6 +238,15 @@ def test_vllm_shapes(client: openai.OpenAI) -> None:
         assert len(lp.tokens) == len(lp.token_logprobs) == 5
         assert all(max(k, 1) <= len(top) <= k + 1 for top in lp.top_logprobs)
     assert client.completions.create(model="tiny", prompt="x", max_tokens=2, logprobs=None).choices[0].logprobs is None
+    for k in (0, 1):  # echo of a token-ID prompt: its decoded text first, every prompt token after the first scored
+        choice = client.completions.create(
+            model="tiny", prompt=[5, 6, 7, 8, 9], max_tokens=5, temperature=0, echo=True, logprobs=k
+        ).choices[0]
+        lp = choice.logprobs
+        assert (
+            len(lp.tokens) == len(lp.text_offset) == 10 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        )
+        assert all(max(k, 1) <= len(top) <= k + 1 for top in lp.top_logprobs[1:])
 
 
 def test_errors_name_the_parameter(client: openai.OpenAI, server: LiveServer) -> None:
