@@ -250,7 +250,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for this endpoint
+    # the OpenAI default for this endpoint; 0 only with `echo`, to score the prompt alone
+    max_tokens: int | None = Field(16, ge=0)
     # the chosen token's log-probability and the `logprobs` most likely ones at each step
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: StrictBool | None = False  # the prompt before each choice's text (and its tokens' logprobs)
@@ -266,6 +267,10 @@ class CompletionRequest(_SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
     def to_domain(self, request_id: str) -> list[GenerationRequest]:
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest(
+                "max_tokens must be at least 1 (0 only with echo, to score the prompt).", param="max_tokens"
+            )
         sampling = self.sampling(self.max_tokens)
         if self.logprobs is not None:
             sampling = replace(sampling, logprobs=True, top_n=self.logprobs)

@@ -183,6 +183,25 @@ def test_completion_echo_scores_the_prompt(client: openai.OpenAI, references) ->
     assert chunks[0].choices[0].text == PROMPT and "".join(c.choices[0].text for c in chunks) == choice.text
 
 
+def test_echo_with_no_new_tokens_scores_the_prompt(client: openai.OpenAI, server: LiveServer) -> None:
+    """max_tokens 0 with echo (how evaluation harnesses score a text): the prompt alone, scored."""
+    for stream in (False, True):
+        args = dict(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+        if stream:
+            chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))  # type: ignore[call-overload]
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            usage, reason = chunks[-1].usage, chunks[-2].choices[0].finish_reason
+        else:
+            reply = client.completions.create(**args)  # type: ignore[call-overload]
+            text, usage, reason = reply.choices[0].text, reply.usage, reply.choices[0].finish_reason
+            assert len(reply.choices[0].logprobs.tokens) == usage.prompt_tokens
+        assert text == PROMPT and reason == "length" and usage.completion_tokens == 0 and usage.prompt_tokens > 1
+    r = httpx.post(
+        f"{server.url}/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 0}, timeout=60
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+
+
 def test_echo_with_several_prompts_and_choices(client: openai.OpenAI) -> None:
     reply = client.completions.create(
         model="tiny", prompt=["hello world", "one two"], n=2, max_tokens=3, echo=True, logprobs=1, seed=5

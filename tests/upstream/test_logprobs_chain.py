@@ -94,6 +94,10 @@ def test_openai_dialect_completion_echo_equal_the_upstreams(chain: LiveServer, d
     lp = direct.choices[0].logprobs.model_dump()
     assert text == direct.choices[0].text
     assert entries == list(zip(*(lp[k] for k in sorted(lp)), strict=True))
+    scored = dict(prompt=PROMPT, max_tokens=0, logprobs=1, echo=True)  # the prompt alone, scored
+    direct = _client(downstream).completions.create(model="tiny", **scored)  # type: ignore[call-overload]
+    through = _client(chain.url).completions.create(model="oa", **scored)  # type: ignore[call-overload]
+    assert _choices(through) == _choices(direct) and through.usage == direct.usage
 
 
 def test_tgi_dialect_maps_logprobs_to_details(chain: LiveServer, downstream: str) -> None:

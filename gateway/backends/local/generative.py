@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.backends.base import Capability, QueueStats
 from gateway.backends.local.args import LocalArgs
-from gateway.domain import GenerationEvent, GenerationRequest, Task, TokenDelta, TopToken
+from gateway.domain import (
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    StreamEnd,
+    Task,
+    TokenDelta,
+    TopToken,
+    Usage,
+)
 from gateway.engine import EngineObserver
 from gateway.errors import InvalidRequest
 
@@ -145,9 +154,14 @@ class GenerativeModel:
         prompt_ids, max_tokens = await asyncio.get_running_loop().run_in_executor(None, self._validated_prompt, request)
         if request.echo:
             echoed = await self._echoed(request, prompt_ids)
+            alone = max_tokens == 0  # the prompt scored, nothing generated: it ends each choice
             for index in range(request.sampling.n):
-                for delta in echoed:
-                    yield replace(delta, index=index)
+                for number, delta in enumerate(echoed, 1):
+                    ends = alone and number == len(echoed)
+                    yield replace(delta, index=index, finish_reason=FinishReason.LENGTH if ends else None)
+            if alone:
+                yield StreamEnd(Usage(prompt_tokens=len(prompt_ids)))
+                return
         async for event in self.engine.stream(
             prompt_ids, request.sampling, max_tokens, request.keep_stop, request_id=request.request_id
         ):
