@@ -70,6 +70,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     n: int = 1
     top_n: int = 0  # also report the n most likely tokens at each step (TGI's top_n_tokens)
+    # OpenAI's logprobs: each chosen token's log-probability under the model's raw distribution
+    # (before penalties, temperature, top-k and top-p, as OpenAI and vLLM report it), with the
+    # token's own text and bytes (TokenDelta.own); TGI's details keep the distribution sampled from.
+    logprobs: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +97,9 @@ class GenerationRequest:
     truncate: int | None = None  # keep only the last N prompt tokens (TGI's `truncate`)
     # TGI keeps the matched stop sequence at the end of the text; OpenAI drops it.
     keep_stop: bool = False
+    # OpenAI completions' `echo`: each choice starts with the prompt's tokens (TokenDelta.echoed),
+    # with their log-probabilities when `sampling.logprobs`; usage counts them as prompt only.
+    echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,18 @@ class TokenDelta:
     special: bool = False
     finish_reason: FinishReason | None = None
     top: tuple[TopToken, ...] = ()  # the most likely tokens at this step, when asked (SamplingParams.top_n)
+    own: TokenText | None = None  # the token itself, when SamplingParams.logprobs
+    echoed: bool = False  # a prompt token repeated by `echo` (its logprob None for the first)
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """One token as itself: its text (a replacement character where its bytes are only part of a
+    UTF-8 character) and its exact bytes, which concatenated give the text back (None where an
+    upstream does not say them: TGI's API has the token's text only)."""
+
+    text: str
+    raw: bytes | None
 
 
 @dataclass(frozen=True)
@@ -121,6 +140,7 @@ class TopToken:
     text: str
     logprob: float
     special: bool = False
+    raw: bytes | None = None  # its exact bytes, when SamplingParams.logprobs (or an upstream sent them)
 
 
 @dataclass

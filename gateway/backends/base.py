@@ -43,6 +43,8 @@ class Capability(str, enum.Enum):
     EMBED = "embed"
     HF_TASKS = "hf_tasks"  # run_task beyond the embedding tasks
     PROMPT_LOGPROBS = "prompt_logprobs"  # TGI's prefill details
+    LOGPROBS = "logprobs"  # OpenAI's logprobs (SamplingParams.logprobs): raw log-probabilities, bytes
+    ECHO = "echo"  # OpenAI completions' echo (GenerationRequest.echo), logprobs of the prompt included
     WHOLE_RESPONSE = "whole_response"  # generate() is its own call (upstream), not the stream collected
 
 
@@ -170,6 +172,14 @@ class Backend(abc.ABC):
         if request.task in EMBEDDING_TASKS:
             return await run_embedding_task(self.embed, request)
         raise TaskNotSupported(f"Model '{self.name}' does not serve the task '{request.task.value}'.")
+
+
+def refuse_unserved(backend: Backend, request: GenerationRequest) -> None:
+    """Refuse, before generating, what a request asks and the backend cannot do (no silent drop)."""
+    if request.sampling.logprobs and Capability.LOGPROBS not in backend.capabilities:
+        raise UnsupportedParameter("logprobs", f"is not supported by model '{backend.name}'")
+    if request.echo and Capability.ECHO not in backend.capabilities:
+        raise UnsupportedParameter("echo", f"is not supported by model '{backend.name}'")
 
 
 async def collect(events: AsyncIterator[GenerationEvent], n: int) -> GenerationResult:

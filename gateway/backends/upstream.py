@@ -39,8 +39,10 @@ T = TypeVar("T")
 _DEFAULT_HEALTH = {"openai": "/models", "tgi": "/health", "hf": None}
 # What each dialect's server does. generate() is one whole-answer call, not the stream collected.
 _CAPABILITIES = {
-    "openai": frozenset({Capability.GENERATE, Capability.EMBED, Capability.WHOLE_RESPONSE}),
-    "tgi": frozenset({Capability.GENERATE, Capability.WHOLE_RESPONSE}),
+    "openai": frozenset(
+        {Capability.GENERATE, Capability.EMBED, Capability.WHOLE_RESPONSE, Capability.LOGPROBS, Capability.ECHO}
+    ),
+    "tgi": frozenset({Capability.GENERATE, Capability.WHOLE_RESPONSE, Capability.LOGPROBS}),  # TGI's details
     "hf": frozenset({Capability.GENERATE, Capability.EMBED, Capability.HF_TASKS, Capability.WHOLE_RESPONSE}),
 }
 

@@ -5,17 +5,18 @@ depth (`stream_options.continuous_usage_stats`, `messages[1].tool_calls`). The
 only fields accepted without effect are the ones that never change the output
 (`NO_EFFECT_FIELDS`, a message's `name`); they are reported back in the
 `x-gateway-ignored-params` response header. Fields equal to their neutral default
-(`logprobs: false`, `tools: []`, ...) are accepted, since they ask for nothing; the
-value must have the neutral value's type too, as `logprobs: 0` on /v1/completions
-asks for the sampled tokens' log-probabilities while `logprobs: false` asks for none.
+(`tools: []`, ...) are accepted, since they ask for nothing; the value must have the
+neutral value's type too. A field declared on a request model (chat's `logprobs` and
+`top_logprobs`, completions' `logprobs` and `echo`) is honoured and never reaches this policy.
 """
 
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from gateway.config import KeepAlive
 from gateway.domain import SEED_MAX, SEED_MIN, ChatMessage, EmbeddingRequest, GenerationRequest, SamplingParams
@@ -24,7 +25,8 @@ from gateway.errors import InvalidRequest, UnsupportedParameter
 NO_EFFECT_FIELDS = frozenset(
     {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
 )
-# Fields the server knows but cannot honour, with the value that asks for nothing.
+# Fields the server knows but cannot honour, with the value that asks for nothing (for the
+# endpoints that do not declare them: chat has no `echo`, completions no `top_logprobs`).
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
@@ -214,9 +216,22 @@ class ChatMessageIn(BaseModel):
         return ChatMessage(role=role, content=content)
 
 
+MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limits
+MAX_COMPLETION_LOGPROBS = 5
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+
+    def _with_logprobs(self, sampling: SamplingParams) -> SamplingParams:
+        if self.top_logprobs and not self.logprobs:  # as OpenAI answers
+            raise InvalidRequest("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
+        if not self.logprobs:
+            return sampling
+        return replace(sampling, logprobs=True, top_n=self.top_logprobs or 0)
 
     def ignored_fields(self) -> list[str]:
         ignored = super().ignored_fields()
@@ -233,12 +248,17 @@ class ChatCompletionRequest(_SamplingFields):
                 )
         limit = self.max_completion_tokens or self.max_tokens
         messages = tuple(m.to_domain(i) for i, m in enumerate(self.messages))
-        return GenerationRequest(sampling=self.sampling(limit), messages=messages, request_id=request_id)
+        sampling = self._with_logprobs(self.sampling(limit))
+        return GenerationRequest(sampling=sampling, messages=messages, request_id=request_id)
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for this endpoint
+    # the OpenAI default for this endpoint; 0 only with `echo`, to score the prompt alone
+    max_tokens: int | None = Field(16, ge=0)
+    # the chosen token's log-probability and the `logprobs` most likely ones at each step
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: StrictBool | None = False  # the prompt before each choice's text (and its tokens' logprobs)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -251,8 +271,17 @@ class CompletionRequest(_SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
     def to_domain(self, request_id: str) -> list[GenerationRequest]:
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest(
+                "max_tokens must be at least 1 (0 only with echo, to score the prompt).", param="max_tokens"
+            )
         sampling = self.sampling(self.max_tokens)
-        return [GenerationRequest(sampling=sampling, prompt=p, request_id=request_id) for p in self.prompts()]
+        if self.logprobs is not None:
+            sampling = replace(sampling, logprobs=True, top_n=self.logprobs)
+        echo = bool(self.echo)
+        return [
+            GenerationRequest(sampling=sampling, prompt=p, request_id=request_id, echo=echo) for p in self.prompts()
+        ]
 
 
 class EmbeddingsRequest(_WireModel):

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
-from gateway.domain import EmbeddingResult, GenerationEvent, GenerationResult, StreamEnd, TokenDelta, Usage
+from gateway.domain import (
+    EmbeddingResult,
+    GenerationEvent,
+    GenerationResult,
+    StreamEnd,
+    TokenDelta,
+    TokenText,
+    TopToken,
+    Usage,
+)
 from gateway.errors import GatewayError
 from gateway.protocol.openai import encode_embedding
 
@@ -24,7 +34,79 @@ def _reason(delta: TokenDelta) -> str | None:
     return delta.finish_reason.openai if delta.finish_reason is not None else None
 
 
-def chat_completion(result: GenerationResult, *, id: str, model: str, created: int) -> dict[str, Any]:
+# --- logprobs ----------------------------------------------------------------------------------
+
+
+def scored(delta: TokenDelta) -> bool:
+    """Whether a delta is a token that has a logprobs entry: any token described as itself,
+    except the end-of-sequence token that ends a choice (its text is never part of the answer)."""
+    return delta.own is not None and (delta.echoed or not delta.special)
+
+
+def _bytes(raw: bytes | None) -> list[int] | None:
+    return list(raw) if raw is not None else None
+
+
+def _top_entry(top: TopToken) -> dict[str, Any]:
+    return {"token": top.text, "logprob": top.logprob, "bytes": _bytes(top.raw)}
+
+
+def chat_logprob(delta: TokenDelta) -> dict[str, Any]:
+    """One entry of a chat choice's `logprobs.content` (ChatCompletionTokenLogprob)."""
+    assert delta.own is not None
+    return {
+        "token": delta.own.text,
+        "logprob": delta.logprob,
+        "bytes": _bytes(delta.own.raw),
+        "top_logprobs": [_top_entry(t) for t in delta.top],
+    }
+
+
+def chat_logprobs(tokens: Iterable[TokenDelta]) -> dict[str, Any]:
+    return {"content": [chat_logprob(t) for t in tokens if scored(t)], "refusal": None}
+
+
+class TextOffsets:
+    """Where each token of a choice starts in its text, in characters: from the tokens' bytes
+    (a character split across tokens starts in the first), or their text where no bytes are known."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def start(self, token: TokenText) -> int:
+        start = self.offset
+        self.offset += len(self._decoder.decode(token.raw) if token.raw is not None else token.text)
+        return start
+
+
+def completion_logprobs(tokens: Iterable[TokenDelta], offsets: TextOffsets | None = None) -> dict[str, Any]:
+    """A completion choice's `logprobs`: the tokens, their logprobs, the most likely tokens at each
+    step (with the chosen one, as vLLM and OpenAI list it; None where the logprob is: an echoed
+    prompt's first token) and each token's offset in the text (`offsets` go on across chunks)."""
+    offsets = offsets or TextOffsets()
+    body: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t in tokens:
+        if not scored(t):
+            continue
+        assert t.own is not None
+        top: dict[str, float] | None = None
+        if t.logprob is not None:
+            top = {alternative.text: alternative.logprob for alternative in t.top}
+            top.setdefault(t.own.text, t.logprob)
+        body["tokens"].append(t.own.text)
+        body["token_logprobs"].append(t.logprob)
+        body["top_logprobs"].append(top)
+        body["text_offset"].append(offsets.start(t.own))
+    return body
+
+
+# --- chat ----------------------------------------------------------------------------------------
+
+
+def chat_completion(
+    result: GenerationResult, *, id: str, model: str, created: int, logprobs: bool = False
+) -> dict[str, Any]:
     return {
         "id": id,
         "object": "chat.completion",
@@ -36,7 +118,7 @@ def chat_completion(result: GenerationResult, *, id: str, model: str, created: i
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
                 "finish_reason": c.finish_reason.openai if c.finish_reason else None,
-                "logprobs": None,
+                "logprobs": chat_logprobs(c.tokens) if logprobs else None,
             }
             for c in result.choices
         ],
@@ -60,31 +142,50 @@ def chat_chunk(
     return chunk
 
 
-def chat_delta_choice(delta: TokenDelta, *, first: bool) -> dict[str, Any]:
+def chat_delta_choice(
+    delta: TokenDelta, *, first: bool, logprobs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"content": delta.text}
     if first:
         body["role"] = "assistant"
-    return {"index": delta.index, "delta": body, "finish_reason": _reason(delta), "logprobs": None}
+    scores = {"content": logprobs, "refusal": None} if logprobs else None
+    return {"index": delta.index, "delta": body, "finish_reason": _reason(delta), "logprobs": scores}
 
 
 async def chat_chunks(
-    events: AsyncIterator[GenerationEvent], *, id: str, model: str, created: int, include_usage: bool
+    events: AsyncIterator[GenerationEvent],
+    *,
+    id: str,
+    model: str,
+    created: int,
+    include_usage: bool,
+    logprobs: bool = False,
 ) -> AsyncIterator[dict[str, Any]]:
-    """A chat stream's chunks: the role on each choice's first chunk, usage last when asked for."""
+    """A chat stream's chunks: the role on each choice's first chunk, usage last when asked for.
+    With logprobs, each chunk carries the entries of its tokens (a token with no text of its own
+    yet, such as part of a character, is carried by the next chunk of its choice)."""
     started: set[int] = set()
+    pending: dict[int, list[dict[str, Any]]] = {}
     async for event in events:
         if isinstance(event, StreamEnd):
             if include_usage:
                 yield chat_chunk(id=id, model=model, created=created, choices=[], usage=event.usage)
             continue
+        if logprobs and scored(event):
+            pending.setdefault(event.index, []).append(chat_logprob(event))
         if not event.text and event.finish_reason is None and event.index in started:
             continue  # nothing to say yet (held-back or partial character)
-        choice = chat_delta_choice(event, first=event.index not in started)
+        choice = chat_delta_choice(event, first=event.index not in started, logprobs=pending.pop(event.index, None))
         started.add(event.index)
         yield chat_chunk(id=id, model=model, created=created, choices=[choice])
 
 
-def completion(results: list[GenerationResult], *, id: str, model: str, created: int) -> dict[str, Any]:
+# --- completions -----------------------------------------------------------------------------------
+
+
+def completion(
+    results: list[GenerationResult], *, id: str, model: str, created: int, logprobs: bool = False
+) -> dict[str, Any]:
     """One text_completion for several prompts: choices are numbered prompt by prompt."""
     choices: list[dict[str, Any]] = []
     usage = Usage()
@@ -95,7 +196,7 @@ def completion(results: list[GenerationResult], *, id: str, model: str, created:
                     "index": len(choices),
                     "text": c.text,
                     "finish_reason": c.finish_reason.openai if c.finish_reason else None,
-                    "logprobs": None,
+                    "logprobs": completion_logprobs(c.tokens) if logprobs else None,
                 }
             )
         usage.add(result.usage)
@@ -111,7 +212,13 @@ def completion(results: list[GenerationResult], *, id: str, model: str, created:
 
 
 def completion_chunk(
-    *, id: str, model: str, created: int, delta: TokenDelta | None, usage: Usage | None = None
+    *,
+    id: str,
+    model: str,
+    created: int,
+    delta: TokenDelta | None,
+    usage: Usage | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": id,
@@ -121,7 +228,7 @@ def completion_chunk(
         "system_fingerprint": None,
         "choices": []
         if delta is None
-        else [{"index": delta.index, "text": delta.text, "finish_reason": _reason(delta), "logprobs": None}],
+        else [{"index": delta.index, "text": delta.text, "finish_reason": _reason(delta), "logprobs": logprobs}],
     }
     if usage is not None:
         chunk["usage"] = usage_body(usage)
@@ -129,15 +236,32 @@ def completion_chunk(
 
 
 async def completion_chunks(
-    events: AsyncIterator[GenerationEvent], *, id: str, model: str, created: int, include_usage: bool
+    events: AsyncIterator[GenerationEvent],
+    *,
+    id: str,
+    model: str,
+    created: int,
+    include_usage: bool,
+    logprobs: bool = False,
 ) -> AsyncIterator[dict[str, Any]]:
-    """A completion stream's chunks (deltas with something to say), usage last when asked for."""
+    """A completion stream's chunks (deltas with something to say), usage last when asked for.
+    With logprobs, each chunk carries its tokens' (as chat_chunks does), offsets running on
+    across the choice's chunks."""
+    pending: dict[int, list[TokenDelta]] = {}
+    offsets: dict[int, TextOffsets] = {}
     async for event in events:
         if isinstance(event, StreamEnd):
             if include_usage:
                 yield completion_chunk(id=id, model=model, created=created, delta=None, usage=event.usage)
-        elif event.text or event.finish_reason is not None:
-            yield completion_chunk(id=id, model=model, created=created, delta=event)
+            continue
+        if logprobs and scored(event):
+            pending.setdefault(event.index, []).append(event)
+        if not event.text and event.finish_reason is None:
+            continue
+        scores = None
+        if logprobs:
+            scores = completion_logprobs(pending.pop(event.index, []), offsets.setdefault(event.index, TextOffsets()))
+        yield completion_chunk(id=id, model=model, created=created, delta=event, logprobs=scores)
 
 
 def embeddings(result: EmbeddingResult, *, model: str, encoding_format: str) -> dict[str, Any]:

@@ -43,11 +43,15 @@ async def _answer(request: Request, body: ChatCompletionRequest) -> Response:
     headers = ignored_header(body.ignored_fields())
     generation = body.to_domain(ctx.request_id)
     id, created, model = f"chatcmpl-{unique_hex()}", int(time.time()), body.model
+    scores = bool(body.logprobs)
     if not body.stream:
         result = await chat.complete(state, ctx, model, generation)
-        return FastJSONResponse(wire.chat_completion(result, id=id, model=model, created=created), headers=headers)
+        answer = wire.chat_completion(result, id=id, model=model, created=created, logprobs=scores)
+        return FastJSONResponse(answer, headers=headers)
     events = await chat.stream(state, ctx, model, generation)
-    chunks = wire.chat_chunks(events, id=id, model=model, created=created, include_usage=body.include_usage)
+    chunks = wire.chat_chunks(
+        events, id=id, model=model, created=created, include_usage=body.include_usage, logprobs=scores
+    )
     ping = state.settings.server.sse_ping_seconds
     return sse_response(chunks, error_event=wire.stream_error_body, ping_seconds=ping, headers=headers)
 

@@ -32,11 +32,15 @@ async def create_completion(request: Request) -> Response:
     headers = ignored_header(body.ignored_fields())
     generations = body.to_domain(ctx.request_id)
     id, created, model = f"cmpl-{unique_hex()}", int(time.time()), body.model
+    scores = body.logprobs is not None
     if not body.stream:
         results = await completions.complete(state, ctx, model, generations)
-        return FastJSONResponse(wire.completion(results, id=id, model=model, created=created), headers=headers)
+        answer = wire.completion(results, id=id, model=model, created=created, logprobs=scores)
+        return FastJSONResponse(answer, headers=headers)
     events = await completions.stream(state, ctx, model, generations)
-    chunks = wire.completion_chunks(events, id=id, model=model, created=created, include_usage=body.include_usage)
+    chunks = wire.completion_chunks(
+        events, id=id, model=model, created=created, include_usage=body.include_usage, logprobs=scores
+    )
     ping = state.settings.server.sse_ping_seconds
     return sse_response(chunks, error_event=wire.stream_error_body, ping_seconds=ping, headers=headers)
 

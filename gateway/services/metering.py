@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from gateway.backends.base import Backend, Capability, collect
+from gateway.backends.base import Backend, Capability, collect, refuse_unserved
 from gateway.backends.registry import Entry
 from gateway.domain import GenerationEvent, GenerationRequest, GenerationResult, StreamEnd
 from gateway.state import AppState
@@ -21,7 +21,7 @@ async def metered(
     async for event in events:
         if isinstance(event, StreamEnd):
             metrics.count_tokens(event.usage)
-        else:
+        elif not event.echoed:  # an echoed prompt is not an answer
             now = time.perf_counter()
             if not last:
                 metrics.time_to_first_token.observe(now - started)
@@ -36,6 +36,7 @@ def stream_generation(
     state: AppState, entry: Entry, backend: Backend, request: GenerationRequest, received_at: float | None = None
 ) -> AsyncIterator[GenerationEvent]:
     """The backend's event stream, metered from `received_at` (when the request arrived)."""
+    refuse_unserved(backend, request)
     started = time.perf_counter() if received_at is None else received_at
     return metered(state, entry.spec.name, backend.generate_stream(request), started)
 
@@ -44,6 +45,7 @@ async def run_generation(
     state: AppState, entry: Entry, backend: Backend, request: GenerationRequest, received_at: float | None = None
 ) -> GenerationResult:
     """A whole result, metered like a stream from `received_at` (when the request arrived)."""
+    refuse_unserved(backend, request)
     if Capability.WHOLE_RESPONSE not in backend.capabilities:
         # the backend's answer is its own stream collected: time its first token there
         return await collect(stream_generation(state, entry, backend, request, received_at), request.sampling.n)

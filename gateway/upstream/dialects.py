@@ -23,6 +23,7 @@ from gateway.domain import (
     StreamEnd,
     Task,
     TokenDelta,
+    TokenText,
     TopToken,
     Usage,
 )
@@ -99,12 +100,77 @@ def openai_generation(request: GenerationRequest, model: str, stream: bool) -> t
     # TGI-route options these APIs have no standard field for: refused, not dropped.
     if request.truncate:
         raise UnsupportedParameter("truncate", "is not supported by this deployment (an OpenAI-compatible API)")
-    if s.top_n:
+    if s.top_n and not s.logprobs:
         raise UnsupportedParameter("top_n_tokens", "is not supported by this deployment (an OpenAI-compatible API)")
+    _openai_logprobs(body, request)
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return path, body
+
+
+def _openai_logprobs(body: dict[str, Any], request: GenerationRequest) -> None:
+    """OpenAI's logprobs fields, in the shape of the endpoint the request goes to."""
+    s = request.sampling
+    if request.messages is not None:
+        if s.logprobs:
+            body["logprobs"] = True
+            if s.top_n:
+                body["top_logprobs"] = s.top_n
+    else:
+        if s.logprobs:
+            body["logprobs"] = s.top_n
+        if request.echo:
+            body["echo"] = True
+
+
+def _raw(value: Any) -> bytes | None:
+    return bytes(value) if isinstance(value, list) else None
+
+
+def _token_bytes(token: str) -> bytes:
+    """A completions token's bytes, which that API does not list: its text, or the bytes its
+    `bytes:\\xNN` form names (a token that is only part of a character)."""
+    if token.startswith("bytes:\\x"):
+        try:
+            return bytes(int(h, 16) for h in token[len("bytes:\\x") :].split("\\x"))
+        except ValueError:
+            pass
+    return token.encode()
+
+
+def openai_tokens(logprobs: Any, index: int = 0) -> list[TokenDelta]:
+    """A choice's `logprobs` (chat's `content` entries, or completions' parallel lists) as one
+    text-less delta per token, each described as itself (TokenDelta.own) with its top tokens."""
+    if not isinstance(logprobs, dict):
+        return []
+    if "content" in logprobs or "tokens" not in logprobs:
+        return [
+            TokenDelta(
+                index,
+                "",
+                logprob=float(e["logprob"]),
+                top=tuple(
+                    TopToken(-1, str(t["token"]), float(t["logprob"]), raw=_raw(t.get("bytes")))
+                    for t in e.get("top_logprobs") or ()
+                ),
+                own=TokenText(str(e["token"]), _raw(e.get("bytes"))),
+            )
+            for e in logprobs.get("content") or ()
+        ]
+    values = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or [None] * len(values)
+    return [
+        TokenDelta(
+            index,
+            "",
+            logprob=None if value is None else float(value),
+            top=tuple(TopToken(-1, str(k), float(v)) for k, v in (top or {}).items()),
+            own=TokenText(str(token), _token_bytes(str(token))),
+            echoed=value is None,
+        )
+        for token, value, top in zip(logprobs["tokens"], values, tops, strict=True)
+    ]
 
 
 def _usage(data: dict[str, Any]) -> Usage:
@@ -125,7 +191,9 @@ def openai_result(data: Any, n: int, keep_stop: tuple[str, ...] = ()) -> Generat
             if text is not None and not isinstance(text, str):
                 raise TypeError("text")
             text = (text or "") + restored_stop(c, keep_stop)
-            choices.append(Choice(int(c.get("index", len(choices))), text, finish_reason(c.get("finish_reason"))))
+            index = int(c.get("index", len(choices)))
+            tokens = openai_tokens(c.get("logprobs"), index)
+            choices.append(Choice(index, text, finish_reason(c.get("finish_reason")), tokens))
         usage = _usage(data)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise malformed("completion") from None
@@ -166,13 +234,16 @@ class OpenAIStream:
                 reason = finish_reason(c.get("finish_reason"))
                 if reason is not None:
                     text = (text or "") + restored_stop(c, self.keep_stop)
-                if text or reason is not None:
-                    index = int(c.get("index", 0))
-                    if reason is not None:
-                        self.finished.add(index)
-                    events.append(TokenDelta(index, text or "", finish_reason=reason))
+                index = int(c.get("index", 0))
+                if reason is not None:
+                    self.finished.add(index)
+                # the chunk's tokens, the last one carrying its text and finish (or the text alone)
+                tokens = openai_tokens(c.get("logprobs"), index) or [TokenDelta(index, "")]
+                if text or reason is not None or tokens[-1].own is not None:
+                    tokens[-1] = replace(tokens[-1], text=text or "", finish_reason=reason)
+                    events += tokens
             return events
-        except (TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise malformed("stream chunk") from None
 
     def end(self) -> StreamEnd:
@@ -244,8 +315,11 @@ def _tgi_token(token: dict[str, Any], top: Any = None) -> TokenDelta:
     alternatives = tuple(
         TopToken(int(t["id"]), str(t.get("text") or ""), float(t["logprob"]), bool(t.get("special"))) for t in top or ()
     )
+    text = str(token.get("text") or "")
+    # TGI says each token's text, not its bytes
+    own = TokenText(text, None)
     return TokenDelta(
-        0, "" if special else token.get("text") or "", token.get("id"), token.get("logprob"), special, top=alternatives
+        0, "" if special else text, token.get("id"), token.get("logprob"), special, top=alternatives, own=own
     )
 
 

@@ -139,7 +139,9 @@ def test_step_models_match_generate(kind: str, chunk: int, tmp_path: Path) -> No
         assert tokens == expected, build.__name__
         for got, want in zip(logits, expected_logits, strict=True):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        scores = step.score(long_prompt, chunk=chunk) if build is not HFStepModel else step.score(long_prompt)
+        scores = (
+            step.score(long_prompt, chunk=chunk) if build is not HFStepModel else step.score(long_prompt)
+        ).logprobs
         torch.testing.assert_close(torch.tensor(scores), expected_scores, atol=1e-4, rtol=1e-4)
 
 
@@ -175,7 +177,7 @@ def test_logits_are_float32_on_both_paths_in_bf16(kind: str, tmp_path: Path) -> 
         for rows in (logits, decoded):
             assert rows.dtype == torch.float32, build.__name__
             assert (rows.to(torch.bfloat16).float() != rows).float().mean() > 0.5, build.__name__
-        scores = torch.tensor(step.score(prompt))
+        scores = torch.tensor(step.score(prompt).logprobs)
         assert (scores.to(torch.bfloat16).float() != scores).any(), build.__name__
 
 

@@ -110,7 +110,7 @@ def test_stream_options_are_honoured_or_refused(fake_server: LiveServer) -> None
 
 def test_completions_logprobs_zero_is_refused_not_dropped(fake_server: LiveServer) -> None:
     """`logprobs: 0` asks for each sampled token's log-probability (OpenAI's completions API): not
-    the neutral `null`. This server returns no log-probabilities, so 0..5 are all a 400."""
+    the neutral `null`. The fake backend returns no log-probabilities, so 0..5 are all a 400."""
     client = client_for(fake_server)
     for value in (0, 1, 5):
         with pytest.raises(openai.BadRequestError) as info:

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from gateway.backends.base import Capability, QueueStats
 from gateway.backends.local.args import LocalArgs
-from gateway.domain import GenerationEvent, GenerationRequest, Task, TokenDelta
+from gateway.domain import (
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    StreamEnd,
+    Task,
+    TokenDelta,
+    TopToken,
+    Usage,
+)
 from gateway.engine import EngineObserver
 from gateway.errors import InvalidRequest
 
@@ -20,7 +30,7 @@ if TYPE_CHECKING:
 
 class GenerativeModel:
     task = Task.TEXT_GENERATION
-    capabilities = frozenset({Capability.GENERATE, Capability.PROMPT_LOGPROBS})
+    capabilities = frozenset({Capability.GENERATE, Capability.PROMPT_LOGPROBS, Capability.LOGPROBS, Capability.ECHO})
 
     def __init__(
         self,
@@ -144,15 +154,51 @@ class GenerativeModel:
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         # Templating and tokenising a long prompt takes milliseconds: not on the event loop.
         prompt_ids, max_tokens = await asyncio.get_running_loop().run_in_executor(None, self._validated_prompt, request)
+        if request.echo:
+            echoed = await self._echoed(request, prompt_ids)
+            alone = max_tokens == 0  # the prompt scored, nothing generated: it ends each choice
+            for index in range(request.sampling.n):
+                for number, delta in enumerate(echoed, 1):
+                    ends = alone and number == len(echoed)
+                    yield replace(delta, index=index, finish_reason=FinishReason.LENGTH if ends else None)
+            if alone:
+                yield StreamEnd(Usage(prompt_tokens=len(prompt_ids)))
+                return
         async for event in self.engine.stream(
             prompt_ids, request.sampling, max_tokens, request.keep_stop, request_id=request.request_id
         ):
             yield event
 
+    async def _echoed(self, request: GenerationRequest, ids: list[int]) -> list[TokenDelta]:
+        """The prompt as OpenAI's `echo` repeats it: its text, and with logprobs one delta per
+        token, each with its log-probability given the tokens before it. The last delta carries
+        the whole text, so that a stream sends the prompt in one chunk with all its tokens."""
+        sampling = request.sampling
+        text = request.prompt if isinstance(request.prompt, str) else self.tokenizer.decode(ids)
+        if not sampling.logprobs:
+            return [TokenDelta(0, text, echoed=True)]
+        scores = await self.engine.score(ids, sampling.top_n)
+        special = set(self.tokenizer.all_special_ids)
+        deltas = []
+        for i, token in enumerate(ids):
+            top: tuple[TopToken, ...] = ()
+            if i and sampling.top_n:
+                top_ids, top_logprobs = scores.top[i - 1]
+                top = tuple(self._top(t, lp, special) for t, lp in zip(top_ids, top_logprobs, strict=True))
+            logprob = scores.logprobs[i - 1] if i else None
+            own = self.engine.token_text(token)
+            last = i == len(ids) - 1
+            deltas.append(TokenDelta(0, text if last else "", token, logprob, token in special, None, top, own, True))
+        return deltas
+
+    def _top(self, token: int, logprob: float, special: set[int]) -> TopToken:
+        own = self.engine.token_text(token)
+        return TopToken(token, own.text, logprob, token in special, own.raw)
+
     async def prompt_logprobs(self, request: GenerationRequest) -> list[TokenDelta]:
         # the same checks as the generation it comes with, off the event loop
         ids, _ = await asyncio.get_running_loop().run_in_executor(None, self._validated_prompt, request)
-        scores = await self.engine.score(ids)
+        scores = (await self.engine.score(ids)).logprobs
         special = set(self.tokenizer.all_special_ids)
         return [
             TokenDelta(0, self.tokenizer.decode([token]), token, None if i == 0 else scores[i - 1], token in special)

@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from gateway.domain import SamplingParams, StreamEnd, TokenDelta
+from gateway.domain import SamplingParams, StreamEnd, TokenDelta, TokenText
 from gateway.engine.args import EngineArgs
 from gateway.engine.generation.jobs import Event, GenerationJob
 from gateway.engine.generation.scheduler import Scheduler
-from gateway.engine.generation.step import StepModel
+from gateway.engine.generation.step import PromptScores, StepModel
 from gateway.engine.runtime.observer import EngineObserver, NoObserver
 from gateway.errors import BackendFailure, GatewayError, InvalidRequest, ModelNotReady, Overloaded
 
@@ -146,10 +146,15 @@ class GenerationEngine:
     def _failed_error(self) -> ModelNotReady:
         return ModelNotReady(f"Model '{self.name}' has failed and is not serving: {self.failure}")
 
-    async def score(self, tokens: list[int]) -> list[float]:
-        """Log-probabilities of a prompt's tokens (TGI's prefill details), computed on the
-        device's thread between steps, beside the batch."""
-        return await asyncio.wrap_future(self._executor.submit(self.scheduler.step_model.score, tokens))
+    async def score(self, tokens: list[int], top_n: int = 0) -> PromptScores:
+        """Log-probabilities of a prompt's tokens (TGI's prefill details, OpenAI's echo) and the
+        `top_n` most likely tokens at each position, computed on the device's thread between
+        steps, beside the batch."""
+        return await asyncio.wrap_future(self._executor.submit(self.scheduler.step_model.score, tokens, top_n))
+
+    def token_text(self, token_id: int) -> TokenText:
+        """A token's own text and exact bytes (OpenAI's logprobs), from the tokenizer's byte mapping."""
+        return self.scheduler.output.pieces(token_id)
 
     def kv_cache_bytes(self) -> int:
         """The KV cache's full reservation: every slot at its longest (the cache grows up to it)."""

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gateway.engine.generation.step import PrefillChunk, SlotKVCache, StepPlan
+from gateway.engine.generation.step import PrefillChunk, PromptScores, SlotKVCache, StepPlan, add_scores
 from gateway.engine.runtime.packed import PackedLinear
 
 _FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -164,15 +164,15 @@ class FusedLlama:
         return self._logits(picked)
 
     @torch.inference_mode()
-    def score(self, tokens: list[int], chunk: int = 256) -> list[float]:
-        """Log-probability of each token after the first given those before it, through the spare slot."""
-        scores: list[float] = []
+    def score(self, tokens: list[int], top_n: int = 0, chunk: int = 256) -> PromptScores:
+        """Log-probability of each token after the first given those before it (and the `top_n`
+        most likely tokens at each position), through the spare slot."""
+        scores = PromptScores([], [])
         for start in range(0, len(tokens) - 1, chunk):
             piece = tokens[start : start + chunk]
             x = self._residual(StepPlan(prefills=[PrefillChunk(self.scratch, start, piece, True)]))
             following = torch.tensor(tokens[start + 1 : start + 1 + len(piece)], device=self.device)
-            logprobs = torch.log_softmax(self._logits(x[: len(following)]), dim=-1)
-            scores += logprobs.gather(1, following[:, None])[:, 0].tolist()
+            add_scores(scores, self._logits(x[: len(following)]), following, top_n)
         return scores
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from gateway.engine.generation.step import PrefillChunk, SlotKVCache, StepPlan
+from gateway.engine.generation.step import PrefillChunk, PromptScores, SlotKVCache, StepPlan, add_scores
 from gateway.engine.runtime.packed import PackedLinear
 
 
@@ -117,11 +117,13 @@ class HFStepModel:
         self.cache.copy_slot(source, target, length)
 
     @torch.inference_mode()
-    def score(self, tokens: list[int]) -> list[float]:
-        """Log-probability of each token after the first given those before it (no cache needed)."""
+    def score(self, tokens: list[int], top_n: int = 0) -> PromptScores:
+        """Log-probability of each token after the first given those before it, and the `top_n`
+        most likely tokens at each position (no cache needed)."""
         ids = torch.tensor([tokens], device=self.device)
-        logprobs = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-        return logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist()
+        scores = PromptScores([], [])
+        add_scores(scores, self.model(input_ids=ids).logits[0, :-1], ids[0, 1:], top_n)
+        return scores
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         if self._bool_mask:

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from gateway.domain import FinishReason, StreamEnd, TokenDelta, TopToken, Usage
+from gateway.domain import FinishReason, StreamEnd, TokenDelta, TokenText, TopToken, Usage
 from gateway.engine.generation.jobs import GenerationJob, Sequence
 from gateway.engine.generation.sampling import select
-from gateway.engine.generation.top_tokens import top_tokens
+from gateway.engine.generation.token_bytes import TokenBytes
+from gateway.engine.generation.top_tokens import chosen_logprobs, top_tokens
 
 Fail = Callable[[GenerationJob, BaseException, str], None]
 
@@ -28,6 +29,8 @@ class OutputProcessor:
         self.vocab_size = vocab_size
         self.eos_ids = eos_ids
         self.fail = fail  # ends one job with an error, freeing its slots
+        self.pieces = TokenBytes(tokenizer)  # each token's own text and bytes (OpenAI logprobs)
+        self.special = set(tokenizer.all_special_ids)
 
     def process(self, logits: torch.Tensor, rows: list[int], chosen: list[Sequence]) -> list[Sequence]:
         """Advance `chosen[i]` by `logits[rows[i]]`; returns the sequences that finished, whose
@@ -39,9 +42,15 @@ class OutputProcessor:
             if seq.done:  # its job failed or was dropped meanwhile
                 continue
             try:
-                top_n = seq.job.params.top_n
-                top = top_tokens(picked[i], top_n, self.tokenizer, self.vocab_size) if top_n else ()
-                if self._advance(seq, tokens[i], logprobs[i], top):
+                params, own, logprob = seq.job.params, None, logprobs[i]
+                top: tuple[TopToken, ...] = ()
+                if params.logprobs:
+                    logprob, own, top = chosen_logprobs(
+                        picked[i], tokens[i], params.top_n, self.pieces, self.vocab_size, self.special
+                    )
+                elif params.top_n:
+                    top = top_tokens(picked[i], params.top_n, self.tokenizer, self.vocab_size)
+                if self._advance(seq, tokens[i], logprob, top, own):
                     finished.append(seq)
             except Exception as exc:
                 self.fail(seq.job, exc, "detokenizing its token or listing the top tokens")
@@ -67,7 +76,9 @@ class OutputProcessor:
             logprobs.append(logprob)
         return tokens, logprobs
 
-    def _advance(self, seq: Sequence, token: int, logprob: float, top: tuple[TopToken, ...]) -> bool:
+    def _advance(
+        self, seq: Sequence, token: int, logprob: float, top: tuple[TopToken, ...], own: TokenText | None
+    ) -> bool:
         """Hand out one token; True when it finished the sequence (the last one of its job also
         ends the job's stream with the usage)."""
         job = seq.job
@@ -76,7 +87,7 @@ class OutputProcessor:
         job.produced += 1
         special = token in self.eos_ids
         text, finish = self._text(seq, token, special)
-        job.emit(job, TokenDelta(seq.index, text, token, logprob, special, finish, top))
+        job.emit(job, TokenDelta(seq.index, text, token, logprob, special, finish, top, own))
         if finish is None:
             seq.token = token
             return False

@@ -9,7 +9,7 @@ logits; the scheduler decides what goes into each plan.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -69,10 +69,28 @@ class StepModel(Protocol):
         """Give `target` the first `length` cached positions of `source` (n > 1 shares a prompt)."""
         ...
 
-    def score(self, tokens: list[int]) -> list[float]:
+    def score(self, tokens: list[int], top_n: int = 0) -> PromptScores:
         """Log-probability of each token after the first, given the tokens before it (TGI's prefill
-        details); runs beside the batch without touching its slots."""
+        details, OpenAI's echo), and the `top_n` most likely tokens at each of those positions;
+        runs beside the batch without touching its slots."""
         ...
+
+
+class PromptScores(NamedTuple):
+    """A prompt scored: for each token after the first, its log-probability, and the most likely
+    tokens at its position as (token IDs, log-probabilities), empty when none were asked for."""
+
+    logprobs: list[float]
+    top: list[tuple[list[int], list[float]]]
+
+
+def add_scores(scores: PromptScores, logits: torch.Tensor, following: torch.Tensor, top_n: int) -> None:
+    """Append to `scores` what float32 `logits` (one row per position) say of the `following` tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    scores.logprobs.extend(logprobs.gather(1, following[:, None])[:, 0].tolist())
+    if top_n > 0:
+        best = torch.topk(logprobs, min(top_n, logprobs.shape[-1]), dim=-1)
+        scores.top.extend(zip(best.indices.tolist(), best.values.tolist(), strict=True))
 
 
 class SlotKVCache:
