@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any, get_args
 
@@ -20,6 +19,8 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif annotation in (int, float, str):
             kwargs.update(type=annotation, metavar=name.upper())
+        elif annotation in (int | None, float | None, str | None):
+            kwargs.update(type=next(a for a in get_args(annotation) if a is not type(None)), metavar=name.upper())
         elif get_args(annotation) and all(isinstance(a, str) for a in get_args(annotation)):
             kwargs["choices"] = list(get_args(annotation))
         elif getattr(annotation, "__origin__", None) is list:
@@ -46,12 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
@@ -69,16 +64,23 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from gateway import logs
     from gateway.app import create_app
+    from gateway.server import GatewayServer
 
-    configure_logging(settings.server.log_level)
+    server = settings.server
+    logs.configure(server.log_level, json_lines=server.json_logs)
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_level=settings.server.log_level,
-        access_log=settings.server.access_log,
-        timeout_graceful_shutdown=10,
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level,
+        access_log=server.access_log,
+        log_config=None,  # our handlers (gateway.logs): request ids, JSON lines
+        # after the drain (gateway.server) only connections that ended already remain
+        timeout_graceful_shutdown=5,
+        h11_max_incomplete_event_size=server.max_header_bytes + 1024,
     )
+    GatewayServer(config, app.state.gateway.drain, server.drain_timeout).run()
     return 0

@@ -1,29 +1,36 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it breaks streaming and disconnect detection).
 
-One pass per request: request id, bearer auth, body-size cap, and the request
-counter and latency histogram.
+One pass per request: request id (a contextvar, so every log line of the request carries it),
+drain refusal, `Host` check, header and body caps, key and scope (on the ASGI path the app
+routes), the request counter and latency histogram, per-key usage and limits settled, and the
+request's log line. Per-request work is kept small: this is on every request's path.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import logging
 import re
-import secrets
 import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.error_handlers import error_response
-from gateway.errors import GatewayError, InvalidRequest, Unauthorized
+from gateway.auth.access import Access
+from gateway.auth.policy import allowed_hosts, host_name, required_scope
+from gateway.config import ServerSettings
+from gateway.drain import Drain
+from gateway.error_handlers import error_response, stream_ending
+from gateway.errors import Forbidden, GatewayError, InvalidRequest, ShuttingDown, Unauthorized
 from gateway.ids import unique_hex
+from gateway.logs import access as access_log
+from gateway.logs import request_id_var
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+_PROBES = frozenset({"/health", "/ready"})  # answered during a drain and whatever the Host
 
 
 class _BodyTooLarge(InvalidRequest):
@@ -31,24 +38,56 @@ class _BodyTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class _HeadersTooLarge(InvalidRequest):
+    status_code = 431
+    code = "headers_too_large"
+
+
+class _BadHost(InvalidRequest):
+    code = "invalid_host"
+
+
+class _Exchange:
+    """One request's response as it goes out: status, whether it began, whether it streams SSE."""
+
+    __slots__ = ("send", "request_id", "state", "status", "started", "sse")
+
+    def __init__(self, send: Send, request_id: str, state: dict[str, Any]) -> None:
+        self.send = send
+        self.request_id = request_id.encode()
+        self.state = state
+        self.status = 500
+        self.started = False
+        self.sse = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.status = message["status"]
+            extra = [(b"x-request-id", self.request_id)]
+            context = self.state.get("context")
+            if context is not None and context.response_headers:
+                extra += context.response_headers
+            headers = message.get("headers") or []
+            self.sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+            message["headers"] = [*headers, *extra]
+        await self.send(message)
+
+
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, api_keys: list[str], max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, settings: ServerSettings, access: Access, drain: Drain
+    ) -> None:
         self.app = app
         self.metrics = metrics
-        self.key_digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
-        self.max_body_bytes = max_body_bytes
+        self.access = access
+        self.drain = drain
+        self.max_body_bytes = settings.max_body_bytes
+        self.max_header_bytes = settings.max_header_bytes
+        self.metrics_public = settings.metrics_public
+        self.hosts = allowed_hosts(settings.allowed_hosts, settings.host)
+        self.log_requests = settings.json_logs
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        if not self.key_digests:
-            return True
-        value = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        digest = hashlib.sha256(token.strip().encode()).digest()
-        # compare against every key so timing does not reveal which one matched
-        return sum(secrets.compare_digest(digest, d) for d in self.key_digests) > 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,54 +97,108 @@ class GatewayMiddleware:
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if incoming and _SAFE_ID.match(incoming) else unique_hex()
+        reset = request_id_var.set(request_id)
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["received_at"] = started
-        status_holder = [500]
-        path: str = scope["path"]
-
-        started_response = [False]
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                started_response[0] = True
-                status_holder[0] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
+        state["key"] = None
+        exchange = _Exchange(send, request_id, state)
+        task: Any = asyncio.current_task()
+        self.drain.enter(task)
         try:
-            if path not in _OPEN_PATHS and not self._authorized(headers):
-                await error_response(Unauthorized("Invalid or missing API key."), scope)(scope, receive, send_with_id)
-                return
-            declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                too_large = _BodyTooLarge(f"Request body exceeds {self.max_body_bytes} bytes.")
-                await error_response(too_large, scope)(scope, receive, send_with_id)
-                return
-            try:
-                await self.app(scope, self._capped(receive), send_with_id)
-            except Exception:
-                # Caught here rather than by an exception handler: Starlette re-raises after a
-                # handler for Exception answers, and uvicorn then drops the keep-alive connection.
-                log.exception("unhandled error on %s", path)
-                if started_response[0]:
-                    return  # nothing more can be said once the response has begun
-                await error_response(GatewayError("Internal server error."), scope)(scope, receive, send_with_id)
+            refusal = self._refusal(scope, headers, state)
+            if refusal is not None:
+                await error_response(refusal, scope)(scope, receive, exchange)
+            else:
+                await self._run(scope, receive, exchange, task)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
-            context = state.get("context")  # the RequestContext; services.resolve names its model
-            model = context.model if context is not None and context.model is not None else "none"
-            key = (label, model, status_holder[0])
-            children = self._children.get(key)
-            if children is None:  # labels() takes a lock and builds a tuple: once per label set only
-                children = self._children[key] = (
-                    self.metrics.requests.labels(label, model, str(status_holder[0])),
-                    self.metrics.request_latency.labels(label, model),
-                )
-            children[0].inc()
-            children[1].observe(time.perf_counter() - started)
+            self.drain.leave(task)
+            await self._finish(scope, state, exchange, started)
+            request_id_var.reset(reset)
+
+    def _refusal(self, scope: Scope, headers: dict[bytes, bytes], state: dict[str, Any]) -> GatewayError | None:
+        """Why the request is refused before the app sees it (None: it goes on)."""
+        path: str = scope["path"]
+        probe = path in _PROBES
+        if self.drain.draining and not probe:
+            return ShuttingDown(
+                "The server is shutting down; retry on another replica.", headers={"Connection": "close"}
+            )
+        if self.hosts is not None and not probe and host_name(headers.get(b"host", b"")) not in self.hosts:
+            return _BadHost("Invalid Host header.")
+        if self.max_header_bytes and sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
+            return _HeadersTooLarge(f"Request headers exceed {self.max_header_bytes} bytes.")
+        needed = required_scope(path, metrics_public=self.metrics_public)
+        if needed is not None and self.access.enabled:
+            value = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = value.partition(" ")
+            key = self.access.ring.authenticate(token.strip()) if scheme.lower() == "bearer" and token else None
+            if key is None:
+                return Unauthorized("Invalid or missing API key.")
+            if needed not in key.scopes:
+                return Forbidden(f"This key lacks the '{needed.value}' scope.")
+            state["key"] = key
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return _BodyTooLarge(f"Request body exceeds {self.max_body_bytes} bytes.")
+        return None
+
+    async def _run(self, scope: Scope, receive: Receive, exchange: _Exchange, task: asyncio.Task[Any]) -> None:
+        try:
+            await self.app(scope, self._capped(receive), exchange)
+        except asyncio.CancelledError:
+            if not self.drain.expired:
+                raise
+            if hasattr(task, "uncancel"):  # Python 3.11+: cancelled by the drain, end the response cleanly
+                task.uncancel()
+            await self._end_drained(scope, receive, exchange)
+        except Exception:
+            # Caught here rather than by an exception handler: Starlette re-raises after a
+            # handler for Exception answers, and uvicorn then drops the keep-alive connection.
+            log.exception("unhandled error on %s", scope["path"])
+            if exchange.started:
+                return  # nothing more can be said once the response has begun
+            await error_response(GatewayError("Internal server error."), scope)(scope, receive, exchange)
+
+    async def _end_drained(self, scope: Scope, receive: Receive, exchange: _Exchange) -> None:
+        error = ShuttingDown("The server shut down before the answer was complete.")
+        if not exchange.started:
+            await error_response(error, scope)(scope, receive, exchange)
+            return
+        body = stream_ending(error, scope) if exchange.sse else b""
+        await exchange.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _finish(self, scope: Scope, state: dict[str, Any], exchange: _Exchange, started: float) -> None:
+        route = scope.get("route")
+        label = getattr(route, "path", None) or "unmatched"
+        context = state.get("context")  # the RequestContext; services.resolve names its model
+        model = context.model if context is not None and context.model is not None else "none"
+        key = (label, model, exchange.status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds a tuple: once per label set only
+            children = self._children[key] = (
+                self.metrics.requests.labels(label, model, str(exchange.status)),
+                self.metrics.request_latency.labels(label, model),
+            )
+        children[0].inc()
+        elapsed = time.perf_counter() - started
+        children[1].observe(elapsed)
+        if context is not None and context.key is not None:
+            await self._account(context, model)
+        if self.log_requests:
+            _log_request(scope, label, model, exchange.status, context, elapsed)
+
+    async def _account(self, context: Any, model: str) -> None:
+        """Usage per key and model, and the limits' reservation settled to the real count."""
+        tokens = context.prompt_tokens + context.completion_tokens
+        if context.model is not None:
+            self.access.usage.add(context.key.name, model, context.prompt_tokens, context.completion_tokens)
+            self.metrics.count_key_usage(context.key.name, model, context.prompt_tokens, context.completion_tokens)
+        if context.admission is not None:
+            try:
+                await self.access.limiter.settle(context.admission, tokens)
+            except Exception:  # Redis gone: the window's count stays at the reservation
+                log.warning("could not settle the token count of %s", context.key.name, exc_info=True)
 
     def _capped(self, receive: Receive) -> Receive:
         """Refuse bodies over the cap even when no content-length announced them."""
@@ -121,3 +214,25 @@ class GatewayMiddleware:
             return message
 
         return wrapped
+
+
+def _log_request(scope: Scope, route: str, model: str, status: int, context: Any, elapsed: float) -> None:
+    """The request's one JSON line (never its prompt or output)."""
+    fields: dict[str, Any] = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "route": route,
+        "status": status,
+        "model": None if model == "none" else model,
+        "total_ms": round(elapsed * 1000, 3),
+    }
+    if context is not None:
+        fields.update(
+            key=context.identity,
+            deployment=context.deployment,
+            prompt_tokens=context.prompt_tokens,
+            completion_tokens=context.completion_tokens,
+            ttft_ms=None if context.ttft is None else round(context.ttft * 1000, 3),
+            queue_ms=None if context.queue_time is None else round(context.queue_time * 1000, 3),
+        )
+    access_log.info("request", extra=fields)

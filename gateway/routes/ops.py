@@ -21,6 +21,8 @@ async def ready(state: StateDep) -> FastJSONResponse:
     """Every model marked `preload` is loaded, and none has failed since it loaded."""
     registry = state.registry
     models = {e.spec.name: e.backend.state.value for e in registry.entries}
+    if state.drain.draining:  # out of the load balancer at once on SIGTERM
+        return FastJSONResponse({"status": "draining", "models": models}, status_code=503)
     if broken := registry.broken():
         return FastJSONResponse({"status": "failed", "models": models, "failed": broken}, status_code=503)
     is_ready = registry.ready()

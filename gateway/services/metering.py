@@ -7,44 +7,75 @@ from collections.abc import AsyncIterator
 
 from gateway.backends.base import Backend, Capability, collect
 from gateway.backends.registry import Entry
-from gateway.domain import GenerationEvent, GenerationRequest, GenerationResult, StreamEnd
+from gateway.context import RequestContext
+from gateway.domain import GenerationEvent, GenerationRequest, GenerationResult, StreamEnd, Usage
 from gateway.state import AppState
 
 
 async def metered(
-    state: AppState, model: str, events: AsyncIterator[GenerationEvent], started: float
+    state: AppState,
+    model: str,
+    events: AsyncIterator[GenerationEvent],
+    started: float,
+    ctx: RequestContext | None = None,
 ) -> AsyncIterator[GenerationEvent]:
-    """Pass events through, recording time to first token and token counts."""
+    """Pass events through, recording time to first token and token counts (also on `ctx`, for
+    the request's log line and its key's limits)."""
     metrics = state.metrics.of_model(model)
     first = True
     async for event in events:
         if first and not isinstance(event, StreamEnd):
-            metrics.time_to_first_token.observe(time.perf_counter() - started)
+            ttft = time.perf_counter() - started
+            metrics.time_to_first_token.observe(ttft)
+            if ctx is not None and ctx.ttft is None:
+                ctx.ttft = ttft
             first = False
         if isinstance(event, StreamEnd):
-            metrics.count_tokens(event.usage)
+            count(state, model, event.usage, ctx)
         yield event
 
 
+def count(state: AppState, model: str, usage: Usage, ctx: RequestContext | None) -> None:
+    state.metrics.of_model(model).count_tokens(usage)
+    if ctx is not None:
+        ctx.prompt_tokens += usage.prompt_tokens
+        ctx.completion_tokens += usage.completion_tokens
+
+
 def stream_generation(
-    state: AppState, entry: Entry, backend: Backend, request: GenerationRequest, received_at: float | None = None
+    state: AppState,
+    entry: Entry,
+    backend: Backend,
+    request: GenerationRequest,
+    received_at: float | None = None,
+    *,
+    ctx: RequestContext | None = None,
 ) -> AsyncIterator[GenerationEvent]:
     """The backend's event stream, metered from `received_at` (when the request arrived)."""
     started = time.perf_counter() if received_at is None else received_at
-    return metered(state, entry.spec.name, backend.generate_stream(request), started)
+    return metered(state, entry.spec.name, backend.generate_stream(request), started, ctx)
 
 
 async def run_generation(
-    state: AppState, entry: Entry, backend: Backend, request: GenerationRequest, received_at: float | None = None
+    state: AppState,
+    entry: Entry,
+    backend: Backend,
+    request: GenerationRequest,
+    received_at: float | None = None,
+    *,
+    ctx: RequestContext | None = None,
 ) -> GenerationResult:
     """A whole result, metered like a stream from `received_at` (when the request arrived)."""
     if Capability.WHOLE_RESPONSE not in backend.capabilities:
         # the backend's answer is its own stream collected: time its first token there
-        return await collect(stream_generation(state, entry, backend, request, received_at), request.sampling.n)
+        events = stream_generation(state, entry, backend, request, received_at, ctx=ctx)
+        return await collect(events, request.sampling.n)
     # A backend with its own whole-answer call (upstream) hands over every token at once.
     started = time.perf_counter() if received_at is None else received_at
     result = await backend.generate(request)
-    metrics = state.metrics.of_model(entry.spec.name)
-    metrics.time_to_first_token.observe(time.perf_counter() - started)
-    metrics.count_tokens(result.usage)
+    ttft = time.perf_counter() - started
+    state.metrics.of_model(entry.spec.name).time_to_first_token.observe(ttft)
+    if ctx is not None and ctx.ttft is None:
+        ctx.ttft = ttft
+    count(state, entry.spec.name, result.usage, ctx)
     return result
