@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import LiveServer, settings_for
 from tests.conftest import FAKE_MODELS
+from tests.helpers import LiveServer, settings_for
 from tests.team.conftest import ADMIN, bearer, create_key, team_server
 
 CHAT = {"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
