@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from gateway import __version__
+from gateway import __version__, tracing
 from gateway.auth.access import Access
 from gateway.backends.registry import BackendFactory, Registry, default_backend_factory
 from gateway.config import Settings
@@ -29,6 +29,8 @@ def create_app(settings: Settings, *, backend_factory: BackendFactory = default_
     registry = Registry(settings, backend_factory)
     registry.attach_metrics(metrics)
     server = settings.server
+    if server.otel:
+        tracing.enable()
     redis = shared_redis(server.redis_url)
     access = Access(server.api_keys, server.key_db, redis)
     state = AppState(settings=settings, registry=registry, metrics=metrics, access=access)

@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway import tracing
 from gateway.auth.access import Access
 from gateway.auth.policy import allowed_hosts, host_name, required_scope
 from gateway.config import ServerSettings
@@ -106,15 +107,31 @@ class GatewayMiddleware:
         task: Any = asyncio.current_task()
         self.drain.enter(task)
         try:
-            refusal = self._refusal(scope, headers, state)
-            if refusal is not None:
-                await error_response(refusal, scope)(scope, receive, exchange)
+            if tracing.enabled():
+                with tracing.request_span(scope["method"], scope["path"], headers) as span:
+                    await self._serve(scope, receive, headers, state, exchange, task)
+                    span.set_attribute("http.response.status_code", exchange.status)
             else:
-                await self._run(scope, receive, exchange, task)
+                await self._serve(scope, receive, headers, state, exchange, task)
         finally:
             self.drain.leave(task)
             await self._finish(scope, state, exchange, started)
             request_id_var.reset(reset)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        headers: dict[bytes, bytes],
+        state: dict[str, Any],
+        exchange: _Exchange,
+        task: asyncio.Task[Any],
+    ) -> None:
+        refusal = self._refusal(scope, headers, state)
+        if refusal is not None:
+            await error_response(refusal, scope)(scope, receive, exchange)
+        else:
+            await self._run(scope, receive, exchange, task)
 
     def _refusal(self, scope: Scope, headers: dict[bytes, bytes], state: dict[str, Any]) -> GatewayError | None:
         """Why the request is refused before the app sees it (None: it goes on)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from gateway import tracing
 from gateway.backends.base import Backend, Capability, collect
 from gateway.backends.registry import Entry
 from gateway.context import RequestContext
@@ -53,7 +54,27 @@ def stream_generation(
 ) -> AsyncIterator[GenerationEvent]:
     """The backend's event stream, metered from `received_at` (when the request arrived)."""
     started = time.perf_counter() if received_at is None else received_at
-    return metered(state, entry.spec.name, backend.generate_stream(request), started, ctx)
+    _waited(ctx)
+    events = metered(state, entry.spec.name, backend.generate_stream(request), started, ctx)
+    return events if not tracing.enabled() else _traced(events, entry.spec.name)
+
+
+async def _traced(events: AsyncIterator[GenerationEvent], model: str) -> AsyncIterator[GenerationEvent]:
+    span = tracing.start("generation", **{"gen_ai.request.model": model})
+    try:
+        async for event in events:
+            yield event
+    finally:
+        tracing.end(span)
+
+
+def _waited(ctx: RequestContext | None) -> None:
+    """The request's wait before its backend was called (model loading, limits), for its log
+    line and trace; a local engine's own batch-slot wait is gateway_queue_time_seconds."""
+    if ctx is not None and ctx.queue_time is None:
+        ctx.queue_time = time.perf_counter() - ctx.received_at
+        if tracing.enabled():
+            tracing.end(tracing.start("queue", **{"gateway.queue_ms": ctx.queue_time * 1000}))
 
 
 async def run_generation(
@@ -72,7 +93,9 @@ async def run_generation(
         return await collect(events, request.sampling.n)
     # A backend with its own whole-answer call (upstream) hands over every token at once.
     started = time.perf_counter() if received_at is None else received_at
-    result = await backend.generate(request)
+    _waited(ctx)
+    with tracing.span("generation", **{"gen_ai.request.model": entry.spec.name}):
+        result = await backend.generate(request)
     ttft = time.perf_counter() - started
     state.metrics.of_model(entry.spec.name).time_to_first_token.observe(ttft)
     if ctx is not None and ctx.ttft is None:
