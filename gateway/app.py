@@ -13,7 +13,8 @@ from starlette.middleware.cors import CORSMiddleware
 from gateway import __version__, tracing
 from gateway.auth.access import Access
 from gateway.backends.registry import BackendFactory, Registry, default_backend_factory
-from gateway.config import Settings
+from gateway.cache import MemoryCache, RedisCache
+from gateway.config import ServerSettings, Settings
 from gateway.error_handlers import install_error_handlers
 from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
@@ -61,7 +62,10 @@ def create_app(settings: Settings, *, backend_factory: BackendFactory = default_
     # every request (twice), which cost a measurable share of the upstream hot path.
     modules = (openai_chat, openai_completions, openai_embeddings, openai_models, ops, admin, tgi, hf_tasks)
     app.router.routes[:0] = [route for module in modules for route in module.router.routes]
-    app.add_middleware(GatewayMiddleware, metrics=metrics, settings=server, access=access, drain=state.drain)
+    cache = response_cache(server, redis)
+    app.add_middleware(
+        GatewayMiddleware, metrics=metrics, settings=server, access=access, drain=state.drain, cache=cache
+    )
     if server.cors_origins:  # outermost: a preflight is answered before any key is asked for
         app.add_middleware(
             CORSMiddleware,
@@ -81,6 +85,14 @@ CORS_EXPOSED = [
     "retry-after",
     *(f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset") for kind in ("requests", "tokens")),
 ]
+
+
+def response_cache(server: ServerSettings, redis: Any) -> MemoryCache | RedisCache | None:
+    if not server.response_cache:
+        return None
+    if redis is not None:
+        return RedisCache(redis, server.response_cache_ttl)
+    return MemoryCache(server.response_cache_entries, server.response_cache_ttl)
 
 
 def shared_redis(url: str | None) -> Any:

@@ -47,7 +47,7 @@ RENDERERS: dict[Family, Callable[[GatewayError], tuple[dict[str, Any], int]]] = 
 }
 
 
-def _matching_route(scope: Scope) -> BaseRoute | None:
+def matching_route(scope: Scope) -> BaseRoute | None:
     """The route the router would pick (a full match, else the first partial one: a 405)."""
     app = scope.get("app")
     partial = None
@@ -62,7 +62,7 @@ def _matching_route(scope: Scope) -> BaseRoute | None:
 
 def family_of(scope: Scope) -> Family:
     """The API family whose envelope an error on this request takes."""
-    route = scope.get("route") or _matching_route(scope)
+    route = scope.get("route") or matching_route(scope)
     if route is None:
         return unrouted_family(scope["path"])
     family: Family = getattr(route, "family", DEFAULT_FAMILY)

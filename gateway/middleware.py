@@ -19,9 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import tracing
 from gateway.auth.access import Access
 from gateway.auth.policy import allowed_hosts, host_name, required_scope
+from gateway.cache import Cached, MemoryCache, RedisCache, cache_key, cacheable, storable
 from gateway.config import ServerSettings
 from gateway.drain import Drain
-from gateway.error_handlers import error_response, stream_ending
+from gateway.error_handlers import error_response, matching_route, stream_ending
 from gateway.errors import Forbidden, GatewayError, InvalidRequest, ShuttingDown, Unauthorized
 from gateway.ids import unique_hex
 from gateway.logs import access as access_log
@@ -75,11 +76,87 @@ class _Exchange:
         await self.send(message)
 
 
+_HIT = (b"x-cache", b"hit")
+_MISS = (b"x-cache", b"miss")
+_DROPPED = frozenset({b"x-request-id", b"date", b"server"})  # per answer, never replayed
+
+
+class _Recorder:
+    """Passes an answer through (marked x-cache: miss) and keeps a copy for the cache."""
+
+    __slots__ = ("exchange", "headers", "body", "complete")
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.complete = False
+
+    @property
+    def started(self) -> bool:
+        return self.exchange.started
+
+    @property
+    def sse(self) -> bool:
+        return self.exchange.sse
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers") or [])
+            self.headers = [(k, v) for k, v in headers if k.lower() not in _DROPPED]
+            message["headers"] = [*headers, _MISS]
+        elif message["type"] == "http.response.body":
+            self.body.append(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
+        await self.exchange(message)
+
+
+def _started(send: Any) -> bool:
+    return bool(send.started)
+
+
+def _sse(send: Any) -> bool:
+    return bool(send.sse)
+
+
+async def _read_all(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replaying(raw: bytes, receive: Receive) -> Receive:
+    """The body already read, then the real channel (which then only reports a disconnect)."""
+    sent = [False]
+
+    async def replay() -> Message:
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class GatewayMiddleware:
     def __init__(
-        self, app: ASGIApp, *, metrics: Metrics, settings: ServerSettings, access: Access, drain: Drain
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        settings: ServerSettings,
+        access: Access,
+        drain: Drain,
+        cache: MemoryCache | RedisCache | None = None,
     ) -> None:
         self.app = app
+        self.cache = cache
         self.metrics = metrics
         self.access = access
         self.drain = drain
@@ -130,8 +207,10 @@ class GatewayMiddleware:
         refusal = self._refusal(scope, headers, state)
         if refusal is not None:
             await error_response(refusal, scope)(scope, receive, exchange)
+        elif self.cache is not None and scope["method"] == "POST" and cacheable(scope["path"]):
+            await self._via_cache(scope, receive, headers, state, exchange, task)
         else:
-            await self._run(scope, receive, exchange, task)
+            await self._run(scope, self._capped(receive), exchange, task)
 
     def _refusal(self, scope: Scope, headers: dict[bytes, bytes], state: dict[str, Any]) -> GatewayError | None:
         """Why the request is refused before the app sees it (None: it goes on)."""
@@ -160,9 +239,9 @@ class GatewayMiddleware:
             return _BodyTooLarge(f"Request body exceeds {self.max_body_bytes} bytes.")
         return None
 
-    async def _run(self, scope: Scope, receive: Receive, exchange: _Exchange, task: asyncio.Task[Any]) -> None:
+    async def _run(self, scope: Scope, receive: Receive, exchange: Send, task: asyncio.Task[Any]) -> None:
         try:
-            await self.app(scope, self._capped(receive), exchange)
+            await self.app(scope, receive, exchange)
         except asyncio.CancelledError:
             if not self.drain.expired:
                 raise
@@ -173,23 +252,73 @@ class GatewayMiddleware:
             # Caught here rather than by an exception handler: Starlette re-raises after a
             # handler for Exception answers, and uvicorn then drops the keep-alive connection.
             log.exception("unhandled error on %s", scope["path"])
-            if exchange.started:
+            if _started(exchange):
                 return  # nothing more can be said once the response has begun
             await error_response(GatewayError("Internal server error."), scope)(scope, receive, exchange)
 
-    async def _end_drained(self, scope: Scope, receive: Receive, exchange: _Exchange) -> None:
+    async def _end_drained(self, scope: Scope, receive: Receive, exchange: Send) -> None:
         error = ShuttingDown("The server shut down before the answer was complete.")
-        if not exchange.started:
+        if not _started(exchange):
             await error_response(error, scope)(scope, receive, exchange)
             return
-        body = stream_ending(error, scope) if exchange.sse else b""
-        await exchange.send({"type": "http.response.body", "body": body, "more_body": False})
+        body = stream_ending(error, scope) if _sse(exchange) else b""
+        await exchange({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _via_cache(
+        self,
+        scope: Scope,
+        receive: Receive,
+        headers: dict[bytes, bytes],
+        state: dict[str, Any],
+        exchange: _Exchange,
+        task: asyncio.Task[Any],
+    ) -> None:
+        """Serve a cacheable request from the response cache, or run it and keep its answer."""
+        assert self.cache is not None
+        try:
+            raw = await _read_all(self._capped(receive))
+        except _BodyTooLarge as exc:
+            await error_response(exc, scope)(scope, receive, exchange)
+            return
+        key = state["key"]
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        cache_id, bypass = cache_key(scope["path"], raw, content_type, "*" if key is None else key.visibility)
+        replay = _replaying(raw, receive)
+        if cache_id is None:
+            await self._run(scope, replay, exchange, task)
+            return
+        bypass = bypass or b"no-cache" in headers.get(b"cache-control", b"")
+        hit = None if bypass else await self.cache.get(cache_id)
+        if hit is not None:
+            await self._replay(scope, state, hit, exchange)
+            return
+        recorder = _Recorder(exchange)
+        await self._run(scope, replay, recorder, task)
+        context = state.get("context")
+        model = context.model if context is not None and context.model is not None else "none"
+        self.metrics.cache_lookups.labels(model, "bypass" if bypass else "miss").inc()
+        answer = Cached(exchange.status, recorder.headers, b"".join(recorder.body), model)
+        if recorder.complete and storable(answer, exchange.sse):
+            await self.cache.put(cache_id, answer)
+
+    async def _replay(self, scope: Scope, state: dict[str, Any], hit: Cached, exchange: _Exchange) -> None:
+        scope["route"] = matching_route(scope)  # the metrics label, as if routed
+        state["hit_model"] = hit.model
+        self.metrics.cache_lookups.labels(hit.model, "hit").inc()
+        key = state["key"]
+        if key is not None:
+            self.access.usage.add(key.name, hit.model, 0, 0)
+        await exchange({"type": "http.response.start", "status": hit.status, "headers": [*hit.headers, _HIT]})
+        await exchange({"type": "http.response.body", "body": hit.body, "more_body": False})
 
     async def _finish(self, scope: Scope, state: dict[str, Any], exchange: _Exchange, started: float) -> None:
         route = scope.get("route")
         label = getattr(route, "path", None) or "unmatched"
         context = state.get("context")  # the RequestContext; services.resolve names its model
-        model = context.model if context is not None and context.model is not None else "none"
+        if context is not None and context.model is not None:
+            model = context.model
+        else:
+            model = state.get("hit_model", "none")
         key = (label, model, exchange.status)
         children = self._children.get(key)
         if children is None:  # labels() takes a lock and builds a tuple: once per label set only

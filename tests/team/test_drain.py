@@ -39,11 +39,12 @@ def start(tmp_path: Path, drain_timeout: float, delay_ms: float) -> tuple[subpro
     return proc, url
 
 
-def stream(url: str, tokens: int, out: list[Any]) -> None:
+def stream(url: str, tokens: int, out: list[Any], opened: list[int]) -> None:
     body = {"model": "slow", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": tokens, "stream": True}
     events: list[str] = []
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as resp:
+            opened.append(resp.status_code)
             for line in resp.iter_lines():
                 if line.startswith("data: "):
                     events.append(line[6:])
@@ -63,11 +64,16 @@ def whole(url: str, tokens: int, out: list[Any]) -> None:
 
 def load(url: str, tokens: int, streams: int = 6, wholes: int = 3) -> tuple[list[threading.Thread], list[Any]]:
     out: list[Any] = []
-    threads = [threading.Thread(target=stream, args=(url, tokens, out)) for _ in range(streams)]
-    threads += [threading.Thread(target=whole, args=(url, tokens, out)) for _ in range(wholes)]
+    opened: list[int] = []
+    threads = [threading.Thread(target=whole, args=(url, tokens, out)) for _ in range(wholes)]
+    threads += [threading.Thread(target=stream, args=(url, tokens, out, opened)) for _ in range(streams)]
     for t in threads:
         t.start()
-    time.sleep(1.0)  # all of them in flight (creating nine clients takes a while on two cores)
+    deadline = time.monotonic() + 15
+    while len(opened) < streams:  # every stream has its 200 (the whole requests were sent first)
+        assert time.monotonic() < deadline, "streams did not start"
+        time.sleep(0.02)
+    time.sleep(0.3)
     return threads, out
 
 
