@@ -11,8 +11,8 @@ from gateway.auth.keys import KeyScope
 
 class LimitIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rpm: int | None = Field(None, ge=1, description="Requests per minute.")
-    tpm: int | None = Field(None, ge=1, description="Tokens (prompt + completion) per minute.")
+    rpm: int | None = Field(None, ge=1, le=2**31, description="Requests per minute.")
+    tpm: int | None = Field(None, ge=1, le=2**40, description="Tokens (prompt + completion) per minute.")
 
 
 class CreateKey(BaseModel):
@@ -22,8 +22,10 @@ class CreateKey(BaseModel):
     models: list[str] | None = Field(None, description="Configured model names the key may use; null: all.")
     limits: LimitIn = Field(default_factory=LimitIn)
     model_limits: dict[str, LimitIn] = Field(default_factory=dict, description="Limits per model name.")
-    expires_at: float | None = Field(None, description="Unix time after which the key is refused.")
-    expires_in: float | None = Field(None, gt=0, description="Seconds from now after which the key is refused.")
+    expires_at: float | None = Field(None, ge=0, le=1e11, description="Unix time after which the key is refused.")
+    expires_in: float | None = Field(
+        None, gt=0, le=1e10, description="Seconds from now after which the key is refused."
+    )
 
 
 def usage_body(rows: list[tuple[str, str, int, int, int]]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from gateway.domain import ModelState
 from gateway.routes.common.deps import StateDep
+from gateway.routes.common.families import Family, error_responses
 from gateway.routes.common.responses import FastJSONResponse
 
 router = APIRouter(tags=["ops"])
@@ -44,6 +45,8 @@ async def metrics(state: StateDep) -> Response:
     return Response(body, media_type=content_type)
 
 
-router.add_api_route("/health", health, methods=["GET"])
-router.add_api_route("/ready", ready, methods=["GET"])
+router.add_api_route("/health", health, methods=["GET"], responses=error_responses(Family.HF))
+router.add_api_route(
+    "/ready", ready, methods=["GET"], responses={**error_responses(Family.HF), 503: {"description": "Not ready"}}
+)
 router.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)

@@ -39,13 +39,13 @@ async def parse_body(request: Request, model: type[M], task: Task | None = None)
                 error["msg"] = "the body is not valid JSON"
                 error["loc"] = ()
         raise RequestValidationError(errors) from None
-    extra = body.model_extra or {}
+    fields = type(body).model_fields  # declared fields only: an unknown `n` is the schema's to refuse
     check_counts(
         request.app.state.gateway.settings.server,
-        messages=getattr(body, "messages", None),
-        n=getattr(body, "n", None),
-        stop=getattr(body, "stop", None),
-        logit_bias=extra.get("logit_bias"),
+        messages=body.messages if "messages" in fields else None,  # type: ignore[attr-defined]
+        n=body.n if "n" in fields else None,  # type: ignore[attr-defined]
+        stop=body.stop if "stop" in fields else None,  # type: ignore[attr-defined]
+        logit_bias=(body.model_extra or {}).get("logit_bias"),
     )
     return body
 
