@@ -31,5 +31,4 @@ class RequestContext:
     completion_tokens: int = 0
     ttft: float | None = None  # seconds from arrival to the first token
     queue_time: float | None = None  # seconds waited for a batch slot (local engines), when known
-    deployment: str | None = None  # the deployment that answered, when known
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # added by the middleware

@@ -12,6 +12,21 @@ from typing import Any
 import orjson
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# Fields for the request's log line that code far below the routes knows (the deployment that
+# answered). A dict per request, set only while request lines are logged: tasks the request
+# spawns copy the context, so they fill the same dict.
+request_fields: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar(
+    "request_fields", default=None
+)
+
+
+def note(**fields: object) -> None:
+    """Add fields to the current request's log line (a no-op when none is being logged)."""
+    holder = request_fields.get()
+    if holder is not None:
+        holder.update(fields)
+
+
 access = logging.getLogger("gateway.access")
 
 
@@ -23,7 +38,11 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "request_id"}
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "request_id",
+    "color_message",  # uvicorn's copy of the message with terminal colours
+}
 
 
 class JsonFormatter(logging.Formatter):

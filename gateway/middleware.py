@@ -26,12 +26,13 @@ from gateway.error_handlers import error_response, matching_route, stream_ending
 from gateway.errors import Forbidden, GatewayError, InvalidRequest, ShuttingDown, Unauthorized
 from gateway.ids import unique_hex
 from gateway.logs import access as access_log
-from gateway.logs import request_id_var
+from gateway.logs import request_fields, request_id_var
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CONTENT_BYTES = 16 * 1024  # with server.log_content: the most of each body a log line keeps
 _PROBES = frozenset({"/health", "/ready"})  # answered during a drain and whatever the Host
 
 
@@ -52,10 +53,11 @@ class _BadHost(InvalidRequest):
 class _Exchange:
     """One request's response as it goes out: status, whether it began, whether it streams SSE."""
 
-    __slots__ = ("send", "request_id", "state", "status", "started", "sse")
+    __slots__ = ("send", "request_id", "state", "status", "started", "sse", "body")
 
-    def __init__(self, send: Send, request_id: str, state: dict[str, Any]) -> None:
+    def __init__(self, send: Send, request_id: str, state: dict[str, Any], capture: bool = False) -> None:
         self.send = send
+        self.body: list[bytes] | None = [] if capture else None  # kept for the log line (log_content)
         self.request_id = request_id.encode()
         self.state = state
         self.status = 500
@@ -73,6 +75,8 @@ class _Exchange:
             headers = message.get("headers") or []
             self.sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
             message["headers"] = [*headers, *extra]
+        elif self.body is not None and message["type"] == "http.response.body":
+            self.body.append(message.get("body", b""))
         await self.send(message)
 
 
@@ -165,6 +169,7 @@ class GatewayMiddleware:
         self.metrics_public = settings.metrics_public
         self.hosts = allowed_hosts(settings.allowed_hosts, settings.host)
         self.log_requests = settings.json_logs
+        self.log_content = settings.json_logs and settings.log_content
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -177,10 +182,15 @@ class GatewayMiddleware:
         request_id = incoming if incoming and _SAFE_ID.match(incoming) else unique_hex()
         reset = request_id_var.set(request_id)
         state: dict[str, Any] = scope.setdefault("state", {})
+        if self.log_requests:
+            state["log"] = {}
+            request_fields.set(state["log"])
         state["request_id"] = request_id
         state["received_at"] = started
         state["key"] = None
-        exchange = _Exchange(send, request_id, state)
+        exchange = _Exchange(send, request_id, state, self.log_content)
+        if self.log_content:
+            state["body"] = []
         task: Any = asyncio.current_task()
         self.drain.enter(task)
         try:
@@ -210,7 +220,7 @@ class GatewayMiddleware:
         elif self.cache is not None and scope["method"] == "POST" and cacheable(scope["path"]):
             await self._via_cache(scope, receive, headers, state, exchange, task)
         else:
-            await self._run(scope, self._capped(receive), exchange, task)
+            await self._run(scope, self._capped(receive, state.get("body")), exchange, task)
 
     def _refusal(self, scope: Scope, headers: dict[bytes, bytes], state: dict[str, Any]) -> GatewayError | None:
         """Why the request is refused before the app sees it (None: it goes on)."""
@@ -276,7 +286,7 @@ class GatewayMiddleware:
         """Serve a cacheable request from the response cache, or run it and keep its answer."""
         assert self.cache is not None
         try:
-            raw = await _read_all(self._capped(receive))
+            raw = await _read_all(self._capped(receive, state.get("body")))
         except _BodyTooLarge as exc:
             await error_response(exc, scope)(scope, receive, exchange)
             return
@@ -332,7 +342,12 @@ class GatewayMiddleware:
         if context is not None and context.key is not None:
             await self._account(context, model)
         if self.log_requests:
-            _log_request(scope, label, model, exchange.status, context, elapsed)
+            key = state["key"]
+            fields = _fields(scope, label, model, exchange.status, context, elapsed, None if key is None else key.name)
+            fields.update(state["log"])
+            if self.log_content:
+                fields.update(request_body=_text(state.get("body")), response_body=_text(exchange.body))
+            access_log.info("request", extra=fields)
 
     async def _account(self, context: Any, model: str) -> None:
         """Usage per key and model, and the limits' reservation settled to the real count."""
@@ -346,14 +361,17 @@ class GatewayMiddleware:
             except Exception:  # Redis gone: the window's count stays at the reservation
                 log.warning("could not settle the token count of %s", context.key.name, exc_info=True)
 
-    def _capped(self, receive: Receive) -> Receive:
-        """Refuse bodies over the cap even when no content-length announced them."""
+    def _capped(self, receive: Receive, sink: list[bytes] | None = None) -> Receive:
+        """Refuse bodies over the cap even when no content-length announced them (and keep the
+        body in `sink` for the log line, when content is logged)."""
         seen = [0]
         limit = self.max_body_bytes
 
         async def wrapped() -> Message:
             message = await receive()
             if message["type"] == "http.request":
+                if sink is not None:
+                    sink.append(message.get("body", b""))
                 seen[0] += len(message.get("body", b""))
                 if seen[0] > limit:
                     raise _BodyTooLarge(f"Request body exceeds {limit} bytes.")
@@ -362,23 +380,35 @@ class GatewayMiddleware:
         return wrapped
 
 
-def _log_request(scope: Scope, route: str, model: str, status: int, context: Any, elapsed: float) -> None:
-    """The request's one JSON line (never its prompt or output)."""
+def _text(chunks: list[bytes] | None) -> str | None:
+    if chunks is None:
+        return None
+    return b"".join(chunks)[:CONTENT_BYTES].decode("utf-8", "replace")
+
+
+def _fields(
+    scope: Scope, route: str, model: str, status: int, context: Any, elapsed: float, key: str | None
+) -> dict[str, Any]:
+    """The request's one JSON line (never its prompt or output); the same fields on every line."""
     fields: dict[str, Any] = {
         "method": scope["method"],
         "path": scope["path"],
         "route": route,
         "status": status,
+        "key": key,
         "model": None if model == "none" else model,
         "total_ms": round(elapsed * 1000, 3),
+        "deployment": None,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "ttft_ms": None,
+        "queue_ms": None,
     }
     if context is not None:
         fields.update(
-            key=context.identity,
-            deployment=context.deployment,
             prompt_tokens=context.prompt_tokens,
             completion_tokens=context.completion_tokens,
             ttft_ms=None if context.ttft is None else round(context.ttft * 1000, 3),
             queue_ms=None if context.queue_time is None else round(context.queue_time * 1000, 3),
         )
-    access_log.info("request", extra=fields)
+    return fields

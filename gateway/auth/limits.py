@@ -4,7 +4,7 @@ Fixed one-minute windows (the reset is the window's end, as OpenAI's headers say
 this process or in Redis (one Lua script: every bucket of a request is checked and charged
 atomically, so N replicas share one budget exactly). A request is admitted while its buckets have
 a request left and their tokens used plus its reservation (`max_tokens`, capped at the limit) fit;
-the reservation is settled to the real count when the answer is done.
+the reservation is settled to the real count when the answer is done (one more script call).
 """
 
 from __future__ import annotations
@@ -47,6 +47,16 @@ if ok == 1 then
 end
 table.insert(used, 1, ok)
 return used
+"""
+
+
+# KEYS: the token counters of an admitted request's buckets; ARGV: the correction. A counter whose
+# window has passed is gone: nothing to correct (INCRBY would recreate it without an expiry).
+_SETTLE_LUA = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, ARGV[1]) end
+end
+return 0
 """
 
 
@@ -119,6 +129,7 @@ class Limiter:
         self.redis = redis
         self.prefix = prefix
         self._script = redis.register_script(_ADMIT_LUA) if redis is not None else None
+        self._settle = redis.register_script(_SETTLE_LUA) if redis is not None else None
         self._counts: dict[str, int] = {}
         self._window = -1
 
@@ -171,12 +182,8 @@ class Limiter:
         delta = tokens - admission.reserved
         if delta == 0:
             return
-        if self.redis is not None:
-            pipe = self.redis.pipeline(transaction=False)
-            for name in admission.counters:
-                pipe.incrby(name, delta)
-                pipe.expire(name, int(WINDOW) + 5)  # never a counter without expiry
-            await pipe.execute()
+        if self._settle is not None:
+            await self._settle(keys=admission.counters, args=[delta])
         else:
             for name in admission.counters:
                 if name in self._counts:  # a counter of a past window is gone with it

@@ -29,6 +29,7 @@ from gateway.domain import (
     TaskRequest,
 )
 from gateway.errors import GatewayError, TaskNotSupported, UpstreamError
+from gateway.logs import note
 from gateway.metrics import Metrics
 from gateway.upstream import dialects
 from gateway.upstream.retry import RetryableFailure, backoff_delay, call_deadline
@@ -133,6 +134,7 @@ class UpstreamBackend(Backend):
                     "upstream.attempt", **{"gateway.deployment": self.deployment, "gateway.retry": retries}
                 ):
                     result = await attempt(min(limits.per_try, deadline - started))
+                note(deployment=self.deployment)  # the request's log line names who answered
             except RetryableFailure as failure:
                 self._requests(failure.kind).inc()
                 retries += 1

@@ -117,3 +117,12 @@ def test_two_gateways_share_one_budget_in_redis(tmp_path: Path) -> None:
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 statuses = list(pool.map(call, range(30)))
             assert statuses.count(200) == 10 and statuses.count(429) == 20, statuses
+            # tokens: reserved on one replica, settled there, seen by the other
+            tpm = create_key(one, name="tokens", limits={"tpm": 100})["key"]
+            while httpx.get(f"{two}/v1/models", headers=bearer(tpm)).status_code != 200:
+                time.sleep(0.2)
+            first = httpx.post(f"{one}/v1/chat/completions", json=CHAT, headers=bearer(tpm))
+            assert first.headers["x-ratelimit-remaining-tokens"] == "96"  # 4 reserved
+            used = first.json()["usage"]["total_tokens"]
+            second = httpx.post(f"{two}/v1/chat/completions", json=CHAT, headers=bearer(tpm))
+            assert second.headers["x-ratelimit-remaining-tokens"] == str(100 - used - 4)

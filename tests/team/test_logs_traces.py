@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway import tracing
+from tests.conftest import FAKE_MODELS
 from tests.helpers import LiveServer, free_port, gateway_process, settings_for
 from tests.upstream.conftest import upstream
 from tests.upstream.fault_server import FaultUpstream
@@ -33,6 +34,11 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 
 def test_json_log_lines(tmp_path: Path) -> None:
+    with FaultUpstream() as fault:
+        _json_log_lines(tmp_path, fault)
+
+
+def _json_log_lines(tmp_path: Path, fault: FaultUpstream) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: retries, then a 502
     config = {
         "server": {"json_logs": True, "access_log": False, "api_keys": ["k-logs"]},
@@ -40,6 +46,8 @@ def test_json_log_lines(tmp_path: Path) -> None:
             {"name": "chat", "task": "text-generation", "backend": {"kind": "fake"}},
             {"name": "gone", "task": "text-generation",
              "backend": upstream(dead, retry={"max_retries": 1}, timeouts={"connect": 0.2})},
+            {"name": "routed", "task": "text-generation", "deployments": [
+                {"name": "east", "backend": upstream(fault.url + "/v1")}]},
         ],
     }  # fmt: skip
     with gateway_process(config, tmp_path) as url:
@@ -48,7 +56,8 @@ def test_json_log_lines(tmp_path: Path) -> None:
         body = {"model": "chat", "messages": [{"role": "user", "content": SECRET}], "max_tokens": 3}
         ok = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth)
         failed = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "gone"}, headers=auth)
-        assert ok.status_code == 200 and failed.status_code == 502
+        routed = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "routed"}, headers=auth)
+        assert ok.status_code == 200 and failed.status_code == 502 and routed.status_code == 200
     lines = _lines(tmp_path / f"gateway-{port}.log")
     assert all(SECRET not in json.dumps(line) for line in lines)
     line = next(x for x in lines if x["msg"] == "request" and x["request_id"] == ok.headers["x-request-id"])
@@ -59,6 +68,27 @@ def test_json_log_lines(tmp_path: Path) -> None:
     mine = [x for x in lines if x["request_id"] == failed.headers["x-request-id"]]
     assert {x["logger"] for x in mine} >= {"gateway.backends.upstream", "gateway.error_handlers", "gateway.access"}
     assert all(x["request_id"] == "-" for x in lines if "Started server" in x["msg"])
+    east = next(x for x in lines if x["msg"] == "request" and x["request_id"] == routed.headers["x-request-id"])
+    assert east["deployment"] == "routed/east" and east["model"] == "routed" and line["deployment"] is None
+
+
+def test_content_logged_only_when_switched_on(caplog: pytest.LogCaptureFixture) -> None:
+    body = {"model": "fake-chat", "messages": [{"role": "user", "content": SECRET}], "max_tokens": 2}
+    for content in (False, True):
+        caplog.clear()
+        with LiveServer(settings_for(FAKE_MODELS, json_logs=True, log_content=content)) as server:
+            with caplog.at_level("INFO", logger="gateway.access"):
+                resp = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+        record = next(
+            r
+            for r in caplog.records
+            if getattr(r, "request_id", None) == resp.headers["x-request-id"]
+            or r.__dict__.get("path") == "/v1/chat/completions"
+        )
+        logged = json.dumps({k: str(v) for k, v in record.__dict__.items()})
+        assert (SECRET in logged) is content
+        if content:
+            assert resp.json()["choices"][0]["message"]["content"] in record.__dict__["response_body"]
 
 
 @pytest.fixture
