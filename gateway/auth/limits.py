@@ -97,24 +97,28 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
+_REQUESTS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOKENS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+
+
 def _headers(limits: list[Limit], used: list[int], reset: float) -> list[tuple[bytes, bytes]]:
     """x-ratelimit-* for the tightest bucket of each kind (used: requests, tokens per bucket)."""
+    requests: tuple[int, int] | None = None  # (limit, left) of the tightest bucket
+    tokens: tuple[int, int] | None = None
+    for i, lim in enumerate(limits):
+        if lim.rpm is not None and (requests is None or lim.rpm - used[2 * i] < requests[1]):
+            requests = (lim.rpm, lim.rpm - used[2 * i])
+        if lim.tpm is not None and (tokens is None or lim.tpm - used[2 * i + 1] < tokens[1]):
+            tokens = (lim.tpm, lim.tpm - used[2 * i + 1])
     out: list[tuple[bytes, bytes]] = []
     reset_text = duration(reset).encode()
-    for kind, index in (("requests", 0), ("tokens", 1)):
-        pairs = [
-            (limit, used[2 * i + index])
-            for i, lim in enumerate(limits)
-            if (limit := (lim.rpm if index == 0 else lim.tpm)) is not None
-        ]
-        if not pairs:
-            continue
-        limit, count = min(pairs, key=lambda p: p[0] - p[1])
-        out += [
-            (f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()),
-            (f"x-ratelimit-remaining-{kind}".encode(), str(max(0, limit - count)).encode()),
-            (f"x-ratelimit-reset-{kind}".encode(), reset_text),
-        ]
+    for names, tightest in ((_REQUESTS, requests), (_TOKENS, tokens)):
+        if tightest is not None:
+            out += [
+                (names[0], str(tightest[0]).encode()),
+                (names[1], str(max(0, tightest[1])).encode()),
+                (names[2], reset_text),
+            ]
     return out
 
 
@@ -131,18 +135,18 @@ class Limiter:
         self._script = redis.register_script(_ADMIT_LUA) if redis is not None else None
         self._settle = redis.register_script(_SETTLE_LUA) if redis is not None else None
         self._counts: dict[str, int] = {}
+        self._plans: dict[tuple[int, str], tuple[ApiKey, int, tuple[list[Limit], list[str]] | None]] = {}
         self._window = -1
 
     async def admit(self, key: ApiKey, model: str, reserve: int) -> Admission | None:
         """Charge one request and `reserve` tokens, or raise RateLimited; None when unlimited."""
-        chosen = buckets(key, model)
-        if not chosen:
-            return None
         now = time.time()
         window = int(now // WINDOW)
+        plan = self._plan(key, model, window)
+        if plan is None:
+            return None
+        limits, names = plan
         reset = (window + 1) * WINDOW - now
-        names = [f"{self.prefix}{name}:{window}:{kind}" for name, _ in chosen for kind in ("r", "t")]
-        limits = [lim for _, lim in chosen]
         reserve = max(0, reserve)
         if self._script is not None:
             args = [reserve, int(WINDOW) + 5] + [a for lim in limits for a in (_arg(lim.rpm), _arg(lim.tpm))]
@@ -154,6 +158,22 @@ class Limiter:
         if not ok:
             raise RateLimited(reset, headers, _what(limits, used))
         return Admission(names[1::2], reserve, headers)
+
+    def _plan(self, key: ApiKey, model: str, window: int) -> tuple[list[Limit], list[str]] | None:
+        """The key's limits for `model` and their counter names in `window`, built once per key,
+        model and minute (this runs on every request of a limited key)."""
+        cached = self._plans.get((id(key), model))
+        if cached is not None and cached[0] is key and cached[1] == window:
+            return cached[2]
+        chosen = buckets(key, model)
+        plan = None
+        if chosen:
+            names = [f"{self.prefix}{name}:{window}:{kind}" for name, _ in chosen for kind in ("r", "t")]
+            plan = ([lim for _, lim in chosen], names)
+        if len(self._plans) > 10_000:  # keys replaced by reloads leave stale entries
+            self._plans.clear()
+        self._plans[(id(key), model)] = (key, window, plan)
+        return plan
 
     def _admit_here(self, window: int, names: list[str], limits: list[Limit], reserve: int) -> tuple[bool, list[int]]:
         if window != self._window:  # a new minute: every old counter has expired
