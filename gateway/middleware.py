@@ -298,7 +298,7 @@ class GatewayMiddleware:
             await self._run(scope, replay, exchange, task)
             return
         bypass = bypass or b"no-cache" in headers.get(b"cache-control", b"")
-        hit = None if bypass else await self.cache.get(cache_id)
+        hit = None if bypass else await self._cached(cache_id)
         if hit is not None:
             await self._replay(scope, state, hit, exchange)
             return
@@ -309,7 +309,18 @@ class GatewayMiddleware:
         self.metrics.cache_lookups.labels(model, "bypass" if bypass else "miss").inc()
         answer = Cached(exchange.status, recorder.headers, b"".join(recorder.body), model)
         if recorder.complete and storable(answer, exchange.sse):
-            await self.cache.put(cache_id, answer)
+            try:
+                await self.cache.put(cache_id, answer)
+            except Exception:  # Redis gone: the answer was served, it is just not kept
+                log.warning("response cache unavailable", exc_info=True)
+
+    async def _cached(self, cache_id: str) -> Cached | None:
+        assert self.cache is not None
+        try:
+            return await self.cache.get(cache_id)
+        except Exception:  # Redis gone: a miss
+            log.warning("response cache unavailable", exc_info=True)
+            return None
 
     async def _replay(self, scope: Scope, state: dict[str, Any], hit: Cached, exchange: _Exchange) -> None:
         scope["route"] = matching_route(scope)  # the metrics label, as if routed

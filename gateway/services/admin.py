@@ -34,8 +34,9 @@ def _store(state: AppState) -> Any:
 async def create_key(state: AppState, body: CreateKey) -> dict[str, Any]:
     """A new key: its token is in this answer only."""
     store = _store(state)
-    names = set(state.registry.names())
-    unknown = sorted(set(body.models or ()) - names) + sorted(set(body.model_limits) - names)
+    # names and aliases, each to the configured name a key's list holds
+    canonical = {n: e.spec.name for e in state.registry.entries for n in (e.spec.name, *e.spec.aliases)}
+    unknown = sorted(set(body.models or ()) - set(canonical)) + sorted(set(body.model_limits) - set(canonical))
     if unknown:
         raise InvalidRequest(f"Unknown models: {', '.join(unknown)}.", param="models")
     expires = body.expires_at if body.expires_in is None else time.time() + body.expires_in
@@ -43,9 +44,9 @@ async def create_key(state: AppState, body: CreateKey) -> dict[str, Any]:
         store.create,
         body.name,
         scopes=body.scopes,
-        models=body.models,
+        models=None if body.models is None else [canonical[m] for m in body.models],
         limit=Limit(body.limits.rpm, body.limits.tpm),
-        model_limits={m: Limit(lim.rpm, lim.tpm) for m, lim in body.model_limits.items()},
+        model_limits={canonical[m]: Limit(lim.rpm, lim.tpm) for m, lim in body.model_limits.items()},
         expires_at=expires,
     )
     await state.access.reload()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
@@ -10,9 +11,19 @@ from gateway.backends.base import Backend
 from gateway.backends.registry import Entry
 from gateway.context import RequestContext
 from gateway.domain import GenerationRequest, Task
-from gateway.errors import ModelNotFound, TaskNotSupported
+from gateway.errors import GatewayError, ModelNotFound, TaskNotSupported
 from gateway.errors import RateLimited as RateLimitedError
 from gateway.state import AppState
+
+log = logging.getLogger(__name__)
+
+
+class LimiterUnavailable(GatewayError):
+    status_code = 503
+    openai_type = "server_error"
+    hf_error_type = "unavailable"
+    code = "limits_unavailable"
+
 
 # Names clients send when they mean "whatever this endpoint serves": the HF
 # client's chat_completion sends "dummy", TGI-style OpenAI examples send "tgi".
@@ -92,6 +103,9 @@ async def admit(state: AppState, ctx: RequestContext, cost: int) -> None:
         headers = {k.decode(): v.decode() for k, v in over.headers}
         headers["Retry-After"] = str(max(1, math.ceil(over.retry_after)))
         raise RateLimitedError(f"Rate limit reached for {over.what} on key '{key.name}'.", headers=headers) from None
+    except Exception as exc:  # Redis unreachable: refuse rather than serve past a budget nobody counts
+        log.warning("per-key limits unavailable: %s", exc)
+        raise LimiterUnavailable("Per-key limits cannot be checked right now; retry shortly.") from None
     if admission is not None:
         ctx.admission = admission
         ctx.response_headers += admission.headers

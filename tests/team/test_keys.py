@@ -63,6 +63,15 @@ def test_scopes_and_models_of_a_created_key(team: LiveServer) -> None:
     assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "insufficient_scope"
 
 
+def test_models_named_by_alias(team: LiveServer) -> None:
+    made = create_key(team.url, name="aliased", models=["fake/chat"])
+    assert made["models"] == ["fake-chat"]
+    answer = httpx.post(
+        f"{team.url}/v1/chat/completions", json={**CHAT, "model": "fake/chat"}, headers=bearer(made["key"])
+    )
+    assert answer.status_code == 200
+
+
 def test_metrics_scope(team: LiveServer) -> None:
     token = create_key(team.url, name="prometheus", scopes=["metrics"])["key"]
     assert httpx.get(f"{team.url}/metrics", headers=bearer(token)).status_code == 200

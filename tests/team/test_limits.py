@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import LiveServer, gateway_process
+from tests.helpers import LiveServer, free_port, gateway_process
 from tests.team.conftest import ADMIN, bearer, create_key, team_server
 from tests.team.redis_server import redis_server
 
@@ -126,3 +126,16 @@ def test_two_gateways_share_one_budget_in_redis(tmp_path: Path) -> None:
             used = first.json()["usage"]["total_tokens"]
             second = httpx.post(f"{two}/v1/chat/completions", json=CHAT, headers=bearer(tpm))
             assert second.headers["x-ratelimit-remaining-tokens"] == str(100 - used - 4)
+
+
+def test_redis_down_refuses_limited_keys_and_cache_still_serves(tmp_path: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with team_server(tmp_path, redis_url=dead, response_cache=True) as server:
+        limited = create_key(server.url, name="limited", limits={"rpm": 5})["key"]
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, headers=bearer(limited))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "limits_unavailable"
+        free = create_key(server.url, name="free")["key"]
+        body = {**CHAT, "temperature": 0}
+        for _ in range(2):
+            answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=bearer(free))
+            assert answer.status_code == 200 and answer.headers["x-cache"] == "miss"
