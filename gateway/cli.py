@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
     server = settings.server
     logs.configure(server.log_level, json_lines=server.json_logs)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:  # e.g. --otel without the otel extra
+        print(f"gateway: {exc.message}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
         app,
         host=server.host,

@@ -13,16 +13,21 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from gateway.errors import ConfigError
+
 _tracer: Any = None
 
 
 def enable() -> None:
     """Trace from now on (the app calls this when server.otel is set)."""
     global _tracer
-    from opentelemetry import trace
+    try:
+        from opentelemetry import trace
 
-    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        _default_provider()
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            _default_provider()
+    except ImportError:
+        raise ConfigError("server.otel needs OpenTelemetry: pip install 'gateway[otel]'") from None
     _tracer = trace.get_tracer("gateway")
 
 
