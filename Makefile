@@ -57,3 +57,8 @@ bench: bench-engine bench-upstream
 bench-upstream: install
 	$(PY) bench/upstream_overhead.py $(BENCH_ARGS)
 .PHONY: bench-upstream
+
+# What keys + per-key limits (memory, Redis) + JSON logs add per request (needs nginx and redis-server).
+bench-team: install
+	$(PY) bench/team_overhead.py $(BENCH_ARGS)
+.PHONY: bench-team

@@ -179,10 +179,10 @@ def wait_answering(port: int, timeout: float = 60) -> None:
 # --- the load generator ----------------------------------------------------------------------------
 
 
-def http_request(port: int) -> bytes:
+def http_request(port: int, token: str = "bench") -> bytes:
     head = (
         f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer bench\r\nContent-Length: {len(REQUEST)}\r\n\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: {len(REQUEST)}\r\n\r\n"
     )
     return head.encode() + REQUEST
 
@@ -200,18 +200,18 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await reader.readexactly(length)
 
 
-async def one_request(port: int) -> tuple[int, bytes]:
+async def one_request(port: int, token: str = "bench") -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(http_request(port))
+        writer.write(http_request(port, token))
         return await read_response(reader)
     finally:
         writer.close()
 
 
-async def drive(port: int, concurrency: int, total: int, warmup: int) -> dict[str, float]:
+async def drive(port: int, concurrency: int, total: int, warmup: int, token: str = "bench") -> dict[str, float]:
     """Closed loop: `concurrency` keep-alive connections, each sending its next request on the last answer."""
-    payload = http_request(port)
+    payload = http_request(port, token)
     latencies: list[float] = []
     failures = 0
 

@@ -20,6 +20,8 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif annotation in (int, float, str):
             kwargs.update(type=annotation, metavar=name.upper())
+        elif annotation in (int | None, float | None, str | None):
+            kwargs.update(type=next(a for a in get_args(annotation) if a is not type(None)), metavar=name.upper())
         elif get_args(annotation) and all(isinstance(a, str) for a in get_args(annotation)):
             kwargs["choices"] = list(get_args(annotation))
         elif getattr(annotation, "__origin__", None) is list:
@@ -51,12 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-
-
 def reload_on_hangup(app: Any) -> None:
     """SIGHUP reloads the configuration (as POST /admin/config/reload). A plain signal handler, not
     the loop's: uvicorn installs its own for SIGINT and SIGTERM only, and this one only hands the
@@ -64,7 +60,7 @@ def reload_on_hangup(app: Any) -> None:
     import asyncio
     import signal
 
-    from gateway.services.admin import reload_on_signal
+    from gateway.services.admin_models import reload_on_signal
 
     state = app.state.gateway
 
@@ -107,9 +103,9 @@ def warmup(settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
-    config = args.pop("config", None)
+    config_path = args.pop("config", None)
     try:
-        settings = load_settings(config, **args)
+        settings = load_settings(config_path, **args)
     except ConfigError as exc:
         print(f"gateway: {exc.message}", file=sys.stderr)
         return 2
@@ -119,22 +115,35 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
         return 0
     if command == "warmup":
-        configure_logging(settings.server.log_level)
+        from gateway import logs
+
+        logs.configure(settings.server.log_level, json_lines=settings.server.json_logs)
         return warmup(settings)
 
     import uvicorn
 
+    from gateway import logs
     from gateway.app import create_app
+    from gateway.server import GatewayServer
 
-    configure_logging(settings.server.log_level)
-    app = create_app(settings, settings_source=lambda: load_settings(config, **args))
+    server = settings.server
+    logs.configure(server.log_level, json_lines=server.json_logs)
+    try:
+        app = create_app(settings, settings_source=lambda: load_settings(config_path, **args))
+    except ConfigError as exc:  # e.g. --otel without the otel extra
+        print(f"gateway: {exc.message}", file=sys.stderr)
+        return 2
     reload_on_hangup(app)
-    uvicorn.run(
+    uvicorn_config = uvicorn.Config(
         app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_level=settings.server.log_level,
-        access_log=settings.server.access_log,
-        timeout_graceful_shutdown=10,
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level,
+        access_log=server.access_log,
+        log_config=None,  # our handlers (gateway.logs): request ids, JSON lines
+        # after the drain (gateway.server) only connections that ended already remain
+        timeout_graceful_shutdown=5,
+        h11_max_incomplete_event_size=server.max_header_bytes + 1024,
     )
+    GatewayServer(uvicorn_config, app.state.gateway.drain, server.drain_timeout).run()
     return 0

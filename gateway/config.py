@@ -286,6 +286,41 @@ class ServerSettings(_Strict):
         True,
         description="One log line per request from uvicorn; costs about a sixth of the throughput in front of a fast upstream.",
     )
+    # Teams (docs/security.md): keys, limits, host check, CORS, drain, logs, cache.
+    key_db: str | None = Field(
+        None,
+        description="SQLite file of the keys managed by /admin/keys (created if missing); unset: config keys only.",
+    )
+    redis_url: str | None = Field(
+        None, description="Redis for per-key limits and the response cache shared by replicas (`redis://host:6379/0`)."
+    )
+    metrics_public: bool = Field(False, description="Serve /metrics without a key (else it needs the `metrics` scope).")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="`Host` names answered (`*`: any); unset: loopback names when bound to loopback, any otherwise.",
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (`*`: any); unset: off.")
+    cors_methods: list[str] = Field(default_factory=lambda: ["GET", "POST"], description="Methods CORS allows.")
+    cors_headers: list[str] = Field(
+        default_factory=lambda: ["authorization", "content-type", "x-request-id"], description="Headers CORS allows."
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="On SIGTERM: seconds in-flight requests and streams get to finish."
+    )
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="Largest total size of the request headers.")
+    max_json_depth: int = Field(64, ge=2, description="Deepest nesting of the JSON body.")
+    max_messages: int = Field(2048, ge=1, description="Most chat messages in one request.")
+    max_n: int = Field(16, ge=1, description="Largest `n` (choices per prompt; the OpenAI schema allows 16).")
+    max_stop: int = Field(4, ge=1, description="Most stop sequences (OpenAI and TGI allow 4).")
+    max_logit_bias: int = Field(1024, ge=1, description="Most `logit_bias` entries.")
+    json_logs: bool = Field(False, description="Logs as JSON lines, one per request with its figures.")
+    log_content: bool = Field(False, description="Also log prompts and outputs (JSON logs); off: never logged.")
+    response_cache: bool = Field(
+        False, description="Cache answers to deterministic requests (temperature 0, a seed, HF tasks)."
+    )
+    response_cache_entries: int = Field(1024, ge=1, description="Answers kept by the in-memory cache (LRU).")
+    response_cache_ttl: float = Field(600.0, gt=0, description="Seconds a cached answer is served.")
+    otel: bool = Field(False, description="OpenTelemetry traces (needs the `otel` extra; exporter from OTEL_* env).")
 
 
 class RuntimeSettings(_Strict):

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,7 +23,7 @@ from starlette.types import Scope
 
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.protocol.hf import error_body as hf_error_body
-from gateway.protocol.openai_responses import error_body
+from gateway.protocol.openai_responses import error_body, stream_error_body
 from gateway.routes.common.families import DEFAULT_FAMILY, Family, unrouted_family
 from gateway.validation import format_errors
 
@@ -34,8 +35,10 @@ def _openai(exc: GatewayError) -> tuple[dict[str, Any], int]:
 
 
 def _hf(exc: GatewayError) -> tuple[dict[str, Any], int]:
-    # TGI answers validation errors with 422; the HF client maps the body either way.
-    return hf_error_body(exc), 422 if isinstance(exc, InvalidRequest) else exc.status_code
+    # TGI answers validation errors with 422; the HF client maps the body either way. Size
+    # refusals keep their own status (413 body, 431 headers), which proxies and clients know.
+    invalid = isinstance(exc, InvalidRequest) and exc.status_code == 400
+    return hf_error_body(exc), 422 if invalid else exc.status_code
 
 
 RENDERERS: dict[Family, Callable[[GatewayError], tuple[dict[str, Any], int]]] = {
@@ -44,7 +47,7 @@ RENDERERS: dict[Family, Callable[[GatewayError], tuple[dict[str, Any], int]]] = 
 }
 
 
-def _matching_route(scope: Scope) -> BaseRoute | None:
+def matching_route(scope: Scope) -> BaseRoute | None:
     """The route the router would pick (a full match, else the first partial one: a 405)."""
     app = scope.get("app")
     partial = None
@@ -59,7 +62,7 @@ def _matching_route(scope: Scope) -> BaseRoute | None:
 
 def family_of(scope: Scope) -> Family:
     """The API family whose envelope an error on this request takes."""
-    route = scope.get("route") or _matching_route(scope)
+    route = scope.get("route") or matching_route(scope)
     if route is None:
         return unrouted_family(scope["path"])
     family: Family = getattr(route, "family", DEFAULT_FAMILY)
@@ -70,6 +73,14 @@ def error_response(exc: GatewayError, scope: Scope) -> JSONResponse:
     """The error in the request's API family; the middleware adds x-request-id."""
     body, status = RENDERERS[family_of(scope)](exc)
     return JSONResponse(body, status_code=status, headers=exc.headers)
+
+
+def stream_ending(exc: GatewayError, scope: Scope) -> bytes:
+    """The SSE events that end a stream cut short (drain): the family's in-band error, then
+    `[DONE]` where the family's streams end with it (OpenAI's; TGI's end without one)."""
+    if family_of(scope) is Family.OPENAI:
+        return b"data: " + orjson.dumps(stream_error_body(exc)) + b"\n\ndata: [DONE]\n\n"
+    return b"data: " + orjson.dumps(hf_error_body(exc)) + b"\n\n"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

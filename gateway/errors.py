@@ -53,6 +53,9 @@ class Unauthorized(GatewayError):
     hf_error_type = "authentication"
     code = "invalid_api_key"
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
 
 class ModelNotFound(GatewayError):
     status_code = 404
@@ -135,3 +138,36 @@ class UpstreamError(GatewayError):
     def __init__(self, message: str, *, status_code: int = 502, headers: dict[str, str] | None = None) -> None:
         super().__init__(message, headers=headers)
         self.status_code = status_code
+
+
+class Forbidden(GatewayError):
+    """A valid key without the scope the path needs."""
+
+    status_code = 403
+    openai_type = "permission_error"
+    hf_error_type = "forbidden"
+    code = "insufficient_scope"
+
+
+class RateLimited(GatewayError):
+    """A key over its requests or tokens per minute."""
+
+    status_code = 429
+    openai_type = "rate_limit_error"
+    hf_error_type = "rate_limit"
+    code = "rate_limit_exceeded"
+
+
+class ShuttingDown(GatewayError):
+    """The server is draining before it exits: try another replica."""
+
+    status_code = 503
+    openai_type = "server_error"
+    hf_error_type = "unavailable"
+    code = "shutting_down"
+
+
+class InputTooLarge(InvalidRequest):
+    """Over one of the input limits (server.max_*)."""
+
+    code = "input_too_large"

@@ -28,6 +28,7 @@ class Metrics:
         self._http_and_models(self.registry)
         self._local_engine(self.registry)
         self._upstreams(self.registry)
+        self._keys(self.registry)
 
     def _http_and_models(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
@@ -78,6 +79,39 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+
+    def _keys(self, r: CollectorRegistry) -> None:
+        """Usage per API key (its name) and model, and the response cache."""
+        self.key_requests = Counter(
+            "gateway_key_requests", "Requests per API key and model.", ["key", "model"], registry=r
+        )
+        self.key_tokens = Counter(
+            "gateway_key_tokens",
+            "Tokens per API key, model and kind (prompt, completion).",
+            ["key", "model", "kind"],
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "gateway_cache_lookups",
+            "Response cache lookups by model and result (hit, miss, bypass).",
+            ["model", "result"],
+            registry=r,
+        )
+        self._key_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+
+    def count_key_usage(self, key: str, model: str, prompt: int, completion: int) -> None:
+        children = self._key_children.get((key, model))
+        if children is None:  # labels() once per (key, model)
+            children = self._key_children[(key, model)] = (
+                self.key_requests.labels(key, model),
+                self.key_tokens.labels(key, model, "prompt"),
+                self.key_tokens.labels(key, model, "completion"),
+            )
+        children[0].inc()
+        if prompt:
+            children[1].inc(prompt)
+        if completion:
+            children[2].inc(completion)
 
     def _local_engine(self, r: CollectorRegistry) -> None:
         """Filled by the local engines (queue and running gauges are read at scrape time, routes/ops.py)."""

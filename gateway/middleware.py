@@ -1,31 +1,39 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it breaks streaming and disconnect detection).
 
-One pass per request: request id, bearer auth, body-size cap, and the request
-counter and latency histogram.
+One pass per request: request id (a contextvar, so every log line of the request carries it),
+drain refusal, `Host` check, header and body caps, key and scope (on the ASGI path the app
+routes), the request counter and latency histogram, per-key usage and limits settled, and the
+request's log line. Per-request work is kept small: this is on every request's path.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import logging
 import re
-import secrets
 import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.error_handlers import error_response
-from gateway.errors import GatewayError, InvalidRequest, Unauthorized
+from gateway import tracing
+from gateway.auth.access import Access
+from gateway.auth.policy import allowed_hosts, host_name, required_scope
+from gateway.cache import Cached, MemoryCache, RedisCache, cache_key, cacheable, storable
+from gateway.config import ServerSettings
+from gateway.drain import Drain
+from gateway.error_handlers import error_response, matching_route, stream_ending
+from gateway.errors import Forbidden, GatewayError, InvalidRequest, ShuttingDown, Unauthorized
 from gateway.ids import unique_hex
+from gateway.logs import access as access_log
+from gateway.logs import request_fields, request_id_var
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/ui", "/ui/", "/ui/dashboard"})
-# The UI's pages and static files are open: the page asks for a key and sends it on its API calls.
-_OPEN_PREFIXES = ("/ui/static/",)
+CONTENT_BYTES = 16 * 1024  # with server.log_content: the most of each body a log line keeps
+_PROBES = frozenset({"/health", "/ready"})  # answered during a drain and whatever the Host
 
 
 class _BodyTooLarge(InvalidRequest):
@@ -33,24 +41,136 @@ class _BodyTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
-class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, api_keys: list[str], max_body_bytes: int) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.key_digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
-        self.max_body_bytes = max_body_bytes
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+class _HeadersTooLarge(InvalidRequest):
+    status_code = 431
+    code = "headers_too_large"
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        if not self.key_digests:
-            return True
-        value = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        digest = hashlib.sha256(token.strip().encode()).digest()
-        # compare against every key so timing does not reveal which one matched
-        return sum(secrets.compare_digest(digest, d) for d in self.key_digests) > 0
+
+class _BadHost(InvalidRequest):
+    code = "invalid_host"
+
+
+class _Exchange:
+    """One request's response as it goes out: status, whether it began, whether it streams SSE."""
+
+    __slots__ = ("send", "request_id", "state", "status", "started", "sse", "body")
+
+    def __init__(self, send: Send, request_id: str, state: dict[str, Any], capture: bool = False) -> None:
+        self.send = send
+        self.body: list[bytes] | None = [] if capture else None  # kept for the log line (log_content)
+        self.request_id = request_id.encode()
+        self.state = state
+        self.status = 500
+        self.started = False
+        self.sse = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.status = message["status"]
+            extra = [(b"x-request-id", self.request_id)]
+            context = self.state.get("context")
+            if context is not None and context.response_headers:
+                extra += context.response_headers
+            headers = message.get("headers") or []
+            self.sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+            message["headers"] = [*headers, *extra]
+        elif self.body is not None and message["type"] == "http.response.body":
+            self.body.append(message.get("body", b""))
+        await self.send(message)
+
+
+_HIT = (b"x-cache", b"hit")
+_MISS = (b"x-cache", b"miss")
+_DROPPED = frozenset({b"x-request-id", b"date", b"server"})  # per answer, never replayed
+
+
+class _Recorder:
+    """Passes an answer through (marked x-cache: miss) and keeps a copy for the cache."""
+
+    __slots__ = ("exchange", "headers", "body", "complete")
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.complete = False
+
+    @property
+    def started(self) -> bool:
+        return self.exchange.started
+
+    @property
+    def sse(self) -> bool:
+        return self.exchange.sse
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers") or [])
+            self.headers = [(k, v) for k, v in headers if k.lower() not in _DROPPED]
+            message["headers"] = [*headers, _MISS]
+        elif message["type"] == "http.response.body":
+            self.body.append(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
+        await self.exchange(message)
+
+
+def _started(send: Any) -> bool:
+    return bool(send.started)
+
+
+def _sse(send: Any) -> bool:
+    return bool(send.sse)
+
+
+async def _read_all(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replaying(raw: bytes, receive: Receive) -> Receive:
+    """The body already read, then the real channel (which then only reports a disconnect)."""
+    sent = [False]
+
+    async def replay() -> Message:
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+class GatewayMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        settings: ServerSettings,
+        access: Access,
+        drain: Drain,
+        cache: MemoryCache | RedisCache | None = None,
+    ) -> None:
+        self.app = app
+        self.cache = cache
+        self.metrics = metrics
+        self.access = access
+        self.drain = drain
+        self.max_body_bytes = settings.max_body_bytes
+        self.max_header_bytes = settings.max_header_bytes
+        self.metrics_public = settings.metrics_public
+        self.hosts = allowed_hosts(settings.allowed_hosts, settings.host)
+        self.log_requests = settings.json_logs
+        self.log_content = settings.json_logs and settings.log_content
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,68 +180,248 @@ class GatewayMiddleware:
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if incoming and _SAFE_ID.match(incoming) else unique_hex()
+        reset = request_id_var.set(request_id)
         state: dict[str, Any] = scope.setdefault("state", {})
+        if self.log_requests:
+            state["log"] = {}
+            request_fields.set(state["log"])
         state["request_id"] = request_id
         state["received_at"] = started
-        status_holder = [500]
-        path: str = scope["path"]
-
-        started_response = [False]
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                started_response[0] = True
-                status_holder[0] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
+        state["key"] = None
+        exchange = _Exchange(send, request_id, state, self.log_content)
+        if self.log_content:
+            state["body"] = []
+        task: Any = asyncio.current_task()
+        self.drain.enter(task)
         try:
-            if path not in _OPEN_PATHS and not path.startswith(_OPEN_PREFIXES) and not self._authorized(headers):
-                await error_response(Unauthorized("Invalid or missing API key."), scope)(scope, receive, send_with_id)
-                return
-            declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                too_large = _BodyTooLarge(f"Request body exceeds {self.max_body_bytes} bytes.")
-                await error_response(too_large, scope)(scope, receive, send_with_id)
-                return
-            try:
-                await self.app(scope, self._capped(receive), send_with_id)
-            except Exception:
-                # Caught here rather than by an exception handler: Starlette re-raises after a
-                # handler for Exception answers, and uvicorn then drops the keep-alive connection.
-                log.exception("unhandled error on %s", path)
-                if started_response[0]:
-                    return  # nothing more can be said once the response has begun
-                await error_response(GatewayError("Internal server error."), scope)(scope, receive, send_with_id)
+            if tracing.enabled():
+                with tracing.request_span(scope["method"], scope["path"], headers) as span:
+                    await self._serve(scope, receive, headers, state, exchange, task)
+                    span.set_attribute("http.response.status_code", exchange.status)
+            else:
+                await self._serve(scope, receive, headers, state, exchange, task)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
-            context = state.get("context")  # the RequestContext; services.resolve names its model
-            if context is not None:
-                context.release()  # the model leases resolve took: the response is over
-            model = context.model if context is not None and context.model is not None else "none"
-            key = (label, model, status_holder[0])
-            children = self._children.get(key)
-            if children is None:  # labels() takes a lock and builds a tuple: once per label set only
-                children = self._children[key] = (
-                    self.metrics.requests.labels(label, model, str(status_holder[0])),
-                    self.metrics.request_latency.labels(label, model),
-                )
-            children[0].inc()
-            children[1].observe(time.perf_counter() - started)
+            self.drain.leave(task)
+            await self._finish(scope, state, exchange, started)
+            request_id_var.reset(reset)
 
-    def _capped(self, receive: Receive) -> Receive:
-        """Refuse bodies over the cap even when no content-length announced them."""
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        headers: dict[bytes, bytes],
+        state: dict[str, Any],
+        exchange: _Exchange,
+        task: asyncio.Task[Any],
+    ) -> None:
+        refusal = self._refusal(scope, headers, state)
+        if refusal is not None:
+            await error_response(refusal, scope)(scope, receive, exchange)
+        elif self.cache is not None and scope["method"] == "POST" and cacheable(scope["path"]):
+            await self._via_cache(scope, receive, headers, state, exchange, task)
+        else:
+            await self._run(scope, self._capped(receive, state.get("body")), exchange, task)
+
+    def _refusal(self, scope: Scope, headers: dict[bytes, bytes], state: dict[str, Any]) -> GatewayError | None:
+        """Why the request is refused before the app sees it (None: it goes on)."""
+        path: str = scope["path"]
+        probe = path in _PROBES
+        if self.drain.draining and not probe:
+            return ShuttingDown(
+                "The server is shutting down; retry on another replica.", headers={"Connection": "close"}
+            )
+        if self.hosts is not None and not probe and host_name(headers.get(b"host", b"")) not in self.hosts:
+            return _BadHost("Invalid Host header.")
+        if self.max_header_bytes and sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
+            return _HeadersTooLarge(f"Request headers exceed {self.max_header_bytes} bytes.")
+        needed = required_scope(path, metrics_public=self.metrics_public)
+        if needed is not None and self.access.enabled:
+            value = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = value.partition(" ")
+            key = self.access.ring.authenticate(token.strip()) if scheme.lower() == "bearer" and token else None
+            if key is None:
+                return Unauthorized("Invalid or missing API key.")
+            if needed not in key.scopes:
+                return Forbidden(f"This key lacks the '{needed.value}' scope.")
+            state["key"] = key
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return _BodyTooLarge(f"Request body exceeds {self.max_body_bytes} bytes.")
+        return None
+
+    async def _run(self, scope: Scope, receive: Receive, exchange: Send, task: asyncio.Task[Any]) -> None:
+        try:
+            await self.app(scope, receive, exchange)
+        except asyncio.CancelledError:
+            if not self.drain.expired:
+                raise
+            if hasattr(task, "uncancel"):  # Python 3.11+: cancelled by the drain, end the response cleanly
+                task.uncancel()
+            await self._end_drained(scope, receive, exchange)
+        except Exception:
+            # Caught here rather than by an exception handler: Starlette re-raises after a
+            # handler for Exception answers, and uvicorn then drops the keep-alive connection.
+            log.exception("unhandled error on %s", scope["path"])
+            if _started(exchange):
+                return  # nothing more can be said once the response has begun
+            await error_response(GatewayError("Internal server error."), scope)(scope, receive, exchange)
+
+    async def _end_drained(self, scope: Scope, receive: Receive, exchange: Send) -> None:
+        error = ShuttingDown("The server shut down before the answer was complete.")
+        if not _started(exchange):
+            await error_response(error, scope)(scope, receive, exchange)
+            return
+        body = stream_ending(error, scope) if _sse(exchange) else b""
+        await exchange({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _via_cache(
+        self,
+        scope: Scope,
+        receive: Receive,
+        headers: dict[bytes, bytes],
+        state: dict[str, Any],
+        exchange: _Exchange,
+        task: asyncio.Task[Any],
+    ) -> None:
+        """Serve a cacheable request from the response cache, or run it and keep its answer."""
+        assert self.cache is not None
+        try:
+            raw = await _read_all(self._capped(receive, state.get("body")))
+        except _BodyTooLarge as exc:
+            await error_response(exc, scope)(scope, receive, exchange)
+            return
+        key = state["key"]
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        cache_id, bypass = cache_key(scope["path"], raw, content_type, "*" if key is None else key.visibility)
+        replay = _replaying(raw, receive)
+        if cache_id is None:
+            await self._run(scope, replay, exchange, task)
+            return
+        bypass = bypass or b"no-cache" in headers.get(b"cache-control", b"")
+        hit = None if bypass else await self._cached(cache_id)
+        if hit is not None:
+            await self._replay(scope, state, hit, exchange)
+            return
+        recorder = _Recorder(exchange)
+        await self._run(scope, replay, recorder, task)
+        context = state.get("context")
+        model = context.model if context is not None and context.model is not None else "none"
+        self.metrics.cache_lookups.labels(model, "bypass" if bypass else "miss").inc()
+        answer = Cached(exchange.status, recorder.headers, b"".join(recorder.body), model)
+        if recorder.complete and storable(answer, exchange.sse):
+            try:
+                await self.cache.put(cache_id, answer)
+            except Exception:  # Redis gone: the answer was served, it is just not kept
+                log.warning("response cache unavailable", exc_info=True)
+
+    async def _cached(self, cache_id: str) -> Cached | None:
+        assert self.cache is not None
+        try:
+            return await self.cache.get(cache_id)
+        except Exception:  # Redis gone: a miss
+            log.warning("response cache unavailable", exc_info=True)
+            return None
+
+    async def _replay(self, scope: Scope, state: dict[str, Any], hit: Cached, exchange: _Exchange) -> None:
+        scope["route"] = matching_route(scope)  # the metrics label, as if routed
+        state["hit_model"] = hit.model
+        self.metrics.cache_lookups.labels(hit.model, "hit").inc()
+        key = state["key"]
+        if key is not None:
+            self.access.usage.add(key.name, hit.model, 0, 0)
+        await exchange({"type": "http.response.start", "status": hit.status, "headers": [*hit.headers, _HIT]})
+        await exchange({"type": "http.response.body", "body": hit.body, "more_body": False})
+
+    async def _finish(self, scope: Scope, state: dict[str, Any], exchange: _Exchange, started: float) -> None:
+        route = scope.get("route")
+        label = getattr(route, "path", None) or "unmatched"
+        context = state.get("context")  # the RequestContext; services.resolve names its model
+        if context is not None:
+            context.release()  # the model leases resolve took: the response is over
+        if context is not None and context.model is not None:
+            model = context.model
+        else:
+            model = state.get("hit_model", "none")
+        key = (label, model, exchange.status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds a tuple: once per label set only
+            children = self._children[key] = (
+                self.metrics.requests.labels(label, model, str(exchange.status)),
+                self.metrics.request_latency.labels(label, model),
+            )
+        children[0].inc()
+        elapsed = time.perf_counter() - started
+        children[1].observe(elapsed)
+        if context is not None and context.key is not None:
+            await self._account(context, model)
+        if self.log_requests:
+            key = state["key"]
+            fields = _fields(scope, label, model, exchange.status, context, elapsed, None if key is None else key.name)
+            fields.update(state["log"])
+            if self.log_content:
+                fields.update(request_body=_text(state.get("body")), response_body=_text(exchange.body))
+            access_log.info("request", extra=fields)
+
+    async def _account(self, context: Any, model: str) -> None:
+        """Usage per key and model, and the limits' reservation settled to the real count."""
+        tokens = context.prompt_tokens + context.completion_tokens
+        if context.model is not None:
+            self.access.usage.add(context.key.name, model, context.prompt_tokens, context.completion_tokens)
+            self.metrics.count_key_usage(context.key.name, model, context.prompt_tokens, context.completion_tokens)
+        if context.admission is not None:
+            try:
+                await self.access.limiter.settle(context.admission, tokens)
+            except Exception:  # Redis gone: the window's count stays at the reservation
+                log.warning("could not settle the token count of %s", context.key.name, exc_info=True)
+
+    def _capped(self, receive: Receive, sink: list[bytes] | None = None) -> Receive:
+        """Refuse bodies over the cap even when no content-length announced them (and keep the
+        body in `sink` for the log line, when content is logged)."""
         seen = [0]
         limit = self.max_body_bytes
 
         async def wrapped() -> Message:
             message = await receive()
             if message["type"] == "http.request":
+                if sink is not None:
+                    sink.append(message.get("body", b""))
                 seen[0] += len(message.get("body", b""))
                 if seen[0] > limit:
                     raise _BodyTooLarge(f"Request body exceeds {limit} bytes.")
             return message
 
         return wrapped
+
+
+def _text(chunks: list[bytes] | None) -> str | None:
+    if chunks is None:
+        return None
+    return b"".join(chunks)[:CONTENT_BYTES].decode("utf-8", "replace")
+
+
+def _fields(
+    scope: Scope, route: str, model: str, status: int, context: Any, elapsed: float, key: str | None
+) -> dict[str, Any]:
+    """The request's one JSON line (never its prompt or output); the same fields on every line."""
+    fields: dict[str, Any] = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "route": route,
+        "status": status,
+        "key": key,
+        "model": None if model == "none" else model,
+        "total_ms": round(elapsed * 1000, 3),
+        "deployment": None,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "ttft_ms": None,
+        "queue_ms": None,
+    }
+    if context is not None:
+        fields.update(
+            prompt_tokens=context.prompt_tokens,
+            completion_tokens=context.completion_tokens,
+            ttft_ms=None if context.ttft is None else round(context.ttft * 1000, 3),
+            queue_ms=None if context.queue_time is None else round(context.queue_time * 1000, 3),
+        )
+    return fields

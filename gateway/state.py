@@ -9,8 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.auth.access import Access
 from gateway.backends.registry import Registry
 from gateway.config import Settings
+from gateway.drain import Drain
 from gateway.metrics import Metrics
 
 
@@ -19,6 +21,8 @@ class AppState:
     settings: Settings
     registry: Registry
     metrics: Metrics
+    access: Access = field(default_factory=lambda: Access([], None))
+    drain: Drain = field(default_factory=Drain)
     started_at: int = field(default_factory=lambda: int(time.time()))
     # Reads the configuration again (the same file, environment and flags): config reload, SIGHUP.
     settings_source: Callable[[], Settings] | None = None

@@ -6,6 +6,7 @@ word their messages differently); what an error names and says is decided here o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,3 +51,25 @@ def format_errors(
             message = unknown_msg
         issues.append(Issue(param, message, kind))
     return issues
+
+
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def json_depth_over(raw: bytes, limit: int) -> bool:
+    """Whether a JSON document nests deeper than `limit` (arrays and objects).
+
+    Cheap on the hot path: a body with at most `limit` opening brackets cannot be deeper, and
+    bytes.count is C; only a bracket-heavy body is scanned (strings removed first)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    for match in _BRACKETS.finditer(_STRINGS.sub(b"", raw)):
+        if match.group() in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False

@@ -107,17 +107,24 @@ def test_flags_reach_the_effective_config(
         "--log-level", "debug",
         "--sse-ping-seconds", "2.5",
         "--max-body-bytes", "2048",
+        "--redis-url", "redis://127.0.0.1:6390/0",
+        "--drain-timeout", "12",
         "--cache-dir", str(tmp_path / "c"),
     )  # fmt: skip
-    assert shown["server"] == {
-        "host": "0.0.0.0",
-        "port": 9001,
-        "log_level": "debug",
-        "api_keys": ["k1", "k2"],
-        "max_body_bytes": 2048,
-        "sse_ping_seconds": 2.5,
-        "access_log": False,
-    }
+    assert shown["server"]["redis_url"] == "redis://127.0.0.1:6390/0"
+    assert shown["server"]["drain_timeout"] == 12.0
+    assert (
+        shown["server"].items()
+        >= {
+            "host": "0.0.0.0",
+            "port": 9001,
+            "log_level": "debug",
+            "api_keys": ["k1", "k2"],
+            "max_body_bytes": 2048,
+            "sse_ping_seconds": 2.5,
+            "access_log": False,
+        }.items()
+    )
     assert shown["cache_dir"] == str(tmp_path / "c")
     # Without the flags, the environment and the file show through.
     shown = run_config(capsys, "--config", str(config))

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 
+from gateway import tracing
 from gateway.backends.base import Backend, Capability, GenerationEvent, ModelInfo
 from gateway.config import ModelSpec, UpstreamBackendSpec
 from gateway.domain import (
@@ -28,6 +29,7 @@ from gateway.domain import (
     TaskRequest,
 )
 from gateway.errors import GatewayError, TaskNotSupported, UpstreamError
+from gateway.logs import note
 from gateway.metrics import Metrics
 from gateway.upstream import dialects
 from gateway.upstream.retry import RetryableFailure, backoff_delay, call_deadline
@@ -130,7 +132,11 @@ class UpstreamBackend(Backend):
                 self._requests("timeout").inc()
                 raise UpstreamError(f"{self.where} was not tried: the request's deadline had passed.", status_code=504)
             try:
-                result = await attempt(min(limits.per_try, deadline - started))
+                with tracing.span(
+                    "upstream.attempt", **{"gateway.deployment": self.deployment, "gateway.retry": retries}
+                ):
+                    result = await attempt(min(limits.per_try, deadline - started))
+                note(deployment=self.deployment)  # the request's log line names who answered
             except RetryableFailure as failure:
                 self._requests(failure.kind).inc()
                 retries += 1

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from gateway.domain import Task
 from gateway.protocol import hf, tgi
+from gateway.routes.common.body import read_json_body
 from gateway.routes.common.deps import StateDep, context
 from gateway.routes.common.families import HFRoute
 from gateway.routes.common.responses import FastJSONResponse
@@ -28,7 +29,7 @@ router = APIRouter(tags=["huggingface"], route_class=HFRoute)
 async def _run(request: Request, state: StateDep, model_id: str, forced: Task | None) -> Response:
     ctx = context(request)
     resolve_entry(state, ctx, model_id, placeholders=False)  # 404 first; a refused body counts under the model
-    body = hf.read_body(await request.body(), request.headers.get("content-type"))
+    body = hf.read_body(await read_json_body(request), request.headers.get("content-type"))
     out = await hf_tasks.run(state, ctx, model_id, forced, body)
     if isinstance(out, hf_tasks.TaskOutcome):
         return FastJSONResponse(hf.shape_output(out.task, out.outputs, out.many))

@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from gateway.domain import Task
 from gateway.protocol import tgi
+from gateway.routes.common.body import read_json_body
 from gateway.routes.common.deps import StateDep, context
 from gateway.routes.common.families import HFRoute
 from gateway.routes.common.tgi import tgi_response
@@ -26,7 +27,7 @@ async def _serve(request: Request, state: StateDep, *, stream: bool | None, sing
     """`stream` None: the body's `stream` decides. `single`: one object for one prompt, else a list."""
     ctx = context(request)
     name_default_model(state, ctx, Task.TEXT_GENERATION)  # a body refused below counts under that model
-    call = tgi.read_call(await request.body())
+    call = tgi.read_call(await read_json_body(request))
     wants_stream = bool(call.stream) if stream is None else stream
     out = await generation.run(state, ctx, None, call, stream=wants_stream)
     return tgi_response(out, single=single, ping_seconds=state.settings.server.sse_ping_seconds)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from gateway.context import RequestContext
 from gateway.domain import GenerationEvent, GenerationRequest, GenerationResult, Task
 from gateway.services.metering import run_generation, stream_generation
-from gateway.services.resolve import resolve, resolve_entry
+from gateway.services.resolve import cost_of, resolve, resolve_entry
 from gateway.services.streams import primed, until_disconnect
 from gateway.state import AppState
 
@@ -25,16 +25,16 @@ def model_named(state: AppState, ctx: RequestContext, model_id: str) -> str:
 
 async def complete(state: AppState, ctx: RequestContext, name: str, request: GenerationRequest) -> GenerationResult:
     """The whole answer; generation stops if the client disconnects first."""
-    entry, backend = await resolve(state, ctx, name, TASK)
-    return await until_disconnect(ctx, run_generation(state, entry, backend, request, ctx.received_at))
+    entry, backend = await resolve(state, ctx, name, TASK, cost=cost_of(request))
+    return await until_disconnect(ctx, run_generation(state, entry, backend, request, ctx.received_at, ctx=ctx))
 
 
 async def stream(
     state: AppState, ctx: RequestContext, name: str, request: GenerationRequest
 ) -> AsyncIterator[GenerationEvent]:
     """The answer's events, primed: a failure before the first event is raised here, not in-band."""
-    entry, backend = await resolve(state, ctx, name, TASK)
+    entry, backend = await resolve(state, ctx, name, TASK, cost=cost_of(request))
     events: AsyncIterator[GenerationEvent] = await primed(
-        stream_generation(state, entry, backend, request, ctx.received_at)
+        stream_generation(state, entry, backend, request, ctx.received_at, ctx=ctx)
     )
     return events

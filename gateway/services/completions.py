@@ -14,7 +14,7 @@ from gateway.backends.registry import Entry
 from gateway.context import RequestContext
 from gateway.domain import GenerationEvent, GenerationRequest, GenerationResult, StreamEnd, Task, Usage
 from gateway.services.metering import run_generation, stream_generation
-from gateway.services.resolve import resolve
+from gateway.services.resolve import cost_of, resolve
 from gateway.services.streams import gather_or_cancel, primed, until_disconnect
 from gateway.state import AppState
 
@@ -26,8 +26,8 @@ async def complete(
 ) -> list[GenerationResult]:
     """One result per prompt, generated concurrently; the first failure cancels the rest, and
     a client that disconnects cancels them all."""
-    entry, backend = await resolve(state, ctx, name, TASK)
-    work = gather_or_cancel(*(run_generation(state, entry, backend, r, ctx.received_at) for r in requests))
+    entry, backend = await resolve(state, ctx, name, TASK, cost=cost_of(requests[0], len(requests)))
+    work = gather_or_cancel(*(run_generation(state, entry, backend, r, ctx.received_at, ctx=ctx) for r in requests))
     return await until_disconnect(ctx, work)
 
 
@@ -36,13 +36,14 @@ async def stream(
 ) -> AsyncIterator[GenerationEvent]:
     """The prompts' events one prompt after the other, choice indexes continuing across prompts,
     closed by one StreamEnd with the summed usage. Primed on the first prompt."""
-    entry, backend = await resolve(state, ctx, name, TASK)
-    first = await primed(stream_generation(state, entry, backend, requests[0], ctx.received_at))
-    return _one_after_another(state, entry, backend, requests, first)
+    entry, backend = await resolve(state, ctx, name, TASK, cost=cost_of(requests[0], len(requests)))
+    first = await primed(stream_generation(state, entry, backend, requests[0], ctx.received_at, ctx=ctx))
+    return _one_after_another(state, ctx, entry, backend, requests, first)
 
 
 async def _one_after_another(
     state: AppState,
+    ctx: RequestContext,
     entry: Entry,
     backend: Backend,
     requests: list[GenerationRequest],
@@ -50,7 +51,7 @@ async def _one_after_another(
 ) -> AsyncIterator[GenerationEvent]:
     total = Usage()
     for number, request in enumerate(requests):
-        events = first if number == 0 else stream_generation(state, entry, backend, request)
+        events = first if number == 0 else stream_generation(state, entry, backend, request, ctx=ctx)
         offset = number * request.sampling.n
         async for event in events:
             if isinstance(event, StreamEnd):

@@ -6,6 +6,7 @@ from gateway.backends.base import Capability
 from gateway.context import RequestContext
 from gateway.domain import EmbeddingRequest, EmbeddingResult, Task
 from gateway.errors import TaskNotSupported
+from gateway.services.metering import count
 from gateway.services.resolve import resolve
 from gateway.state import AppState
 
@@ -15,5 +16,5 @@ async def embed(state: AppState, ctx: RequestContext, name: str, request: Embedd
     if Capability.EMBED not in backend.capabilities:  # e.g. an upstream whose API has no embeddings
         raise TaskNotSupported(f"Model '{backend.name}' does not compute embeddings.")
     result = await backend.embed(request)
-    state.metrics.of_model(entry.spec.name).count_tokens(result.usage)
+    count(state, entry.spec.name, result.usage, ctx)
     return result

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TypedDict
 
 from gateway.backends.registry import Entry
+from gateway.context import RequestContext
+from gateway.services.resolve import resolve_entry
 from gateway.state import AppState
 
 
@@ -38,10 +40,15 @@ def summary(entry: Entry) -> ModelSummary:
     )
 
 
-def all_models(state: AppState) -> list[ModelSummary]:
-    return [summary(entry) for entry in state.registry.entries]
+def all_models(state: AppState, ctx: RequestContext | None = None) -> list[ModelSummary]:
+    """Every configured model the caller's key may use."""
+    key = None if ctx is None else ctx.key
+    return [summary(entry) for entry in state.registry.entries if key is None or key.may_use(entry.spec.name)]
 
 
-def one_model(state: AppState, name: str) -> ModelSummary:
-    """The model `name` means (a name or an alias); ModelNotFound lists the served ones."""
-    return summary(state.registry.lookup(name))
+def one_model(state: AppState, name: str, ctx: RequestContext | None = None) -> ModelSummary:
+    """The model `name` means (a name or an alias); ModelNotFound lists the served ones (those the
+    caller's key may use: a model outside its list is not found)."""
+    if ctx is None:
+        return summary(state.registry.lookup(name))
+    return summary(resolve_entry(state, ctx, name, placeholders=False))

@@ -85,7 +85,7 @@ async def generate(
 
     async def one(prompt: str) -> Generated:
         request = params.to_domain(prompt, ctx.request_id)
-        result = await run_generation(state, entry, backend, request, ctx.received_at)
+        result = await run_generation(state, entry, backend, request, ctx.received_at, ctx=ctx)
         prefill = await backend.prompt_logprobs(request) if wants_prefill else []
         return Generated(prompt, result, _seed(request), prefill)
 
@@ -99,7 +99,7 @@ async def stream_one(
     """The prompt's event stream, primed so that errors before any token are an HTTP error."""
     entry, backend = target
     request = params.to_domain(prompt, ctx.request_id)
-    events = await primed(stream_generation(state, entry, backend, request, ctx.received_at))
+    events = await primed(stream_generation(state, entry, backend, request, ctx.received_at, ctx=ctx))
     return Streamed(events, prompt, _seed(request), params)
 
 

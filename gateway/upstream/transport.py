@@ -15,7 +15,9 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway import tracing
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
+from gateway.logs import request_id_var
 from gateway.upstream.retry import RETRY_STATUSES, RetryableFailure, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,16 @@ def connection_failure(exc: BaseException, where: str) -> RetryableFailure:
     if isinstance(exc, asyncio.TimeoutError):
         return RetryableFailure(f"{where} timed out.", status=504, kind="timeout")
     return RetryableFailure(f"{where} could not be reached ({type(exc).__name__}).", status=502, kind="connect")
+
+
+def _request_headers() -> dict[str, str] | None:
+    """The request id (and the trace context) of the request this call serves, for the upstream's logs."""
+    request_id = request_id_var.get()
+    if request_id is None:
+        return None
+    headers = {"x-request-id": request_id}
+    tracing.inject(headers)
+    return headers
 
 
 class Transport:
@@ -109,7 +121,9 @@ class Transport:
         except TypeError as exc:  # orjson.JSONEncodeError: a value the upstream's JSON API cannot carry
             raise InvalidRequest(f"{where} cannot be sent this request: {exc}.") from None
         try:
-            response = await self.session.post(self.base_url + path, data=data, timeout=limits, allow_redirects=False)
+            response = await self.session.post(
+                self.base_url + path, data=data, timeout=limits, allow_redirects=False, headers=_request_headers()
+            )
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise connection_failure(exc, where) from None
         if response.status >= 300:

@@ -19,6 +19,7 @@ from starlette.routing import request_response
 
 from gateway.domain import Task
 from gateway.routes.common.deps import context
+from gateway.services.input_limits import check_counts, check_depth
 from gateway.services.resolve import name_model
 
 M = TypeVar("M", bound=BaseModel)
@@ -27,9 +28,9 @@ M = TypeVar("M", bound=BaseModel)
 async def parse_body(request: Request, model: type[M], task: Task | None = None) -> M:
     """The body as `model`; one that fails validation still labels the request's metrics with the
     model it names (the `model` field, resolved like a valid request's, for `task`)."""
-    raw = await request.body()
+    raw = await read_json_body(request)
     try:
-        return model.model_validate_json(raw)
+        body = model.model_validate_json(raw)
     except ValidationError as exc:
         _name_model_of(request, raw, task)
         errors = exc.errors(include_url=False)
@@ -38,6 +39,22 @@ async def parse_body(request: Request, model: type[M], task: Task | None = None)
                 error["msg"] = "the body is not valid JSON"
                 error["loc"] = ()
         raise RequestValidationError(errors) from None
+    fields = type(body).model_fields  # declared fields only: an unknown `n` is the schema's to refuse
+    check_counts(
+        request.app.state.gateway.settings.server,
+        messages=body.messages if "messages" in fields else None,  # type: ignore[attr-defined]
+        n=body.n if "n" in fields else None,  # type: ignore[attr-defined]
+        stop=body.stop if "stop" in fields else None,  # type: ignore[attr-defined]
+        logit_bias=(body.model_extra or {}).get("logit_bias"),
+    )
+    return body
+
+
+async def read_json_body(request: Request) -> bytes:
+    """The raw body, refused when its JSON nests deeper than server.max_json_depth."""
+    raw = await request.body()
+    check_depth(request.app.state.gateway.settings.server, raw)
+    return raw
 
 
 def _name_model_of(request: Request, raw: bytes, task: Task | None) -> None:

@@ -25,7 +25,12 @@ def context(request: Request) -> RequestContext:
     state = request.state
     ctx: RequestContext | None = getattr(state, "context", None)
     if ctx is None:
+        key = state.key
         ctx = state.context = RequestContext(
-            request_id=state.request_id, received_at=state.received_at, wait_disconnect=request.receive
+            request_id=state.request_id,
+            received_at=state.received_at,
+            wait_disconnect=request.receive,
+            identity=None if key is None else key.name,
+            key=key,
         )
     return ctx

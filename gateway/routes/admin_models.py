@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from gateway.config import DeploymentSpec, ModelSpec
 from gateway.routes.common.deps import StateDep
 from gateway.routes.common.families import OpenAIBodyRoute
-from gateway.services import admin
+from gateway.services import admin_models as admin
 
 router = APIRouter(tags=["admin"], route_class=OpenAIBodyRoute, prefix="/admin")
 

@@ -1,0 +1,183 @@
+"""What the team features cost per request: auth + per-key limits + JSON logs, in memory and with Redis.
+
+    python bench/team_overhead.py [--rounds 5] [--requests 2000]
+
+Starts nginx (the canned upstream of bench/upstream_overhead.py), a redis-server, and three
+`gateway serve` processes in front of nginx, all on loopback:
+  * off:   no keys, no limits, plain logs (the gateway as bench/upstream_overhead.py runs it);
+  * mem:   a key from the SQLite store with requests and tokens per minute limits (high enough never
+           to refuse), counted in memory, JSON logs (one line per request, to a file);
+  * redis: the same, counted in Redis (one Lua script per request, one pipeline to settle).
+Drives each at concurrency 1 and 16 with the same load generator, rounds interleaved, and reports
+the medians and the p50 added over `off`. Targets (issue 13): < 0.3 ms in memory, < 1 ms with Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.upstream_overhead import ROOT, drive, free_port, one_request, start_nginx  # noqa: E402
+from gateway.auth.keys import KeyScope, Limit  # noqa: E402
+from gateway.auth.store import KeyStore  # noqa: E402
+
+TARGETS = ("off", "mem", "redis")
+
+
+def start_redis(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is needed (apt-get install redis-server)")
+    cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_gateway(tmp: Path, name: str, port: int, upstream: str, server: dict[str, Any]) -> subprocess.Popen[bytes]:
+    config = {
+        "server": {"log_level": "info", "access_log": False, **server},
+        "models": [
+            {
+                "name": "bench",
+                "task": "text-generation",
+                "backend": {"kind": "upstream", "url": f"{upstream}/v1", "model": "upstream-model"},
+            }
+        ],
+    }
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port), "--host", "127.0.0.1"]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_answering(port: int, token: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    status, body = 0, b""
+    while time.monotonic() < deadline:
+        try:
+            status, body = asyncio.run(one_request(port, token))
+            if status == 200:
+                return
+        except (OSError, EOFError):  # not listening yet, or closed while starting
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing answers on port {port} (last: {status} {body[:200]!r})")
+
+
+def measure(ports: dict[str, int], tokens: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    raw: dict[str, dict[int, list[dict[str, float]]]] = {name: {1: [], 16: []} for name in ports}
+    names = list(ports)
+    for number in range(args.rounds):
+        order = names[number % len(names) :] + names[: number % len(names)]
+        for concurrency in (1, 16):
+            for name in order:
+                result = asyncio.run(drive(ports[name], concurrency, args.requests, args.warmup, tokens[name]))
+                raw[name][concurrency].append(result)
+        print(f"round {number + 1}/{args.rounds} done", file=sys.stderr)
+    medians = {
+        name: {
+            c: {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms", "failures")}
+            for c, runs in levels.items()
+        }
+        for name, levels in raw.items()
+    }
+    added = {
+        f"{name}_c{c}": statistics.median(
+            t["p50_ms"] - o["p50_ms"] for t, o in zip(raw[name][c], raw["off"][c], strict=True)
+        )
+        for name in ("mem", "redis")
+        for c in (1, 16)
+    }
+    return {"medians": medians, "added_p50_ms": added, "raw": raw}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--warmup", type=int, default=320)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "team_overhead.json"))
+    args = parser.parse_args()
+    ports = {name: free_port() for name in ("nginx", "redis-server", *TARGETS)}
+    upstream = f"http://127.0.0.1:{ports['nginx']}"
+    with tempfile.TemporaryDirectory(prefix="bench-team-") as tmpdir:
+        tmp = Path(tmpdir)
+        store = KeyStore(str(tmp / "keys.db"))
+        limit = Limit(rpm=10**9, tpm=10**12)  # counted on every request, never reached
+        _, token = store.create("bench", scopes=[KeyScope.INFERENCE], limit=limit, model_limits={"bench": limit})
+        store.close()
+        team = {"key_db": str(tmp / "keys.db"), "json_logs": True}
+        servers = {
+            "off": {},
+            "mem": team,
+            "redis": {**team, "redis_url": f"redis://127.0.0.1:{ports['redis-server']}/0"},
+        }
+        tokens = {"off": "bench", "mem": token, "redis": token}
+        procs = [start_nginx(tmp, ports["nginx"]), start_redis(tmp, ports["redis-server"])]
+        try:
+            for name in TARGETS:
+                procs.append(start_gateway(tmp, name, ports[name], upstream, servers[name]))
+            for name in TARGETS:
+                try:
+                    wait_answering(ports[name], tokens[name])
+                except TimeoutError:
+                    print((tmp / f"{name}.log").read_text()[-3000:], file=sys.stderr)
+                    raise
+            results = measure({n: ports[n] for n in TARGETS}, tokens, args)
+            logged = (tmp / "mem.log").read_text().splitlines()[-1]
+            assert json.loads(logged)["key"] == "bench", logged  # the features really ran
+        finally:
+            for proc in reversed(procs):
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    report(results, args)
+    return 0
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"\n{'target':<8}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'fail':>6}")
+    for name, levels in results["medians"].items():
+        for c, m in levels.items():
+            print(f"{name:<8}{c:>4}{m['rps']:>10.0f}{m['p50_ms']:>9.3f}{m['p99_ms']:>9.3f}{m['failures']:>6.0f}")
+    print()
+    for what, value in results["added_p50_ms"].items():
+        target = 0.3 if what.startswith("mem") else 1.0
+        print(f"added p50 {what}: {value:.3f} ms (target < {target} ms)")
+    out = {
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "settings": {"rounds": args.rounds, "requests": args.requests, "warmup": args.warmup},
+        **results,
+    }
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The gateway's access state: the key ring (config keys + the SQLite store), the limiter and
+usage per key and model. Built by the app; the middleware and services read it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from gateway.auth.keys import ApiKey, KeyRing, config_keys
+from gateway.auth.limits import Limiter
+from gateway.auth.store import KeyStore, UsageRow
+
+log = logging.getLogger(__name__)
+
+RELOAD_SECONDS = 2.0  # how soon a key created or revoked by another replica is seen
+
+
+class Usage:
+    """Requests and tokens per (key name, model) since the last flush; totals are store + pending."""
+
+    def __init__(self) -> None:
+        self.pending: dict[tuple[str, str], list[int]] = {}
+
+    def add(self, key: str, model: str, prompt: int, completion: int) -> None:
+        row = self.pending.get((key, model))
+        if row is None:
+            row = self.pending[(key, model)] = [0, 0, 0]
+        row[0] += 1
+        row[1] += prompt
+        row[2] += completion
+
+    def take(self) -> list[UsageRow]:
+        rows = [(k, m, r, p, c) for (k, m), (r, p, c) in self.pending.items()]
+        self.pending = {}
+        return rows
+
+
+def merge(*sources: Iterable[UsageRow]) -> list[UsageRow]:
+    totals: dict[tuple[str, str], list[int]] = {}
+    for rows in sources:
+        for key, model, r, p, c in rows:
+            row = totals.setdefault((key, model), [0, 0, 0])
+            row[0] += r
+            row[1] += p
+            row[2] += c
+    return [(k, m, r, p, c) for (k, m), (r, p, c) in sorted(totals.items())]
+
+
+class Access:
+    def __init__(self, api_keys: list[str], store_path: str | None, redis: Any = None) -> None:
+        self.config_keys = config_keys(api_keys)
+        self.store = KeyStore(store_path) if store_path else None
+        self.ring = KeyRing(self.config_keys)
+        # Deny by default once any key is configured (a store counts: its keys come and go).
+        self.enabled = bool(self.config_keys) or self.store is not None
+        self.limiter = Limiter(redis)
+        self.usage = Usage()
+        self._version = -1
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.store is not None:
+            await self.reload()
+            self._task = asyncio.create_task(self._keep_fresh())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.store is not None:
+            await self.flush()
+            self.store.close()
+
+    async def reload(self) -> None:
+        assert self.store is not None
+        stored = await asyncio.to_thread(self.store.all)
+        self.ring.replace([*self.config_keys, *stored])
+
+    async def flush(self) -> None:
+        rows = self.usage.take()
+        if rows and self.store is not None:
+            await asyncio.to_thread(self.store.add_usage, rows)
+
+    async def _keep_fresh(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(RELOAD_SECONDS)
+            try:
+                version = await asyncio.to_thread(self.store.version)
+                if version != self._version:
+                    self._version = version
+                    await self.reload()
+                await self.flush()
+            except Exception:  # a locked or lost file must not stop the loop
+                log.exception("key store refresh failed")
+
+    async def usage_rows(self) -> list[UsageRow]:
+        stored = await asyncio.to_thread(self.store.usage) if self.store is not None else []
+        return merge(stored, [(k, m, r, p, c) for (k, m), (r, p, c) in self.usage.pending.items()])
+
+    def keys(self) -> list[ApiKey]:
+        return self.ring.all()
