@@ -25,7 +25,6 @@ KUBE = ROOT / "deploy" / "kubernetes"
 K8S_VERSION = "1.33.0"
 # Custom resources, whose schemas belong to their operators and are not bundled: checked by hand below.
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
-DRAIN_TIMEOUT = 30  # server.drain_timeout's default
 
 
 def run(*cmd: str | Path) -> subprocess.CompletedProcess[str]:
@@ -101,7 +100,8 @@ def test_kubernetes_overlay(overlay: str) -> None:
     deployment = by_kind(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert pod["terminationGracePeriodSeconds"] == DRAIN_TIMEOUT + 5
+    drain = load_settings(str(KUBE / "base" / "config.yaml")).server.drain_timeout
+    assert pod["terminationGracePeriodSeconds"] == drain + 5  # the drain, then 5 s for preStop
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["startupProbe"]["httpGet"]["path"] == "/ready"
