@@ -220,7 +220,7 @@ def test_a_client_that_leaves_frees_its_slots_on_every_route(
     monkeypatch.setattr(step_model, "forward", slow)
     data = json.dumps(body).encode()
     request = (
-        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     ).encode() + data
     given = body.get("prompt", body.get("inputs"))
     prompts = len(given) if isinstance(given, list) else 1
