@@ -36,6 +36,19 @@ from gateway.state import AppState
 
 log = logging.getLogger(__name__)
 
+ROUTE_MODULES = (
+    openai_chat,
+    openai_completions,
+    openai_embeddings,
+    openai_models,
+    ops,
+    admin_keys,
+    admin_models,
+    tgi,
+    ui,
+    hf_tasks,
+)
+
 
 def create_app(
     settings: Settings,
@@ -81,33 +94,25 @@ def create_app(
     # of FastAPI's own /openapi.json and /docs; the catch-all `/models/{model_id:path}` routes last.
     # The routes themselves, not include_router: FastAPI matches an included router lazily on
     # every request (twice), which cost a measurable share of the upstream hot path.
-    modules = (
-        openai_chat,
-        openai_completions,
-        openai_embeddings,
-        openai_models,
-        ops,
-        admin_keys,
-        admin_models,
-        tgi,
-        ui,
-        hf_tasks,
-    )
-    app.router.routes[:0] = [route for module in modules for route in module.router.routes]
+    app.router.routes[:0] = [route for module in ROUTE_MODULES for route in module.router.routes]
     cache = response_cache(server, redis)
     app.add_middleware(
         GatewayMiddleware, metrics=metrics, settings=server, access=access, drain=state.drain, cache=cache
     )
     if server.cors_origins:  # outermost: a preflight is answered before any key is asked for
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=server.cors_origins,
-            allow_methods=server.cors_methods,
-            allow_headers=server.cors_headers,
-            expose_headers=CORS_EXPOSED,
-            max_age=600,
-        )
+        add_cors(app, server)
     return app
+
+
+def add_cors(app: FastAPI, server: ServerSettings) -> None:
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=server.cors_origins,
+        allow_methods=server.cors_methods,
+        allow_headers=server.cors_headers,
+        expose_headers=CORS_EXPOSED,
+        max_age=600,
+    )
 
 
 # Response headers a browser app may read (rate limits, cache, request id).

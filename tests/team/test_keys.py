@@ -57,10 +57,14 @@ def test_scopes_and_models_of_a_created_key(team: LiveServer) -> None:
     assert httpx.post(f"{url}/generate", json={"inputs": "a"}, headers=bearer(token)).status_code == 200
     hf = httpx.post(f"{url}/models/fake-embed", json={"inputs": "a"}, headers=bearer(token))
     assert hf.status_code == 404 and hf.json()["error_type"] == "not_found"
-    # no metrics, no admin
+    # no metrics (nor the dashboard's data), no admin
     assert httpx.get(f"{url}/metrics", headers=bearer(token)).status_code == 403
+    assert httpx.get(f"{url}/ui/api/dashboard", headers=bearer(token)).status_code == 403
+    assert httpx.get(f"{url}/ui/dashboard").status_code == 200  # the page itself is open: it asks for a key
     forbidden = httpx.get(f"{url}/admin/keys", headers=bearer(token))
     assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "insufficient_scope"
+    for path in ("/admin/models", "/admin/usage"):  # models at run time are admin work too
+        assert httpx.get(f"{url}{path}", headers=bearer(token)).status_code == 403
 
 
 def test_models_named_by_alias(team: LiveServer) -> None:
@@ -75,7 +79,7 @@ def test_models_named_by_alias(team: LiveServer) -> None:
 def test_metrics_scope(team: LiveServer) -> None:
     token = create_key(team.url, name="prometheus", scopes=["metrics"])["key"]
     assert httpx.get(f"{team.url}/metrics", headers=bearer(token)).status_code == 200
-    assert httpx.get(f"{team.url}/ui/api/dashboard", headers=bearer(token)).status_code == 404  # allowed; no UI here
+    assert httpx.get(f"{team.url}/ui/api/dashboard", headers=bearer(token)).status_code == 200
     refused = httpx.post(f"{team.url}/v1/chat/completions", json=CHAT, headers=bearer(token))
     assert refused.status_code == 403 and refused.json()["error"]["type"] == "permission_error"
 

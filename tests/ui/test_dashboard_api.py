@@ -87,7 +87,7 @@ def test_numbers_follow_the_traffic(server: LiveServer) -> None:
     assert itl["count"] >= 3 and itl["p50"] is not None and itl["p50"] <= itl["p99"]
     models = {m["name"]: m for m in body["models"]}
     assert models.keys() == {"fake-chat", "fake-embed"} and models["fake-chat"]["state"] == "ready"
-    metrics = httpx.get(server.url + "/metrics").text  # the same registry Prometheus scrapes
+    metrics = httpx.get(server.url + "/metrics", headers={"authorization": "Bearer k1"}).text  # what Prometheus scrapes
     assert 'gateway_inter_token_latency_seconds_count{model="fake-chat"}' in metrics
 
 

@@ -21,7 +21,7 @@ class Family(str, enum.Enum):
 
 
 DEFAULT_FAMILY = Family.HF
-UNROUTED_PREFIXES = (("/v1/", Family.OPENAI),)
+UNROUTED_PREFIXES = (("/v1/", Family.OPENAI), ("/admin/", Family.OPENAI))  # the admin API answers as OpenAI does
 
 
 OPENAI_ERROR = {
