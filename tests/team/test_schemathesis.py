@@ -14,6 +14,9 @@ from tests.helpers import LiveServer, settings_for
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 MAX_SECONDS = 45
+# CPython 3.11 before 3.11.8 can raise this inside schemathesis' generator under deep recursion
+# (python/cpython#106905); it is the tool crashing, and the whole run is repeated once.
+CPYTHON_AST_BUG = "AST constructor recursion depth mismatch"
 
 
 def test_openapi_document_holds(tmp_path: Path) -> None:
@@ -32,6 +35,8 @@ def test_openapi_document_holds(tmp_path: Path) -> None:
             "--request-timeout", "10",
         ]  # fmt: skip
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=MAX_SECONDS + 60)
+        if CPYTHON_AST_BUG in run.stdout:  # schemathesis' own crash, not a finding about our API: once more
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=MAX_SECONDS + 60)
     report = run.stdout[-20000:]
     assert run.returncode == 0, report
     assert " passed" in report and "generated" in report
