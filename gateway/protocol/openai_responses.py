@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
-from gateway.domain import EmbeddingResult, GenerationEvent, GenerationResult, StreamEnd, TokenDelta, Usage
+from gateway.domain import (
+    Choice,
+    EmbeddingResult,
+    GenerationEvent,
+    GenerationResult,
+    StreamEnd,
+    TokenDelta,
+    ToolCallDelta,
+    Usage,
+)
 from gateway.errors import GatewayError
 from gateway.protocol.openai import encode_embedding
 
@@ -24,6 +33,17 @@ def _reason(delta: TokenDelta) -> str | None:
     return delta.finish_reason.openai if delta.finish_reason is not None else None
 
 
+def chat_message(choice: Choice) -> dict[str, Any]:
+    """An answer's message: its text, or (content null) its tool calls."""
+    if not choice.tool_calls:
+        return {"role": "assistant", "content": choice.text}
+    calls = [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in choice.tool_calls
+    ]
+    return {"role": "assistant", "content": choice.text or None, "tool_calls": calls}
+
+
 def chat_completion(result: GenerationResult, *, id: str, model: str, created: int) -> dict[str, Any]:
     return {
         "id": id,
@@ -34,7 +54,7 @@ def chat_completion(result: GenerationResult, *, id: str, model: str, created: i
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": chat_message(c),
                 "finish_reason": c.finish_reason.openai if c.finish_reason else None,
                 "logprobs": None,
             }
@@ -67,6 +87,20 @@ def chat_delta_choice(delta: TokenDelta, *, first: bool) -> dict[str, Any]:
     return {"index": delta.index, "delta": body, "finish_reason": _reason(delta), "logprobs": None}
 
 
+def tool_call_choice(delta: ToolCallDelta, *, first: bool) -> dict[str, Any]:
+    """A piece of a streamed tool call: index, id, type and name first, then argument fragments."""
+    call: dict[str, Any] = {"index": delta.call}
+    if delta.id is not None:
+        call["id"], call["type"] = delta.id, "function"
+        call["function"] = {"name": delta.name, "arguments": delta.arguments}
+    else:
+        call["function"] = {"arguments": delta.arguments}
+    body: dict[str, Any] = {"tool_calls": [call]}
+    if first:
+        body["role"], body["content"] = "assistant", None
+    return {"index": delta.index, "delta": body, "finish_reason": None, "logprobs": None}
+
+
 async def chat_chunks(
     events: AsyncIterator[GenerationEvent], *, id: str, model: str, created: int, include_usage: bool
 ) -> AsyncIterator[dict[str, Any]]:
@@ -76,6 +110,11 @@ async def chat_chunks(
         if isinstance(event, StreamEnd):
             if include_usage:
                 yield chat_chunk(id=id, model=model, created=created, choices=[], usage=event.usage)
+            continue
+        if isinstance(event, ToolCallDelta):
+            choice = tool_call_choice(event, first=event.index not in started)
+            started.add(event.index)
+            yield chat_chunk(id=id, model=model, created=created, choices=[choice])
             continue
         if not event.text and event.finish_reason is None and event.index in started:
             continue  # nothing to say yet (held-back or partial character)
@@ -136,7 +175,7 @@ async def completion_chunks(
         if isinstance(event, StreamEnd):
             if include_usage:
                 yield completion_chunk(id=id, model=model, created=created, delta=None, usage=event.usage)
-        elif event.text or event.finish_reason is not None:
+        elif isinstance(event, TokenDelta) and (event.text or event.finish_reason is not None):
             yield completion_chunk(id=id, model=model, created=created, delta=event)
 
 
