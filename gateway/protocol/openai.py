@@ -238,6 +238,8 @@ class ChatMessageIn(BaseModel):
             raise InvalidRequest("A message with role 'tool' needs 'tool_call_id'.", param=where + "tool_call_id")
         if self.tool_calls and self.role != "assistant":
             raise InvalidRequest("Only assistant messages have 'tool_calls'.", param=where + "tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise InvalidRequest("Only tool messages have 'tool_call_id'.", param=where + "tool_call_id")
         check_extras(
             self.model_extra or {},
             where=where,
