@@ -1,7 +1,7 @@
 """Compare grammar engines for constrained decoding on this CPU: compile time per JSON schema and
 token-mask time per decoding step, with the default model's tokenizer (SmolLM2, 49k tokens).
 
-    python bench/grammar_engines.py [--out bench/results/grammar_engines.json]
+    python bench/grammar_engines.py [--out bench/grammar_engines.json]
 
 Each engine walks the same forced JSON (a valid instance of each schema, tokenized) and computes
 the allowed-token mask before every token, as the gateway's engine would.
@@ -164,7 +164,7 @@ def bench_outlines(tok: Any, vocab: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="bench/results/grammar_engines.json")
+    parser.add_argument("--out", default="bench/grammar_engines.json")
     args = parser.parse_args()
     tok = tokenizer()
     vocab = len(tok)
