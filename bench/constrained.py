@@ -50,7 +50,9 @@ def schema(k: int) -> dict[str, Any]:
 async def one(client: httpx.AsyncClient, url: str, k: int, constrained: bool, max_tokens: int) -> int:
     body: dict[str, Any] = {
         "model": MODEL,
-        "messages": [{"role": "user", "content": PROMPTS[k % len(PROMPTS)] + (" Answer in JSON." if constrained else "")}],
+        "messages": [
+            {"role": "user", "content": PROMPTS[k % len(PROMPTS)] + (" Answer in JSON." if constrained else "")}
+        ],
         "max_tokens": max_tokens,
         "temperature": 0.7,
         "seed": k,
@@ -95,7 +97,11 @@ def compile_times(count: int) -> dict[str, float]:
         started = time.perf_counter()
         compiler.compile(Grammar("json_schema", json.dumps(schema(k))))
         times.append(time.perf_counter() - started)
-    return {"tokenizer_setup_ms": setup * 1e3, "compile_median_ms": statistics.median(times) * 1e3, "compile_max_ms": max(times) * 1e3}
+    return {
+        "tokenizer_setup_ms": setup * 1e3,
+        "compile_median_ms": statistics.median(times) * 1e3,
+        "compile_max_ms": max(times) * 1e3,
+    }
 
 
 def main() -> None:

@@ -58,7 +58,16 @@ SCHEMAS = [
     _obj({"numbers": {"type": "array", "items": _N, "maxItems": 3}, "total": _N}),
     _obj({"pet": _obj({"species": {"enum": ["cat", "dog"]}, "age": _I})}),
     _obj({"q": _S, "a": _S}),
-    _obj({"rgb": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}, "minItems": 3, "maxItems": 3}}),
+    _obj(
+        {
+            "rgb": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 255},
+                "minItems": 3,
+                "maxItems": 3,
+            }
+        }
+    ),
     _obj({"book": _obj({"title": _S, "authors": {"type": "array", "items": _S, "maxItems": 2}})}),
 ]
 UNCONSTRAINED = ["Name a fruit.", "What is 2+2?", "Say hello in French.", "Name a colour.", "Count to three."]
@@ -182,7 +191,10 @@ def test_tgi_grammar_json_and_regex(smol_server) -> None:  # type: ignore[no-unt
     schema = _obj({"name": _S, "age": _I})
     r = httpx.post(
         f"{smol_server.url}/generate",
-        json={"inputs": "A person as JSON:", "parameters": {"max_new_tokens": 40, "grammar": {"type": "json", "value": schema}}},
+        json={
+            "inputs": "A person as JSON:",
+            "parameters": {"max_new_tokens": 40, "grammar": {"type": "json", "value": schema}},
+        },
         timeout=120,
     )
     assert r.status_code == 200, r.text
@@ -200,7 +212,10 @@ def test_tgi_grammar_json_and_regex(smol_server) -> None:  # type: ignore[no-unt
     jsonschema.validate(json.loads(streamed), schema)
     hosted = httpx.post(
         f"{smol_server.url}/models/{CHAT}",
-        json={"inputs": "Yes or no?", "parameters": {"max_new_tokens": 4, "grammar": {"type": "regex", "value": "(yes|no)"}}},
+        json={
+            "inputs": "Yes or no?",
+            "parameters": {"max_new_tokens": 4, "grammar": {"type": "regex", "value": "(yes|no)"}},
+        },
         timeout=120,
     )
     assert hosted.status_code == 200 and hosted.json()[0]["generated_text"] in ("yes", "no"), hosted.text

@@ -19,7 +19,10 @@ WEATHER = {
 }
 TIME = {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER}},
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER},
+    },
     {"type": "function", "function": {"name": "get_time", "description": "Time in a timezone", "parameters": TIME}},
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}

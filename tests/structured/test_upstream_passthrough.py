@@ -30,8 +30,16 @@ SCHEMA = {
 @pytest.fixture(scope="module")
 def chain(smol_server: LiveServer) -> Iterator[LiveServer]:
     models = [
-        {"name": "remote", "task": "text-generation", "backend": upstream(f"{smol_server.url}/v1", model=CHAT, **SLOW_OK)},
-        {"name": "remote-tgi", "task": "text-generation", "backend": upstream(smol_server.url, dialect="tgi", **SLOW_OK)},
+        {
+            "name": "remote",
+            "task": "text-generation",
+            "backend": upstream(f"{smol_server.url}/v1", model=CHAT, **SLOW_OK),
+        },
+        {
+            "name": "remote-tgi",
+            "task": "text-generation",
+            "backend": upstream(smol_server.url, dialect="tgi", **SLOW_OK),
+        },
     ]
     with front(models) as server:
         server.wait_ready(30)
@@ -54,7 +62,10 @@ def test_tools_and_response_format_answers_equal_the_upstreams(chain: LiveServer
     streamed = list(via.chat.completions.create(model="remote", stream=True, **args))
     pieces = [tc for c in streamed if c.choices for tc in c.choices[0].delta.tool_calls or ()]
     assert pieces[0].function.name == "get_weather" and pieces[0].id  # type: ignore[union-attr]
-    assert "".join(p.function.arguments or "" for p in pieces) == direct.choices[0].message.tool_calls[0].function.arguments  # type: ignore[index,union-attr]
+    assert (
+        "".join(p.function.arguments or "" for p in pieces)
+        == direct.choices[0].message.tool_calls[0].function.arguments
+    )  # type: ignore[index,union-attr]
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
     fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}}
     fmt_args: dict[str, Any] = dict(messages=[{"role": "user", "content": "A person"}], temperature=0, max_tokens=60)
