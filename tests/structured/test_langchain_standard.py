@@ -20,7 +20,8 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa:
 
 from tests.structured.conftest import CHAT  # noqa: E402
 
-pytestmark = [pytest.mark.slow]
+# The suite's coroutine tests carry no marker (LangChain's projects run pytest-asyncio in auto mode).
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio, pytest.mark.filterwarnings("ignore::pytest.PytestWarning")]
 
 _URL: dict[str, str] = {}
 AUTO_CHOICE = "the 135M model, free to answer or call (tool_choice auto), does not call the tool the test expects"
@@ -43,7 +44,8 @@ class TestGatewayChatOpenAI(ChatModelIntegrationTests):
             "base_url": _URL["v1"],
             "api_key": "unused",
             "temperature": 0,
-            "max_tokens": 64,
+            "max_tokens": 128,
+            "stream_usage": True,
             "max_retries": 0,
             "timeout": 300,
         }

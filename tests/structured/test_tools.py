@@ -49,11 +49,14 @@ def test_required_and_named_choices_call_with_valid_arguments(client: openai.Ope
             assert len(resp.choices[0].message.tool_calls or []) == 1
 
 
-def test_parallel_tool_calls_false_gives_one_call(client: openai.OpenAI) -> None:
-    resp = client.chat.completions.create(
-        model=CHAT, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=0
-    )  # type: ignore[arg-type]
-    assert len(resp.choices[0].message.tool_calls or []) == 1
+def test_parallel_tool_calls(client: openai.OpenAI) -> None:
+    ask = [{"role": "user", "content": "What is the weather in Paris, and in Rome?"}]
+    for parallel, most in [(False, 1), (True, 4)]:
+        resp = client.chat.completions.create(
+            model=CHAT, messages=ask, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel, temperature=0
+        )  # type: ignore[arg-type]
+        calls = resp.choices[0].message.tool_calls or []
+        assert 1 <= len(calls) <= most and len({(c.function.name, c.function.arguments) for c in calls}) == len(calls)
 
 
 def test_none_and_auto_answer_in_a_valid_shape(client: openai.OpenAI) -> None:

@@ -34,8 +34,9 @@ from gateway.domain import (
 from gateway.ids import unique_hex
 
 ARGUMENT_PIECE = 24  # characters of arguments per streamed fragment
-# Calls in one forced answer when parallel calls are allowed: a small model tends to repeat its
-# call until the budget runs out; repeats (same name and arguments) are dropped when parsing.
+# Calls in one forced answer when the request sets parallel_tool_calls: true. Unset, a forced
+# answer is one call: a small model tends to repeat its call until the budget runs out (repeats,
+# same name and arguments, are dropped when parsing anyway).
 MAX_PARALLEL = 4
 _TAGGED = re.compile(r"^\s*<tool_call>\s*(.*?)\s*(?:</tool_call>\s*)?$", re.S)
 
@@ -64,7 +65,7 @@ def calls_schema(request: GenerationRequest) -> dict[str, Any]:
     name = request.tool_choice.name if request.tool_choice else None
     tools = [t for t in request.tools if name is None or t.name == name]
     items = _call_schema(tools[0]) if len(tools) == 1 else {"anyOf": [_call_schema(t) for t in tools]}
-    single = name is not None or request.parallel_tool_calls is False
+    single = name is not None or request.parallel_tool_calls is not True
     schema: dict[str, Any] = {"type": "array", "items": items, "minItems": 1, "maxItems": 1 if single else MAX_PARALLEL}
     return schema
 
