@@ -21,10 +21,23 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa:
 from tests.structured.conftest import CHAT  # noqa: E402
 
 # The suite's coroutine tests carry no marker (LangChain's projects run pytest-asyncio in auto mode).
-pytestmark = [pytest.mark.slow, pytest.mark.asyncio, pytest.mark.filterwarnings("ignore::pytest.PytestWarning")]
+# One event loop for the module: langchain-openai keeps its async HTTP client between calls.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestWarning"),
+]
 
 _URL: dict[str, str] = {}
 AUTO_CHOICE = "the 135M model, free to answer or call (tool_choice auto), does not call the tool the test expects"
+JSON_MODE = (
+    "json_mode has no schema: {type: json_object} admits any object, and the 135M model keeps adding keys "
+    "until max_tokens (finish_reason length, reported as such; the schema tests pass)"
+)
+ARGUMENT = (
+    "the call is forced and valid (magic_function with an integer input), but the 135M model picks the "
+    "value: it writes input 100 for 'magic_function(3)'"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +57,7 @@ class TestGatewayChatOpenAI(ChatModelIntegrationTests):
             "base_url": _URL["v1"],
             "api_key": "unused",
             "temperature": 0,
-            "max_tokens": 128,
+            "max_tokens": 200,
             "stream_usage": True,
             "frequency_penalty": 0.5,  # greedy 135M output otherwise loops inside a JSON string until max_tokens
             "max_retries": 0,
@@ -74,3 +87,19 @@ class TestGatewayChatOpenAI(ChatModelIntegrationTests):
     @property
     def returns_usage_metadata(self) -> bool:
         return True
+
+    @pytest.mark.xfail(reason=ARGUMENT, strict=False)
+    def test_tool_calling(self, model: Any) -> None:
+        super().test_tool_calling(model)
+
+    @pytest.mark.xfail(reason=ARGUMENT, strict=False)
+    async def test_tool_calling_async(self, model: Any) -> None:
+        await super().test_tool_calling_async(model)
+
+    @pytest.mark.xfail(reason=AUTO_CHOICE, strict=False)
+    def test_agent_loop(self, model: Any) -> None:
+        super().test_agent_loop(model)
+
+    @pytest.mark.xfail(reason=JSON_MODE, strict=False)
+    def test_json_mode(self, model: Any) -> None:
+        super().test_json_mode(model)

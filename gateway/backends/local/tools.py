@@ -98,7 +98,9 @@ def _arguments(text: str) -> Any:
 
 
 def generic_block(request: GenerationRequest) -> str:
-    lines = ["You can call these functions (JSON schemas of their parameters); take the arguments' values from the request:"]
+    lines = [
+        "You can call these functions (JSON schemas of their parameters); take the arguments' values from the request:"
+    ]
     lines += [json.dumps(_function(t)) for t in request.tools]
     example = '[{"name": "<function name>", "arguments": {<arguments>}}]'
     choice = request.tool_choice
