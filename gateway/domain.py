@@ -44,15 +44,32 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop sequence was produced
     EOS = "eos"  # the model produced its end-of-sequence token
     LENGTH = "length"  # the token budget ran out
+    TOOL_CALLS = "tool_calls"  # the answer is one or more tool calls
 
     @property
     def openai(self) -> str:
         """OpenAI has no separate reason for end-of-sequence: both ends are "stop"."""
-        return "length" if self is FinishReason.LENGTH else "stop"
+        if self is FinishReason.LENGTH or self is FinishReason.TOOL_CALLS:
+            return self.value
+        return "stop"
 
 
 # Seeds are 64-bit signed integers, the range OpenAI accepts; a larger one overflows a sampler's generator.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A constraint on the generated text, enforced token by token (constrained decoding).
+
+    `kind` "json_schema" (value: the schema as JSON text), "json_object" (any JSON object),
+    "regex" or "lark" (value: the pattern or grammar). `param` names the request field it came
+    from, for the error that refuses a grammar that cannot be compiled.
+    """
+
+    kind: str
+    value: str = ""
+    param: str = "response_format"
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,7 @@ class SamplingParams:
     # (before penalties, temperature, top-k and top-p, as OpenAI and vLLM report it), with the
     # token's own text and bytes (TokenDelta.own); TGI's details keep the distribution sampled from.
     logprobs: bool = False
+    grammar: Grammar | None = None  # constrained decoding: the output matches it
 
     @property
     def greedy(self) -> bool:
@@ -81,9 +99,38 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One function call of an assistant message; `arguments` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call; `parameters` is its JSON schema as JSON text."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type": "object", "properties": {}}'
+    strict: bool | None = None
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """`mode` none, auto or required; `name` set when one named function must be called."""
+
+    mode: str = "auto"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str
-    content: str
+    content: str | None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +147,16 @@ class GenerationRequest:
     # OpenAI completions' `echo`: each choice starts with the prompt's tokens (TokenDelta.echoed),
     # with their log-probabilities when `sampling.logprobs`; usage counts them as prompt only.
     echo: bool = False
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None  # None: not given (auto when there are tools)
+    parallel_tool_calls: bool | None = None
+    # the client's response_format as sent (an upstream of the OpenAI dialect gets it unchanged)
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer may be tool calls."""
+        return bool(self.tools) and (self.tool_choice is None or self.tool_choice.mode != "none")
 
 
 @dataclass(frozen=True)
@@ -166,8 +223,20 @@ class StreamEnd:
     usage: Usage
 
 
-# What a generation stream yields: token deltas, then one StreamEnd.
-GenerationEvent = TokenDelta | StreamEnd
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call of choice `index`: the first piece of call `call` carries its id
+    and name, the next ones fragments of its arguments (JSON text, concatenated in order)."""
+
+    index: int
+    call: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+# What a generation stream yields: token deltas (and tool-call deltas), then one StreamEnd.
+GenerationEvent = TokenDelta | ToolCallDelta | StreamEnd
 
 
 @dataclass
@@ -176,6 +245,7 @@ class Choice:
     text: str
     finish_reason: FinishReason | None  # None: an upstream that did not say
     tokens: list[TokenDelta] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass

@@ -28,6 +28,8 @@ from gateway.domain import (
     Task,
     TaskRequest,
     TokenDelta,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from gateway.errors import TaskNotSupported, UnsupportedParameter
@@ -187,14 +189,21 @@ async def collect(events: AsyncIterator[GenerationEvent], n: int) -> GenerationR
     texts = [""] * n
     tokens: list[list[TokenDelta]] = [[] for _ in range(n)]
     finish: list[Any] = [None] * n
+    calls: list[list[ToolCall]] = [[] for _ in range(n)]
     usage = Usage()
     async for event in events:
         if isinstance(event, StreamEnd):
             usage = event.usage
+        elif isinstance(event, ToolCallDelta):
+            found = calls[event.index]
+            if event.call >= len(found):
+                found.append(ToolCall(event.id or "", event.name or "", ""))
+            call = found[event.call]
+            found[event.call] = ToolCall(call.id, call.name, call.arguments + event.arguments)
         else:
             texts[event.index] += event.text
             tokens[event.index].append(event)
             if event.finish_reason is not None:
                 finish[event.index] = event.finish_reason
-    choices = [Choice(i, texts[i], finish[i], tokens[i]) for i in range(n)]
+    choices = [Choice(i, texts[i], finish[i], tokens[i], calls[i]) for i in range(n)]
     return GenerationResult(choices=choices, usage=usage)

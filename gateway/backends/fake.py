@@ -25,6 +25,7 @@ from gateway.domain import (
     TokenDelta,
     Usage,
 )
+from gateway.errors import UnsupportedParameter
 
 
 class _WordTokenizer:
@@ -55,7 +56,7 @@ class FakeBackend(Backend):
     @staticmethod
     def _prompt_words(request: GenerationRequest) -> list[str]:
         if request.messages is not None:
-            text = request.messages[-1].content if request.messages else ""
+            text = (request.messages[-1].content or "") if request.messages else ""
         elif isinstance(request.prompt, list):
             text = " ".join(str(t) for t in request.prompt)
         else:
@@ -65,6 +66,10 @@ class FakeBackend(Backend):
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         params = request.sampling
+        if params.grammar is not None:  # echoes words: it cannot follow a grammar, so it refuses one
+            raise UnsupportedParameter(params.grammar.param, f"is not supported by model '{self.name}'")
+        if request.calls_tools:
+            raise UnsupportedParameter("tools", f"is not supported by model '{self.name}'")
         words = self._prompt_words(request)
         max_tokens = params.max_tokens if params.max_tokens is not None else len(words)
         produced = 0

@@ -13,29 +13,36 @@ neutral value's type too. A field declared on a request model (chat's `logprobs`
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from gateway.config import KeepAlive
-from gateway.domain import SEED_MAX, SEED_MIN, ChatMessage, EmbeddingRequest, GenerationRequest, SamplingParams
+from gateway.domain import (
+    SEED_MAX,
+    SEED_MIN,
+    ChatMessage,
+    EmbeddingRequest,
+    GenerationRequest,
+    Grammar,
+    SamplingParams,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
 from gateway.errors import InvalidRequest, UnsupportedParameter
 
-NO_EFFECT_FIELDS = frozenset(
-    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
-)
+NO_EFFECT_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 # Fields the server knows but cannot honour, with the value that asks for nothing (for the
 # endpoints that do not declare them: chat has no `echo`, completions no `top_logprobs`).
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "logit_bias": (None, {}),
-    "response_format": (None, {"type": "text"}),
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -53,11 +60,9 @@ STREAM_OPTION_NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "continuous_usage_stats": (None, False),
     "include_obfuscation": (None, False),
 }
-# Fields of a chat message that belong to tool calling (which this server does not do) or
-# to an earlier answer's extras; accepted only empty, as clients echo them back that way.
+# Fields of a chat message that belong to legacy function calling or to an earlier answer's
+# extras; accepted only empty, as clients echo them back that way.
 MESSAGE_NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "tool_calls": (None, []),
-    "tool_call_id": (None,),
     "function_call": (None,),
     "refusal": (None,),
     "audio": (None,),
@@ -117,6 +122,34 @@ class StreamOptions(BaseModel):
         )
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def grammar(self) -> Grammar | None:
+        """The constraint it asks for (None: plain text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return Grammar("json_object")
+        if self.json_schema is None:
+            raise InvalidRequest("response_format of type 'json_schema' needs 'json_schema'.", param="response_format")
+        schema = self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
+        return Grammar("json_schema", json.dumps(schema), param="response_format.json_schema.schema")
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 class _SamplingFields(_WireModel):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -132,6 +165,7 @@ class _SamplingFields(_WireModel):
     # Extensions many OpenAI-compatible servers take through `extra_body`.
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -153,7 +187,14 @@ class _SamplingFields(_WireModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
             n=self.n,
+            grammar=self.response_format.grammar() if self.response_format is not None else None,
         )
+
+    def response_format_wire(self) -> dict[str, Any] | None:
+        """The response_format to hand an upstream unchanged (None when absent or plain text)."""
+        if self.response_format is None or self.response_format.type == "text":
+            return None
+        return self.response_format.wire()
 
     @property
     def include_usage(self) -> bool:
@@ -176,17 +217,35 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")
-    # `tool` is known so that it gets the clear unsupported_parameter answer, not a validation error.
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an earlier assistant answer's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def ignored_fields(self, index: int) -> list[str]:
         where = f"messages[{index}]."
-        if self.role == "tool":
-            raise UnsupportedParameter(where + "role", "is 'tool', which needs tool calling (not supported)")
+        if self.role == "tool" and not self.tool_call_id:
+            raise InvalidRequest("A message with role 'tool' needs 'tool_call_id'.", param=where + "tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise InvalidRequest("Only assistant messages have 'tool_calls'.", param=where + "tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise InvalidRequest("Only tool messages have 'tool_call_id'.", param=where + "tool_call_id")
         check_extras(
             self.model_extra or {},
             where=where,
@@ -213,14 +272,72 @@ class ChatMessageIn(BaseModel):
         else:
             content = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=content)
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+        if self.content is None and calls:
+            return ChatMessage(role=role, content=None, tool_calls=calls)
+        return ChatMessage(role=role, content=content, tool_calls=calls, tool_call_id=self.tool_call_id)
 
 
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limits
 MAX_COMPLETION_LOGPROBS = 5
 
 
-class ChatCompletionRequest(_SamplingFields):
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+    def to_domain(self) -> Tool:
+        f = self.function
+        parameters = f.parameters if f.parameters is not None else {"type": "object", "properties": {}}
+        return Tool(f.name, f.description or "", json.dumps(parameters), f.strict)
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class _ToolFields(BaseModel):
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_request(self) -> dict[str, Any]:
+        """The GenerationRequest fields for tool calling (checked: a named choice must be a tool)."""
+        tools = tuple(t.to_domain() for t in self.tools or ())
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in {t.name for t in tools}:
+                raise InvalidRequest(
+                    f"tool_choice names the function '{choice.function.name}', which is not in 'tools'.",
+                    param="tool_choice",
+                )
+            domain_choice: ToolChoice | None = ToolChoice("required", choice.function.name)
+        elif choice is not None:
+            if choice == "required" and not tools:
+                raise InvalidRequest("tool_choice 'required' needs at least one tool in 'tools'.", param="tool_choice")
+            domain_choice = ToolChoice(choice)
+        else:
+            domain_choice = None
+        return {"tools": tools, "tool_choice": domain_choice, "parallel_tool_calls": self.parallel_tool_calls}
+
+
+class ChatCompletionRequest(_SamplingFields, _ToolFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool | None = None
@@ -248,8 +365,13 @@ class ChatCompletionRequest(_SamplingFields):
                 )
         limit = self.max_completion_tokens or self.max_tokens
         messages = tuple(m.to_domain(i) for i, m in enumerate(self.messages))
-        sampling = self._with_logprobs(self.sampling(limit))
-        return GenerationRequest(sampling=sampling, messages=messages, request_id=request_id)
+        return GenerationRequest(
+            sampling=self._with_logprobs(self.sampling(limit)),
+            messages=messages,
+            request_id=request_id,
+            response_format=self.response_format_wire(),
+            **self.tool_request(),
+        )
 
 
 class CompletionRequest(_SamplingFields):
@@ -279,8 +401,12 @@ class CompletionRequest(_SamplingFields):
         if self.logprobs is not None:
             sampling = replace(sampling, logprobs=True, top_n=self.logprobs)
         echo = bool(self.echo)
+        response_format = self.response_format_wire()
         return [
-            GenerationRequest(sampling=sampling, prompt=p, request_id=request_id, echo=echo) for p in self.prompts()
+            GenerationRequest(
+                sampling=sampling, prompt=p, request_id=request_id, echo=echo, response_format=response_format
+            )
+            for p in self.prompts()
         ]
 
 

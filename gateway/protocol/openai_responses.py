@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from gateway.domain import (
+    Choice,
     EmbeddingResult,
     GenerationEvent,
     GenerationResult,
     StreamEnd,
     TokenDelta,
     TokenText,
+    ToolCallDelta,
     TopToken,
     Usage,
 )
@@ -104,6 +106,17 @@ def completion_logprobs(tokens: Iterable[TokenDelta], offsets: TextOffsets | Non
 # --- chat ----------------------------------------------------------------------------------------
 
 
+def chat_message(choice: Choice) -> dict[str, Any]:
+    """An answer's message: its text, or (content null) its tool calls."""
+    if not choice.tool_calls:
+        return {"role": "assistant", "content": choice.text}
+    calls = [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in choice.tool_calls
+    ]
+    return {"role": "assistant", "content": choice.text or None, "tool_calls": calls}
+
+
 def chat_completion(
     result: GenerationResult, *, id: str, model: str, created: int, logprobs: bool = False
 ) -> dict[str, Any]:
@@ -116,7 +129,7 @@ def chat_completion(
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": chat_message(c),
                 "finish_reason": c.finish_reason.openai if c.finish_reason else None,
                 "logprobs": chat_logprobs(c.tokens) if logprobs else None,
             }
@@ -152,6 +165,20 @@ def chat_delta_choice(
     return {"index": delta.index, "delta": body, "finish_reason": _reason(delta), "logprobs": scores}
 
 
+def tool_call_choice(delta: ToolCallDelta, *, first: bool) -> dict[str, Any]:
+    """A piece of a streamed tool call: index, id, type and name first, then argument fragments."""
+    call: dict[str, Any] = {"index": delta.call}
+    if delta.id is not None:
+        call["id"], call["type"] = delta.id, "function"
+        call["function"] = {"name": delta.name, "arguments": delta.arguments}
+    else:
+        call["function"] = {"arguments": delta.arguments}
+    body: dict[str, Any] = {"tool_calls": [call]}
+    if first:
+        body["role"], body["content"] = "assistant", None
+    return {"index": delta.index, "delta": body, "finish_reason": None, "logprobs": None}
+
+
 async def chat_chunks(
     events: AsyncIterator[GenerationEvent],
     *,
@@ -170,6 +197,11 @@ async def chat_chunks(
         if isinstance(event, StreamEnd):
             if include_usage:
                 yield chat_chunk(id=id, model=model, created=created, choices=[], usage=event.usage)
+            continue
+        if isinstance(event, ToolCallDelta):
+            choice = tool_call_choice(event, first=event.index not in started)
+            started.add(event.index)
+            yield chat_chunk(id=id, model=model, created=created, choices=[choice])
             continue
         if logprobs and scored(event):
             pending.setdefault(event.index, []).append(chat_logprob(event))
@@ -254,6 +286,8 @@ async def completion_chunks(
             if include_usage:
                 yield completion_chunk(id=id, model=model, created=created, delta=None, usage=event.usage)
             continue
+        if not isinstance(event, TokenDelta):
+            continue  # completions have no tool calls
         if logprobs and scored(event):
             pending.setdefault(event.index, []).append(event)
         if not event.text and event.finish_reason is None:

@@ -7,9 +7,10 @@ parameter TGI has but this server cannot honour is a validation error naming it.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -20,6 +21,7 @@ from gateway.domain import (
     GenerationEvent,
     GenerationRequest,
     GenerationResult,
+    Grammar,
     ModelState,
     SamplingParams,
     StreamEnd,
@@ -41,6 +43,7 @@ TGI_FINISH = {
     FinishReason.LENGTH: "length",
     FinishReason.EOS: "eos_token",
     FinishReason.STOP: "stop_sequence",
+    FinishReason.TOOL_CALLS: "eos_token",  # (never on TGI routes, which take no tools)
 }
 
 # TGI parameters this server cannot honour, with the values that ask for nothing.
@@ -48,8 +51,27 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
     "watermark": (None, False),
     "typical_p": (None, 1.0),
-    "grammar": (None,),
 }
+
+
+class TGIGrammar(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json", "json_object", "json_schema", "regex"]
+    value: dict[str, Any] | str
+
+    def to_domain(self) -> Grammar:
+        param = "parameters.grammar.value"
+        if self.type == "regex":
+            if not isinstance(self.value, str):
+                raise InvalidRequest("A regex grammar's value must be a string.", param=param)
+            return Grammar("regex", self.value, param=param)
+        schema = self.value
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise InvalidRequest(f"The grammar's JSON schema is not JSON: {exc}.", param=param) from exc
+        return Grammar("json_schema", json.dumps(schema), param=param)
 
 
 class TGIParameters(BaseModel):
@@ -73,8 +95,8 @@ class TGIParameters(BaseModel):
     best_of: int | None = None
     watermark: bool | None = None
     typical_p: float | None = None
-    grammar: dict[str, Any] | None = None
     adapter_id: str | None = None  # a served adapter model's name (services/tgi resolves it)
+    grammar: TGIGrammar | None = None  # constrained decoding: TGI's json (a schema) or regex
 
     _exact_seed = field_validator("seed", mode="before")(exact_integer)
 
@@ -117,6 +139,7 @@ class TGIParameters(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
             top_n=self.top_n_tokens or 0,
+            grammar=self.grammar.to_domain() if self.grammar is not None else None,
         )
         return GenerationRequest(
             sampling=sampling, prompt=prompt, request_id=request_id, truncate=self.truncate, keep_stop=True
@@ -264,6 +287,8 @@ async def stream_events(
             if isinstance(event, StreamEnd):
                 end = event
                 break
+            if not isinstance(event, TokenDelta):
+                continue  # (tool calls: never on a TGI route)
             if pending is not None:
                 yield stream_event(count, pending)
             count += 1

@@ -9,7 +9,7 @@ from gateway import tracing
 from gateway.backends.base import Backend, Capability, collect, refuse_unserved
 from gateway.backends.registry import Entry
 from gateway.context import RequestContext
-from gateway.domain import GenerationEvent, GenerationRequest, GenerationResult, StreamEnd, Usage
+from gateway.domain import GenerationEvent, GenerationRequest, GenerationResult, StreamEnd, TokenDelta, Usage
 from gateway.state import AppState
 
 
@@ -28,7 +28,7 @@ async def metered(
     async for event in events:
         if isinstance(event, StreamEnd):
             count(state, model, event.usage, ctx)
-        elif not event.echoed:  # an echoed prompt is not an answer
+        elif not (isinstance(event, TokenDelta) and event.echoed):  # an echoed prompt is not an answer
             now = time.perf_counter()
             if not last:
                 ttft = now - started

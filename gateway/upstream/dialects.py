@@ -8,11 +8,13 @@ Every parser raises UpstreamError on a body it cannot read, never KeyError.
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import replace
 from typing import Any
 
 from gateway.detokenize import StopFilter
 from gateway.domain import (
+    ChatMessage,
     Choice,
     EmbeddingRequest,
     EmbeddingResult,
@@ -20,10 +22,14 @@ from gateway.domain import (
     GenerationEvent,
     GenerationRequest,
     GenerationResult,
+    Grammar,
     StreamEnd,
     Task,
     TokenDelta,
     TokenText,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
     TopToken,
     Usage,
 )
@@ -33,6 +39,8 @@ from gateway.errors import UnsupportedParameter, UpstreamError
 def finish_reason(value: Any) -> FinishReason | None:
     if value is None:
         return None
+    if value == "tool_calls":
+        return FinishReason.TOOL_CALLS
     return FinishReason.LENGTH if value == "length" else FinishReason.STOP
 
 
@@ -74,10 +82,14 @@ def openai_generation(request: GenerationRequest, model: str, stream: bool) -> t
     body: dict[str, Any] = {"model": model}
     if request.messages is not None:
         path = "/chat/completions"
-        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        body["messages"] = [_openai_message(m) for m in request.messages]
+        body.update(_openai_tools(request))
     else:
         path = "/completions"
         body["prompt"] = request.prompt
+    response_format = _openai_response_format(request)
+    if response_format is not None:
+        body["response_format"] = response_format
     if s.max_tokens is not None:
         body["max_tokens"] = s.max_tokens
     body["temperature"] = s.temperature
@@ -173,6 +185,79 @@ def openai_tokens(logprobs: Any, index: int = 0) -> list[TokenDelta]:
     ]
 
 
+def _openai_message(m: ChatMessage) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    return message
+
+
+def _openai_tools(request: GenerationRequest) -> dict[str, Any]:
+    """tools, tool_choice and parallel_tool_calls as the client sent them."""
+    body: dict[str, Any] = {}
+    if request.tools:
+        body["tools"] = [{"type": "function", "function": _function(t)} for t in request.tools]
+    choice = request.tool_choice
+    if choice is not None:
+        named = {"type": "function", "function": {"name": choice.name}}
+        body["tool_choice"] = named if choice.name else choice.mode
+    if request.parallel_tool_calls is not None:
+        body["parallel_tool_calls"] = request.parallel_tool_calls
+    return body
+
+
+def _function(tool: Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    function["parameters"] = json.loads(tool.parameters)
+    if tool.strict is not None:
+        function["strict"] = tool.strict
+    return function
+
+
+def _openai_response_format(request: GenerationRequest) -> dict[str, Any] | None:
+    """The client's response_format unchanged; a TGI-route grammar as its OpenAI equivalent."""
+    if request.response_format is not None:
+        return request.response_format
+    grammar = request.sampling.grammar
+    if grammar is None:
+        return None
+    if grammar.kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "response", "schema": json.loads(grammar.value)}}
+    if grammar.kind == "json_object":
+        return {"type": "json_object"}
+    raise UnsupportedParameter(
+        grammar.param, f"({grammar.kind}) is not supported by this deployment (an OpenAI-compatible API)"
+    )
+
+
+def _tool_calls(message: Any) -> list[ToolCall]:
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    return [
+        ToolCall(str(c["id"]), str(c["function"]["name"]), str(c["function"].get("arguments") or ""))
+        for c in calls or ()
+    ]
+
+
+def _tool_call_deltas(index: int, delta: Any) -> list[ToolCallDelta]:
+    calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+    out = []
+    for c in calls or ():
+        function = c.get("function") or {}
+        out.append(
+            ToolCallDelta(
+                index, int(c.get("index", 0)), c.get("id"), function.get("name"), function.get("arguments") or ""
+            )
+        )
+    return out
+
+
 def _usage(data: dict[str, Any]) -> Usage:
     usage = data.get("usage")
     if not isinstance(usage, dict):
@@ -191,9 +276,9 @@ def openai_result(data: Any, n: int, keep_stop: tuple[str, ...] = ()) -> Generat
             if text is not None and not isinstance(text, str):
                 raise TypeError("text")
             text = (text or "") + restored_stop(c, keep_stop)
-            index = int(c.get("index", len(choices)))
+            index, reason = int(c.get("index", len(choices))), finish_reason(c.get("finish_reason"))
             tokens = openai_tokens(c.get("logprobs"), index)
-            choices.append(Choice(index, text, finish_reason(c.get("finish_reason")), tokens))
+            choices.append(Choice(index, text, reason, tokens, tool_calls=_tool_calls(message)))
         usage = _usage(data)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise malformed("completion") from None
@@ -237,6 +322,7 @@ class OpenAIStream:
                 index = int(c.get("index", 0))
                 if reason is not None:
                     self.finished.add(index)
+                events += _tool_call_deltas(index, delta)
                 # the chunk's tokens, the last one carrying its text and finish (or the text alone)
                 tokens = openai_tokens(c.get("logprobs"), index) or [TokenDelta(index, "")]
                 if text or reason is not None or tokens[-1].own is not None:
@@ -273,8 +359,11 @@ def openai_embedding_result(data: Any, count: int) -> EmbeddingResult:
 # --- TGI native API and HF text-generation endpoints ---------------------------------------------
 
 
-def tgi_parameters(request: GenerationRequest) -> dict[str, Any]:
+def _tgi_refusals(request: GenerationRequest) -> None:
+    """What TGI's native API has no field for: refused by name."""
     s = request.sampling
+    if request.tools:  # (only TGI's Messages API takes tools: use the openai dialect for it)
+        raise UnsupportedParameter("tools", "is not supported by this deployment (TGI's native API)")
     if request.messages is not None:
         raise UnsupportedParameter(
             "messages", "is not served by this deployment: it speaks TGI's native API, which takes a prompt"
@@ -285,6 +374,11 @@ def tgi_parameters(request: GenerationRequest) -> dict[str, Any]:
         raise UnsupportedParameter("n", "must be 1 for this deployment")
     if s.presence_penalty:  # TGI's API has frequency and repetition penalties, no presence penalty
         raise UnsupportedParameter("presence_penalty", "is not supported by this deployment (TGI's API has none)")
+
+
+def tgi_parameters(request: GenerationRequest) -> dict[str, Any]:
+    _tgi_refusals(request)
+    s = request.sampling
     params: dict[str, Any] = {"details": True, "return_full_text": False, "do_sample": not s.greedy}
     if s.max_tokens is not None:
         params["max_new_tokens"] = s.max_tokens
@@ -307,7 +401,20 @@ def tgi_parameters(request: GenerationRequest) -> dict[str, Any]:
         params["truncate"] = request.truncate
     if s.top_n:
         params["top_n_tokens"] = s.top_n
+    if s.grammar is not None:
+        params["grammar"] = _tgi_grammar(s.grammar)
     return params
+
+
+def _tgi_grammar(grammar: Grammar) -> dict[str, Any]:
+    """TGI's `grammar` parameter: json (a schema) and regex; nothing else."""
+    if grammar.kind == "json_schema":
+        return {"type": "json", "value": json.loads(grammar.value)}
+    if grammar.kind == "json_object":
+        return {"type": "json", "value": {"type": "object"}}
+    if grammar.kind == "regex":
+        return {"type": "regex", "value": grammar.value}
+    raise UnsupportedParameter(grammar.param, f"({grammar.kind}) is not supported by this deployment (TGI's API)")
 
 
 def _tgi_token(token: dict[str, Any], top: Any = None) -> TokenDelta:

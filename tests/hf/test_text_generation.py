@@ -182,7 +182,7 @@ def test_generate_and_compat_shapes(hf_server: LiveServer) -> None:
     [
         ({"best_of": 2}, "best_of"),
         ({"watermark": True}, "watermark"),
-        ({"grammar": {"type": "json", "value": {}}}, "grammar"),
+        ({"grammar": {"type": "xml", "value": "<a/>"}}, "grammar"),
         ({"top_n_tokens": 6}, "top_n_tokens"),
         ({"temperature": 0}, "temperature"),
         ({"max_new_tokenz": 2}, "max_new_tokenz"),

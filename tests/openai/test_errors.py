@@ -131,18 +131,11 @@ def test_completions_logprobs_zero_is_refused_not_dropped(fake_server: LiveServe
 @pytest.mark.parametrize(
     "message, param",
     [
-        ({"role": "tool", "content": "42", "tool_call_id": "call_1"}, "messages[1].role"),
-        (
-            {"role": "assistant", "content": None,
-             "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-            "messages[1].tool_calls",
-        ),
-        ({"role": "user", "content": "x", "tool_call_id": "call_1"}, "messages[1].tool_call_id"),
         ({"role": "assistant", "content": "x", "reasoning_content": "hmm"}, "messages[1].reasoning_content"),
         ({"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]},
          "messages[1].content[0].cache_control"),
     ],
-    ids=["tool-role", "tool-calls", "tool-call-id", "unknown-field", "unknown-part-field"],
+    ids=["unknown-field", "unknown-part-field"],
 )  # fmt: skip
 def test_message_fields_that_would_be_dropped_are_400(fake_server: LiveServer, message: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
@@ -368,3 +361,25 @@ def test_unexpected_error_is_500_envelope_and_connection_survives() -> None:
                 assert resp.status_code == 500
                 assert resp.json()["error"]["message"] == "Internal server error."  # no internals leaked
             assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "message, param",
+    [
+        ({"role": "tool", "content": "42"}, "messages[1].tool_call_id"),
+        (
+            {"role": "user", "content": None,
+             "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            "messages[1].tool_calls",
+        ),
+        ({"role": "user", "content": "x", "tool_call_id": "call_1"}, "messages[1].tool_call_id"),
+    ],
+    ids=["tool-without-call-id", "user-tool-calls", "user-tool-call-id"],
+)  # fmt: skip
+def test_misplaced_tool_message_fields_are_400(fake_server: LiveServer, message: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client_for(fake_server).chat.completions.create(
+            model="fake-chat",
+            messages=[{"role": "user", "content": "x"}, message],  # type: ignore[list-item]
+        )
+    assert info.value.param == param

@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from gateway.backends.base import Capability, QueueStats
+from gateway.backends.local import tools
 from gateway.backends.local.args import LocalArgs
 from gateway.domain import (
     FinishReason,
@@ -112,17 +113,22 @@ class GenerativeModel:
                     f"Model '{self.name}' has no chat template; use /v1/completions with a plain prompt.",
                     param="messages",
                 )
-            text = tok.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in request.messages],
-                add_generation_prompt=True,
-                tokenize=False,
-            )
+            text = self._render_chat(request)
             self._refuse_long_text(text, request, "messages")  # rendering is cheap, tokenizing is not
             return list(tok(text, add_special_tokens=False)["input_ids"])
         if isinstance(request.prompt, list):
             return self._known_ids(list(request.prompt))
         self._refuse_long_text(request.prompt or "", request, "prompt")
         return list(tok(request.prompt or "")["input_ids"])
+
+    def _render_chat(self, request: GenerationRequest) -> str:
+        """The chat prompt; tools through the template when it takes them, else the generic format."""
+        tok = self.tokenizer
+        if tools.template_takes_tools(tok) and request.messages is not None:
+            messages = tools.template_messages(request.messages)
+            extra = {"tools": tools.template_tools(request)} if request.calls_tools else {}
+            return str(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra))
+        return str(tok.apply_chat_template(tools.generic_messages(request), add_generation_prompt=True, tokenize=False))
 
     def _budget(self, prompt_ids: list[int], asked: int | None) -> int:
         context = self.context_length()
@@ -145,13 +151,20 @@ class GenerativeModel:
         return asked
 
     def _validated_prompt(self, request: GenerationRequest) -> tuple[list[int], int]:
+        if request.sampling.grammar is not None:  # compiled (and cached) here, off the event loop
+            self.engine.compile_grammar(request.sampling.grammar)
         prompt_ids = self._prompt_ids(request)
         if request.truncate:
             prompt_ids = prompt_ids[-request.truncate :]
         return prompt_ids, self._budget(prompt_ids, request.sampling.max_tokens)
 
     # operations ------------------------------------------------------------
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    def generate_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        if not request.calls_tools:
+            return self._generate(request)
+        return tools.tool_events(self._generate(tools.with_tool_grammar(request)), request)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         # Templating and tokenising a long prompt takes milliseconds: not on the event loop.
         prompt_ids, max_tokens = await asyncio.get_running_loop().run_in_executor(None, self._validated_prompt, request)
         if request.echo:

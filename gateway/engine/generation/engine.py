@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from gateway.domain import SamplingParams, StreamEnd, TokenDelta, TokenText
+from gateway.domain import Grammar, SamplingParams, StreamEnd, TokenDelta, TokenText
 from gateway.engine.args import EngineArgs
 from gateway.engine.generation.jobs import Event, GenerationJob
 from gateway.engine.generation.scheduler import Scheduler
@@ -145,6 +145,11 @@ class GenerationEngine:
 
     def _failed_error(self) -> ModelNotReady:
         return ModelNotReady(f"Model '{self.name}' has failed and is not serving: {self.failure}")
+
+    def compile_grammar(self, grammar: Grammar) -> None:
+        """Compile (and cache) a request's grammar before it queues; raises GrammarError (a 400
+        naming the field). Blocking: call it off the event loop."""
+        self.scheduler.grammars.compile(grammar)
 
     async def score(self, tokens: list[int], top_n: int = 0) -> PromptScores:
         """Log-probabilities of a prompt's tokens (TGI's prefill details, OpenAI's echo) and the

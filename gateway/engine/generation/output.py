@@ -83,6 +83,9 @@ class OutputProcessor:
         ends the job's stream with the usage)."""
         job = seq.job
         seq.sampler.observe(token)
+        constraint = seq.sampler.constraint
+        if constraint is not None and token not in self.eos_ids and not constraint.consume(token):
+            raise RuntimeError(f"the grammar refused the token it allowed ({constraint.error})")
         seq.produced += 1
         job.produced += 1
         special = token in self.eos_ids

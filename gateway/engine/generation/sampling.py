@@ -14,13 +14,22 @@ import secrets
 import torch
 
 from gateway.domain import SamplingParams
+from gateway.engine.generation.grammar import Constraint, apply_masks
 
 
 class SequenceSampler:
     """Sampling state of one sequence: its parameters, RNG and token counts."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, seed_offset: int = 0) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        vocab_size: int,
+        seed_offset: int = 0,
+        constraint: Constraint | None = None,
+    ) -> None:
         self.params = params
+        self.constraint = constraint
         self.generator: torch.Generator | None = None
         if not params.greedy:
             seed = params.seed + seed_offset if params.seed is not None else secrets.randbits(63)
@@ -67,8 +76,12 @@ def select(logits: torch.Tensor, samplers: list[SequenceSampler]) -> tuple[list[
     under the distribution it was drawn from (after penalties, temperature, top-k and top-p)."""
     vocab = samplers[0].vocab_size
     logits = logits[:, :vocab]
+    constrained = [r for r, s in enumerate(samplers) if s.constraint is not None]
+    if constrained:
+        logits = logits.clone()  # the forward pass's logits stay as the model gave them
+        apply_masks(logits, constrained, [samplers[r].constraint for r in constrained])  # type: ignore[misc]
     if any(s.penalised for s in samplers):
-        logits = logits.clone()
+        logits = logits.clone() if not constrained else logits
         for row, sampler in enumerate(samplers):
             if sampler.penalised:
                 logits[row] = sampler._penalised(logits[row])

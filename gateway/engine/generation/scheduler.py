@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from gateway.detokenize import TextAssembler
+from gateway.engine.generation.grammar import Constraint, GrammarCompiler, MaskWorker
 from gateway.engine.generation.jobs import GenerationJob, Sequence
 from gateway.engine.generation.output import OutputProcessor
 from gateway.engine.generation.sampling import SequenceSampler
@@ -63,6 +64,15 @@ def _plan_of(parts: list[_Part]) -> StepPlan:
     return plan
 
 
+def _constraints(parts: list[_Part]) -> list[Constraint]:
+    """The grammars of the sequences that sample in this step."""
+    found = []
+    for part in parts:
+        sequences = part.decoding if part.chunk is None else part.job.sequences if part.chunk.last else []
+        found += [seq.sampler.constraint for seq in sequences if seq.sampler.constraint is not None]
+    return found
+
+
 class Scheduler:
     def __init__(
         self,
@@ -82,6 +92,8 @@ class Scheduler:
         heapq.heapify(self._free)  # lowest slot first keeps the running slots dense
         self.jobs: list[GenerationJob] = []  # admitted, in admission order
         self.output = OutputProcessor(tokenizer, self.vocab_size, self.eos_ids, self.fail)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_ids)
+        self.masks = MaskWorker()
 
     # admission -------------------------------------------------------------
     def free_slots(self) -> int:
@@ -91,7 +103,17 @@ class Scheduler:
         """Give `job` its slots; raises (holding nothing) if its sampler or detokeniser cannot be built."""
         n = job.params.n
         assert n <= len(self._free)
-        samplers = [SequenceSampler(job.params, job.prompt_ids, self.vocab_size, seed_offset=i) for i in range(n)]
+        grammar = job.params.grammar
+        samplers = [
+            SequenceSampler(
+                job.params,
+                job.prompt_ids,
+                self.vocab_size,
+                seed_offset=i,
+                constraint=self.grammars.constraint(grammar) if grammar is not None else None,
+            )
+            for i in range(n)
+        ]
         texts = [TextAssembler(self.tokenizer, job.params.stop, job.keep_stop) for _ in range(n)]
         job.admitted_at = time.monotonic()
         for i in range(n):
@@ -147,7 +169,12 @@ class Scheduler:
         parts = self.plan()
         if not parts:
             return 0
-        for logits, rows, chosen in self.forward(parts):
+        # the constrained sequences' masks are computed while the forward pass runs
+        masking = self.masks.start(_constraints(parts))
+        passes = self.forward(parts)
+        if masking is not None:
+            masking.exception()  # wait; a mask that failed is computed again (and fails its job) in sampling
+        for logits, rows, chosen in passes:
             if chosen:
                 self._release(self.output.process(logits, rows, chosen))
         return sum(len(part.decoding) + (part.chunk is not None) for part in parts)
