@@ -97,7 +97,13 @@ def create_app(
     app.router.routes[:0] = [route for module in ROUTE_MODULES for route in module.router.routes]
     cache = response_cache(server, redis)
     app.add_middleware(
-        GatewayMiddleware, metrics=metrics, settings=server, access=access, drain=state.drain, cache=cache
+        GatewayMiddleware,
+        metrics=metrics,
+        settings=server,
+        access=access,
+        drain=state.drain,
+        cache=cache,
+        models_digest=registry.models_digest,
     )
     if server.cors_origins:  # outermost: a preflight is answered before any key is asked for
         add_cors(app, server)

@@ -69,7 +69,10 @@ def reload_on_hangup(app: Any) -> None:
         if loop is None:
             logging.getLogger(__name__).warning("SIGHUP before the server started: ignored")
             return
-        loop.call_soon_threadsafe(lambda: state.background(asyncio.ensure_future(reload_on_signal(state))))
+        try:
+            loop.call_soon_threadsafe(lambda: state.background(asyncio.ensure_future(reload_on_signal(state))))
+        except RuntimeError:  # the loop has closed: the server is stopping
+            logging.getLogger(__name__).warning("SIGHUP while the server stops: ignored")
 
     signal.signal(signal.SIGHUP, on_hangup)
 

@@ -12,13 +12,15 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import tracing
 from gateway.auth.access import Access
-from gateway.auth.policy import allowed_hosts, host_name, required_scope
+from gateway.auth.keys import KeyScope
+from gateway.auth.policy import allowed_hosts, host_name, keyless_admin_refusal, required_scope
 from gateway.cache import Cached, MemoryCache, RedisCache, cache_key, cacheable, storable
 from gateway.config import ServerSettings
 from gateway.drain import Drain
@@ -158,9 +160,11 @@ class GatewayMiddleware:
         access: Access,
         drain: Drain,
         cache: MemoryCache | RedisCache | None = None,
+        models_digest: Callable[[], str] = lambda: "",
     ) -> None:
         self.app = app
         self.cache = cache
+        self.models_digest = models_digest
         self.metrics = metrics
         self.access = access
         self.drain = drain
@@ -168,6 +172,7 @@ class GatewayMiddleware:
         self.max_header_bytes = settings.max_header_bytes
         self.metrics_public = settings.metrics_public
         self.hosts = allowed_hosts(settings.allowed_hosts, settings.host)
+        self.bind_host = settings.host
         self.log_requests = settings.json_logs
         self.log_content = settings.json_logs and settings.log_content
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -201,9 +206,11 @@ class GatewayMiddleware:
             else:
                 await self._serve(scope, receive, headers, state, exchange, task)
         finally:
-            self.drain.leave(task)
-            await self._finish(scope, state, exchange, started)
-            request_id_var.reset(reset)
+            try:
+                await self._finish(scope, state, exchange, started)  # limits settled before a drain may end
+            finally:
+                self.drain.leave(task)
+                request_id_var.reset(reset)
 
     async def _serve(
         self,
@@ -235,6 +242,9 @@ class GatewayMiddleware:
         if self.max_header_bytes and sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
             return _HeadersTooLarge(f"Request headers exceed {self.max_header_bytes} bytes.")
         needed = required_scope(path, metrics_public=self.metrics_public)
+        if needed is KeyScope.ADMIN and not self.access.enabled:
+            if refused := keyless_admin_refusal(scope["method"], headers, self.bind_host):
+                return Forbidden(refused)
         if needed is not None and self.access.enabled:
             value = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = value.partition(" ")
@@ -292,7 +302,8 @@ class GatewayMiddleware:
             return
         key = state["key"]
         content_type = headers.get(b"content-type", b"").decode("latin-1")
-        cache_id, bypass = cache_key(scope["path"], raw, content_type, "*" if key is None else key.visibility)
+        visibility = ("*" if key is None else key.visibility) + "@" + self.models_digest()
+        cache_id, bypass = cache_key(scope["path"], raw, content_type, visibility)
         replay = _replaying(raw, receive)
         if cache_id is None:
             await self._run(scope, replay, exchange, task)

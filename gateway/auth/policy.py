@@ -24,6 +24,21 @@ def required_scope(path: str, *, metrics_public: bool) -> KeyScope | None:
     return KeyScope.INFERENCE
 
 
+def keyless_admin_refusal(method: str, headers: dict[bytes, bytes], bind_host: str) -> str | None:
+    """Why a keyless gateway refuses an admin request (None: it is served).
+
+    With no key there is no admin to tell apart, so the admin API (which loads models, and so
+    runs code) is only served on loopback, and only to requests a web page cannot send across
+    origins without a CORS preflight (refused while CORS is off): reads, DELETE, or a JSON body.
+    """
+    if bind_host not in LOOPBACK_BINDS:
+        return "The admin API needs a key off loopback: set server.api_keys or server.key_db."
+    content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    if method in ("GET", "HEAD", "DELETE") or content_type == b"application/json":
+        return None
+    return "Without API keys, admin requests must send 'Content-Type: application/json'."
+
+
 def allowed_hosts(configured: list[str], bind_host: str) -> frozenset[str] | None:
     """The `Host` names (without port) accepted; None accepts any.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -156,6 +157,7 @@ class Registry:
         self._loading = asyncio.Lock()  # making room and loading a budgeted model: one at a time
         self._reaper: asyncio.Task[None] | None = None
         self._applying = asyncio.Lock()  # one config reload at a time
+        self._digest: str | None = None
         for spec in settings.models:
             self._install(spec)
 
@@ -172,6 +174,7 @@ class Registry:
         return backend
 
     def _install(self, spec: ModelSpec) -> Entry:
+        self._digest = None
         entry = Entry(spec=spec, backend=self._new_backend(spec), released=self._reaper is not None)
         self._entries[spec.name] = entry
         for name in entry.names:
@@ -179,11 +182,20 @@ class Registry:
         return entry
 
     def _uninstall(self, entry: Entry) -> None:
+        self._digest = None
         if self._entries.get(entry.spec.name) is entry:
             del self._entries[entry.spec.name]
         for name in entry.names:
             if self._by_name.get(name) is entry:
                 del self._by_name[name]
+
+    def models_digest(self) -> str:
+        """A digest of the served models' specs: the response cache keys on it, so an answer is never
+        replayed for a model that was removed or replaced since (equal on replicas with equal models)."""
+        if self._digest is None:
+            specs = sorted(e.spec.model_dump_json() for e in self._entries.values())
+            self._digest = hashlib.sha256("\n".join(specs).encode()).hexdigest()[:16]
+        return self._digest
 
     # lookup ----------------------------------------------------------------
     @property

@@ -166,6 +166,14 @@ def adapter_of(parameters: Any) -> str | None:
     return adapter if isinstance(adapter, str) and adapter else None
 
 
+def reserved_tokens(parameters: Any, prompts: int, *, default: int = DEFAULT_MAX_NEW_TOKENS) -> int:
+    """Tokens a key's limit reserves before the parameters are judged: `max_new_tokens` as sent
+    (else `default`) for each prompt; settled with the real count when the answer is done."""
+    asked = parameters.get("max_new_tokens") if isinstance(parameters, dict) else None
+    per_prompt = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else default
+    return per_prompt * max(prompts, 1)
+
+
 def read_call(raw: bytes) -> HFCall:
     """A TGI route's body: always JSON, whatever its content type says."""
     return parse_call(read_body(raw, "application/json"), Task.TEXT_GENERATION)

@@ -8,8 +8,9 @@ from gateway.state import AppState
 
 def refresh_gauges(state: AppState) -> None:
     m = state.metrics
-    m.model_state.clear()  # models come and go at run time: only the served ones are reported
-    m.model_memory.clear()
+    # models come and go at run time: only the served (and loaded) ones are reported
+    for gauge in (m.model_state, m.model_memory, m.queue_depth, m.running_requests, m.queue_capacity):
+        gauge.clear()
     for device, limit in state.registry.budget.devices().items():
         m.memory_budget.labels(device).set(limit)
     for entry in state.registry.entries:

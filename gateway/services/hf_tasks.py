@@ -10,6 +10,7 @@ from gateway.context import RequestContext
 from gateway.domain import EMBEDDING_TASKS, ModelState, Task
 from gateway.errors import InvalidRequest, ModelNotReady
 from gateway.protocol import hf
+from gateway.protocol.tgi import adapter_of, reserved_tokens
 from gateway.services import tgi
 from gateway.services.resolve import resolve, resolve_entry
 from gateway.state import AppState
@@ -34,7 +35,13 @@ async def run(
 ) -> TaskOutcome | tgi.Outcome:
     """Run `forced` or the model's task on `body` (hf.read_body's value); the URL names the model exactly."""
     options = hf.options_of(body)
-    target = await resolve(state, ctx, model_id, placeholders=False, wait=options.wait_for_model is not False)
+    parameters = body.get("parameters") if isinstance(body, dict) else None
+    if (adapter := adapter_of(parameters)) is not None:  # TGI's adapter_id: that model serves, not the URL's
+        model_id = tgi.adapter_model(state, ctx, adapter)
+    # only an explicit max_new_tokens is reserved: the task is not known before the model is
+    cost = reserved_tokens(parameters, 1, default=0)
+    wait = options.wait_for_model is not False
+    target = await resolve(state, ctx, model_id, placeholders=False, wait=wait, cost=cost)
     task = forced or target.entry.task  # known once loaded
     if task is None:
         name = target.entry.spec.name

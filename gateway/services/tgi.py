@@ -50,7 +50,7 @@ def _seed(request: GenerationRequest) -> int | None:
     return None if request.sampling.greedy else request.sampling.seed
 
 
-def _adapter_model(state: AppState, ctx: RequestContext, adapter: str) -> str:
+def adapter_model(state: AppState, ctx: RequestContext, adapter: str) -> str:
     """TGI's `adapter_id`: the name of a served model that is a LoRA adapter (`backend.adapter`)."""
     entry = resolve_entry(state, ctx, adapter, placeholders=False)
     backend = entry.spec.backend
@@ -62,11 +62,15 @@ def _adapter_model(state: AppState, ctx: RequestContext, adapter: str) -> str:
 async def run(state: AppState, ctx: RequestContext, model: Model, call: HFCall, *, stream: bool) -> Outcome:
     """A parsed TGI call: the model is loaded (as `wait_for_model` says) before its parameters are judged."""
     wait = call.options.wait_for_model is not False
-    if (adapter := tgi.adapter_of(call.parameters)) is not None:
-        model = _adapter_model(state, ctx, adapter)
-    target = model if isinstance(model, Resolved) else await resolve(state, ctx, model, Task.TEXT_GENERATION, wait=wait)
-    params = tgi.parse_parameters(call.parameters)
     prompts, many = tgi.prompts(call.inputs)
+    if isinstance(model, Resolved):  # the HF route resolved it (an adapter_id included)
+        target = model
+    else:
+        if (adapter := tgi.adapter_of(call.parameters)) is not None:
+            model = adapter_model(state, ctx, adapter)
+        cost = tgi.reserved_tokens(call.parameters, len(prompts))
+        target = await resolve(state, ctx, model, Task.TEXT_GENERATION, wait=wait, cost=cost)
+    params = tgi.parse_parameters(call.parameters)
     if stream:
         tgi.check_streamable(params, many)
         return await stream_one(state, ctx, target, params, prompts[0])

@@ -117,7 +117,12 @@ def test_memory_comes_back_across_load_unload_cycles(tmp_path: Path) -> None:
 
         def cycle() -> None:
             assert use(url, "cycled").status_code == 200
-            assert httpx.post(f"{url}/admin/models/cycled/unload", timeout=60).json()["state"] == "pending"
+            assert (
+                httpx.post(
+                    f"{url}/admin/models/cycled/unload", headers={"content-type": "application/json"}, timeout=60
+                ).json()["state"]
+                == "pending"
+            )
 
         for _ in range(3):  # imports, allocator pools and thread stacks settle first
             cycle()

@@ -120,3 +120,22 @@ def test_shared_through_redis(tmp_path: Path) -> None:
             second = httpx.post(f"{two}/v1/chat/completions", json=body)
             assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
             assert first.json() == second.json()
+
+
+def test_no_answer_outlives_its_model() -> None:
+    """A model removed or replaced at run time: its cached answers are not replayed."""
+    json_type = {"content-type": "application/json"}
+    with LiveServer(settings_for(FAKE_MODELS, response_cache=True)) as server:
+        server.wait_ready()
+        spec = {"name": "extra", "task": "text-generation", "backend": {"kind": "fake"}}
+        assert httpx.post(f"{server.url}/admin/models", json=spec).status_code == 201
+        body = {**CHAT, "model": "extra", "temperature": 0}
+        assert post(server, "/v1/chat/completions", body).headers["x-cache"] == "miss"
+        assert post(server, "/v1/chat/completions", body).headers["x-cache"] == "hit"
+        assert httpx.delete(f"{server.url}/admin/models/extra", headers=json_type).status_code == 200
+        gone = post(server, "/v1/chat/completions", body)
+        assert gone.status_code == 404 and gone.headers.get("x-cache") != "hit"
+        # the same name back with another spec: answers start afresh
+        other = {**spec, "backend": {"kind": "fake", "dimensions": 4}}
+        assert httpx.post(f"{server.url}/admin/models", json=other).status_code == 201
+        assert post(server, "/v1/chat/completions", body).headers["x-cache"] == "miss"

@@ -176,3 +176,24 @@ def test_allowed_hosts_configured(tmp_path: Path) -> None:
         assert httpx.get(f"{server.url}/v1/models").status_code == 400  # 127.0.0.1 is not listed
     with LiveServer(settings_for(FAKE_MODELS, allowed_hosts=["*"])) as server:
         assert httpx.get(f"{server.url}/v1/models", headers={"Host": "anything"}).status_code == 200
+
+
+def test_keyless_admin_only_on_loopback_and_never_as_a_simple_cross_origin_post() -> None:
+    """With no key the admin API (which loads models, so runs code) is not a web page's to call:
+    a POST a page could send without a preflight is refused; off loopback nothing is served."""
+    json_type = {"content-type": "application/json"}
+    with LiveServer(settings_for(FAKE_MODELS)) as laptop:
+        laptop.wait_ready()
+        assert httpx.get(f"{laptop.url}/admin/models").status_code == 200
+        simple = httpx.post(
+            f"{laptop.url}/admin/models/fake-chat/unload", content=b"x", headers={"content-type": "text/plain"}
+        )
+        assert simple.status_code == 403 and "application/json" in simple.json()["error"]["message"]
+        assert httpx.post(f"{laptop.url}/admin/models/fake-chat/unload").status_code == 403
+        assert httpx.post(f"{laptop.url}/admin/models/fake-chat/unload", headers=json_type).status_code == 200
+    with LiveServer(settings_for(FAKE_MODELS, host="0.0.0.0", allowed_hosts=["127.0.0.1"])) as exposed:
+        exposed.wait_ready()
+        for method in ("GET", "POST"):
+            refused = httpx.request(method, f"{exposed.url}/admin/models", headers=json_type)
+            assert refused.status_code == 403 and "needs a key" in refused.json()["error"]["message"]
+        assert httpx.post(f"{exposed.url}/v1/chat/completions", json=CHAT).status_code == 200  # inference stays keyless
