@@ -62,3 +62,8 @@ bench-upstream: install
 bench-team: install
 	$(PY) bench/team_overhead.py $(BENCH_ARGS)
 .PHONY: bench-team
+
+# What constrained decoding (half the clients with a json_schema) costs the batch at concurrency 8.
+bench-constrained: install
+	$(PY) bench/constrained.py $(BENCH_ARGS)
+.PHONY: bench-constrained

@@ -167,10 +167,12 @@ def fault_admit(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> tuple[dict
     """The second sampler of an n=2 request cannot be built (as `manual_seed` overflowed): the first
     one's slot must not leak."""
 
-    def sampler(params: SamplingParams, prompt_ids: list[int], vocab: int, seed_offset: int = 0) -> SequenceSampler:
+    def sampler(
+        params: SamplingParams, prompt_ids: list[int], vocab: int, seed_offset: int = 0, **kwargs: Any
+    ) -> SequenceSampler:
         if params.seed == MARK_SEED and seed_offset == 1:
             raise RuntimeError("Overflow when unpacking long")
-        return SequenceSampler(params, prompt_ids, vocab, seed_offset)
+        return SequenceSampler(params, prompt_ids, vocab, seed_offset, **kwargs)
 
     monkeypatch.setattr(scheduler_module, "SequenceSampler", sampler)
     return {

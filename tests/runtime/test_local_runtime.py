@@ -19,6 +19,8 @@ from tests.engine.test_continuous_batching import busy_device
 from tests.helpers import LiveServer, settings_for
 from tests.tiny_models import build_tiny_llama
 
+JSON_TYPE = {"content-type": "application/json"}  # keyless admin POSTs carry it (no simple cross-origin request)
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -144,7 +146,9 @@ def test_an_unload_past_its_timeout_answers_the_request_left_with_a_503(tiny: st
         with busy_device():  # the request waits in the engine's queue
             pending = pool.submit(use, server.url, "stuck", max_tokens=40)
             time.sleep(0.3)
-            unloading = pool.submit(httpx.post, f"{server.url}/admin/models/stuck/unload", timeout=60)
+            unloading = pool.submit(
+                httpx.post, f"{server.url}/admin/models/stuck/unload", headers=JSON_TYPE, timeout=60
+            )
             time.sleep(0.5)
         assert unloading.result().status_code == 200
         answer = pending.result()

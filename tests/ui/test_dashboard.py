@@ -57,6 +57,9 @@ def test_dashboard_numbers_move(ui_server: str, open_page: Any) -> None:
         page.wait_for_function("/[1-9]/.test(document.querySelector('[data-series=\"4xx\"].legend-value').textContent)")
         assert int(_tile(page, "total")) > before
         # the charts drew lines through the readings (a window without a first token leaves a gap)
+        # (readings arrive each second: wait for three under load rather than catch the chart at two)
+        drawn = "(document.querySelector(\"#chart-requests path[data-series='2xx']\")?.getAttribute('d') || '')"
+        page.wait_for_function(f"{drawn}.split('L').length > 2", timeout=15_000)
         path = page.get_attribute("#chart-requests path[data-series='2xx']", "d") or ""
         assert path.count("L") >= 2
         assert page.get_attribute("#chart-ttft path[data-series='p50']", "d") not in ("", "M0,0")  # M0,0: no point yet
