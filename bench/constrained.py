@@ -73,7 +73,10 @@ async def closed_loop(url: str, concurrency: int, constrained: int, seconds: flo
     async def client_loop(c: int, http: httpx.AsyncClient) -> None:
         nonlocal tokens
         while time.monotonic() < deadline:
-            tokens += await one(http, url, next(counter), c < constrained, max_tokens)
+            # awaited first: `tokens += await ...` reads `tokens` before the await, losing the
+            # other clients' additions made meanwhile
+            done = await one(http, url, next(counter), c < constrained, max_tokens)
+            tokens += done
 
     async with httpx.AsyncClient(timeout=300) as http:
         started = time.monotonic()
