@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.backends.registry import Entry
 from gateway.config import DeploymentSpec, ModelSpec
+from gateway.domain import ModelState
 from gateway.errors import ConfigError, InsufficientMemory, InvalidRequest, ModelNotReady
 from gateway.state import AppState
 
@@ -73,7 +74,13 @@ async def add(state: AppState, spec: ModelSpec, *, wait: bool) -> dict[str, Any]
 async def load(state: AppState, name: str) -> dict[str, Any]:
     """Load a served model now (lazy, or unloaded); 503 when it does not fit the memory budget."""
     entry = state.registry.lookup(name)
-    await state.registry.ensure_loaded(entry)
+    try:
+        await state.registry.ensure_loaded(entry)
+    except ModelNotReady:
+        if entry.backend.state != ModelState.FAILED:
+            raise  # unloading, or no room: 503 with Retry-After
+        # its spec does not load (a wrong path, a missing file): the caller's to fix, as on add
+        raise InvalidRequest(f"Model '{entry.spec.name}' did not load: {entry.backend.error}") from None
     entry.touch()  # loaded on purpose: its keep_alive counts from now
     return describe(state, entry)
 

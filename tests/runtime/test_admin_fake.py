@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from gateway.config import load_settings
-from tests.helpers import LiveServer
+from tests.conftest import FAKE_MODELS
+from tests.helpers import LiveServer, settings_for
 
 KEY = "admin-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -193,3 +194,18 @@ def test_a_stream_runs_through_the_unload_of_another_model(tmp_path: Path) -> No
         chunks += list(stream)
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 50
         assert [m.id for m in client.models.list()] == ["streaming"]
+
+
+def test_loading_a_spec_that_cannot_load_is_the_callers_400(tmp_path: Path) -> None:
+    """Added without waiting, then asked to load: the spec's own fault is a 400 naming why, not a 5xx."""
+    with LiveServer(settings_for(FAKE_MODELS, api_keys=[KEY])) as server:
+        server.wait_ready()
+        spec = {
+            "name": "nowhere",
+            "task": "text-generation",
+            "backend": {"kind": "local", "source": str(tmp_path / "x")},
+        }
+        added = httpx.post(f"{server.url}/admin/models?wait=false", json=spec, headers=HEADERS, timeout=30)
+        assert added.status_code == 201
+        loaded = httpx.post(f"{server.url}/admin/models/nowhere/load", json={}, headers=HEADERS, timeout=60)
+        assert loaded.status_code == 400 and "did not load" in loaded.json()["error"]["message"]
