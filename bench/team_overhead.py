@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.upstream_overhead import ROOT, drive, free_port, one_request, start_nginx  # noqa: E402
+from bench.upstream_overhead import ROOT, drive, free_port, one_request, start_nginx, stop_all  # noqa: E402
 from gateway.auth.keys import KeyScope, Limit  # noqa: E402
 from gateway.auth.store import KeyStore  # noqa: E402
 
@@ -150,13 +150,7 @@ def main() -> int:
             logged = (tmp / "mem.log").read_text().splitlines()[-1]
             assert json.loads(logged)["key"] == "bench", logged  # the features really ran
         finally:
-            for proc in reversed(procs):
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
     report(results, args)
     return 0
 

@@ -285,15 +285,20 @@ def main() -> int:
             assert status == 200 and answer["choices"][0]["message"]["content"] == "Hello there!", body
             results = measure(ports, args)
         finally:
-            for proc in reversed(procs):
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
     report(results, args)
     return 0
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate the started processes, last first; kill any that does not exit within 10 s."""
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def measure(ports: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
