@@ -149,4 +149,5 @@ def main(argv: list[str] | None = None) -> int:
         h11_max_incomplete_event_size=server.max_header_bytes + 1024,
     )
     GatewayServer(uvicorn_config, app.state.gateway.drain, server.drain_timeout).run()
+    logs.flush()  # JSON lines are written in batches: the last ones now
     return 0

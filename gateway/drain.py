@@ -11,6 +11,8 @@ import asyncio
 import logging
 import time
 
+from gateway import logs
+
 log = logging.getLogger(__name__)
 
 
@@ -48,3 +50,4 @@ class Drain:
                 task.cancel("drain timeout")
             await asyncio.wait(left, timeout=5.0)
         log.info("drained in %.2fs", time.monotonic() - started)
+        logs.flush()  # the drained requests' lines are out before the process may be killed

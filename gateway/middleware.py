@@ -27,8 +27,7 @@ from gateway.drain import Drain
 from gateway.error_handlers import error_response, matching_route, stream_ending
 from gateway.errors import Forbidden, GatewayError, InvalidRequest, ShuttingDown, Unauthorized
 from gateway.ids import unique_hex
-from gateway.logs import access as access_log
-from gateway.logs import request_fields, request_id_var
+from gateway.logs import request_fields, request_id_var, request_line
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -371,7 +370,7 @@ class GatewayMiddleware:
             fields.update(state["log"])
             if self.log_content:
                 fields.update(request_body=_text(state.get("body")), response_body=_text(exchange.body))
-            access_log.info("request", extra=fields)
+            request_line(fields)
 
     async def _account(self, context: Any, model: str) -> None:
         """Usage per key and model, and the limits' reservation settled to the real count."""

@@ -68,6 +68,7 @@ class Access:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        await self.limiter.close()  # settlements still on their way to Redis
         if self.store is not None:
             await self.flush()
             self.store.close()

@@ -1,0 +1,188 @@
+"""CPU time per request of the team features, in process (no HTTP server, no load generator).
+
+    python bench/team_profile.py [--rounds 6] [--requests 1000] [--concurrency 16] [--profile mem]
+
+Builds the three apps of bench/team_overhead.py (off / mem / redis) in this process, starts
+nginx and a redis-server, and calls each app's ASGI entry directly with `concurrency` tasks,
+rounds alternated, reporting the process CPU time per request (median over rounds) and the
+difference to `off`. `--profile NAME` runs cProfile over one more round of that app and prints
+the top functions by own time. Logs (JSON lines for mem and redis) go to a file, as in the bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.team_overhead import start_redis  # noqa: E402
+from bench.upstream_overhead import PATH, REQUEST, free_port, start_nginx, stop_all  # noqa: E402
+from gateway import logs  # noqa: E402
+from gateway.app import create_app  # noqa: E402
+from gateway.auth.keys import KeyScope, Limit  # noqa: E402
+from gateway.auth.store import KeyStore  # noqa: E402
+from gateway.config import Settings  # noqa: E402
+
+
+def settings(upstream: str, server: dict[str, Any]) -> Settings:
+    model = {"name": "bench", "task": "text-generation", "backend": {"kind": "upstream", "url": f"{upstream}/v1"}}
+    model["backend"]["model"] = "upstream-model"
+    return Settings.model_validate({"server": {"log_level": "info", "access_log": False, **server}, "models": [model]})
+
+
+async def call(app: Any, token: str) -> int:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 5000),
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {token}".encode()),
+            (b"content-length", str(len(REQUEST)).encode()),
+        ],
+    }
+    sent = [False]
+    status = [0]
+
+    async def receive() -> dict[str, Any]:
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": REQUEST, "more_body": False}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status[0] = message["status"]
+
+    await app(scope, receive, send)
+    return status[0]
+
+
+async def drive(app: Any, token: str, total: int, concurrency: int) -> float:
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            status = await call(app, token)
+            assert status == 200, status
+
+    started = time.process_time()
+    before = _gc_seconds[0]
+    await asyncio.gather(*(worker(total // concurrency) for _ in range(concurrency)))
+    _gc_per_request.append((_gc_seconds[0] - before) / total * 1e6)
+    return (time.process_time() - started) / total * 1e6
+
+
+# Time spent in the garbage collector (gc.callbacks), per request of the last drive.
+_gc_seconds = [0.0, 0.0]
+_gc_per_request: list[float] = []
+
+
+def _gc_timer(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_seconds[1] = time.perf_counter()
+    else:
+        _gc_seconds[0] += time.perf_counter() - _gc_seconds[1]
+
+
+gc.callbacks.append(_gc_timer)
+
+
+async def run(args: argparse.Namespace, upstream: str, redis_url: str, tmp: Path) -> None:
+    store = KeyStore(str(tmp / "keys.db"))
+    limit = Limit(rpm=10**9, tpm=10**12)
+    _, token = store.create("bench", scopes=[KeyScope.INFERENCE], limit=limit, model_limits={"bench": limit})
+    store.close()
+    team = {"key_db": str(tmp / "keys.db"), "json_logs": True}
+    servers = {"off": {}, "mem": team, "redis": {**team, "redis_url": redis_url}}
+    tokens = {"off": "bench", "mem": token, "redis": token}
+    logs.configure("info", json_lines=True, stream=open(tmp / "log.jsonl", "w"))  # noqa: SIM115
+    apps = {name: create_app(settings(upstream, server)) for name, server in servers.items()}
+    contexts = [app.router.lifespan_context(app) for app in apps.values()]
+    for ctx in contexts:
+        await ctx.__aenter__()
+    try:
+        for name, app in apps.items():
+            await drive(app, tokens[name], 200, args.concurrency)  # warm up
+        results: dict[str, list[float]] = {name: [] for name in apps}
+        in_gc: dict[str, list[float]] = {name: [] for name in apps}
+        for number in range(args.rounds):
+            names = list(apps)
+            names = names[number % 3 :] + names[: number % 3]
+            for name in names:
+                results[name].append(await drive(apps[name], tokens[name], args.requests, args.concurrency))
+                in_gc[name].append(_gc_per_request[-1])
+        off = statistics.median(results["off"])
+        for name, values in results.items():
+            us = statistics.median(values)
+            collecting = statistics.median(in_gc[name])
+            print(
+                f"{name:<6} {us:8.1f} µs CPU/request   added {us - off:7.1f} µs   of which in gc {collecting:5.1f} µs"
+                f"   rounds {[round(v) for v in values]}"
+            )
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            await drive(apps[args.profile], tokens[args.profile], args.requests, args.concurrency)
+            profiler.disable()
+            stats = pstats.Stats(profiler).sort_stats(args.sort)
+            stats.print_stats(args.top)
+            if args.dump:
+                profiler.dump_stats(f"{args.dump}.{args.profile}")
+                profiler = cProfile.Profile()
+                profiler.enable()
+                await drive(apps["off"], tokens["off"], args.requests, args.concurrency)
+                profiler.disable()
+                profiler.dump_stats(f"{args.dump}.off")
+    finally:
+        for ctx in reversed(contexts):
+            await ctx.__aexit__(None, None, None)
+        logs.flush()
+    lines = (tmp / "log.jsonl").read_text().splitlines()
+    print(f"{len(lines)} log lines; last: {lines[-1][:300]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--profile", choices=("off", "mem", "redis"))
+    parser.add_argument("--sort", default="tottime")
+    parser.add_argument("--top", type=int, default=45)
+    parser.add_argument("--dump", help="also write the profiles of NAME and off to DUMP.NAME, DUMP.off")
+    args = parser.parse_args()
+    nginx_port, redis_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix="team-profile-") as tmpdir:
+        tmp = Path(tmpdir)
+        procs = [start_nginx(tmp, nginx_port), start_redis(tmp, redis_port)]
+        try:
+            time.sleep(0.5)
+            import uvloop
+
+            uvloop.run(run(args, f"http://127.0.0.1:{nginx_port}", f"redis://127.0.0.1:{redis_port}/0", tmp))
+        finally:
+            stop_all(procs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
