@@ -110,10 +110,21 @@ async def run(args: argparse.Namespace, upstream: str, redis_url: str, tmp: Path
     store = KeyStore(str(tmp / "keys.db"))
     limit = Limit(rpm=10**9, tpm=10**12)
     _, token = store.create("bench", scopes=[KeyScope.INFERENCE], limit=limit, model_limits={"bench": limit})
+    _, free = store.create("free", scopes=[KeyScope.INFERENCE])
     store.close()
-    team = {"key_db": str(tmp / "keys.db"), "json_logs": True}
-    servers = {"off": {}, "mem": team, "redis": {**team, "redis_url": redis_url}}
-    tokens = {"off": "bench", "mem": token, "redis": token}
+    keys = {"key_db": str(tmp / "keys.db")}
+    team = {**keys, "json_logs": True}
+    every = {
+        "off": ({}, "bench"),
+        "auth": (keys, free),  # the key and its scope, nothing else
+        "limits": (keys, token),  # + limits and usage
+        "logs": ({"json_logs": True}, "bench"),  # JSON request lines only
+        "mem": (team, token),
+        "redis": ({**team, "redis_url": redis_url}, token),
+    }
+    names = ["off", *(n for n in args.targets.split(",") if n != "off")]
+    servers = {name: every[name][0] for name in names}
+    tokens = {name: every[name][1] for name in names}
     logs.configure("info", json_lines=True, stream=open(tmp / "log.jsonl", "w"))  # noqa: SIM115
     apps = {name: create_app(settings(upstream, server)) for name, server in servers.items()}
     contexts = [app.router.lifespan_context(app) for app in apps.values()]
@@ -126,7 +137,7 @@ async def run(args: argparse.Namespace, upstream: str, redis_url: str, tmp: Path
         in_gc: dict[str, list[float]] = {name: [] for name in apps}
         for number in range(args.rounds):
             names = list(apps)
-            names = names[number % 3 :] + names[: number % 3]
+            names = names[number % len(names) :] + names[: number % len(names)]
             for name in names:
                 results[name].append(await drive(apps[name], tokens[name], args.requests, args.concurrency))
                 in_gc[name].append(_gc_per_request[-1])
@@ -165,7 +176,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--profile", choices=("off", "mem", "redis"))
+    parser.add_argument("--targets", default="off,mem,redis", help="of off,auth,limits,logs,mem,redis")
+    parser.add_argument("--profile", choices=("off", "auth", "limits", "logs", "mem", "redis"))
     parser.add_argument("--sort", default="tottime")
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--dump", help="also write the profiles of NAME and off to DUMP.NAME, DUMP.off")

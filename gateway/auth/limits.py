@@ -8,7 +8,8 @@ settled to the real count when the answer is done.
 In Redis one Lua script checks and charges every bucket of a request atomically, so N replicas
 share one budget exactly. The script takes a batch: the settlements and admissions that arrived
 while the previous call was in flight go out together in one EVALSHA (settlements first), so
-under load a request costs a fraction of a round trip instead of two.
+under load a request costs a fraction of a round trip instead of two (and the client's work per
+call does not grow with the batch: the batch is one argument, the answer one string).
 """
 
 from __future__ import annotations
@@ -27,39 +28,37 @@ log = logging.getLogger(__name__)
 WINDOW = 60.0
 _NONE = -1  # no limit, in the Lua script's arguments
 
-# ARGV: ttl, then the settlements (their count, then per settlement: its number of counters and
-# the correction), then the admissions (their count, then per admission: its number of buckets,
-# its reservation, and per bucket rpm, tpm). KEYS: the settlements' token counters, then per
-# admission per bucket its request and token counters, in that order. Returns, per admission,
-# {admitted, then per bucket requests and tokens used (after charging when admitted)}.
-# A token counter whose window has passed is gone: a settlement leaves it (INCRBY would recreate
-# it without an expiry).
+# One batch of settlements and admissions, as one argument of NUL-separated fields (so that the
+# client encodes four arguments per call however large the batch; counter names are passed in
+# this argument, not as KEYS: fine for one Redis server, not for Redis Cluster):
+#   ttl, settlement count, per settlement: counter count, correction, its token counters;
+#   admission count, per admission: bucket count n, reservation, n x (rpm, tpm) (-1: none),
+#   n x (request counter, token counter).
+# Returns, space-separated, per admission: admitted (1/0), then per bucket requests and tokens
+# used (after charging when admitted). A token counter whose window has passed is gone: a
+# settlement leaves it (INCRBY would recreate it without an expiry).
 _BATCH_LUA = """
-local ttl = tonumber(ARGV[1])
-local a = 2
-local k = 0
-for _ = 1, tonumber(ARGV[a]) do
-  local n = tonumber(ARGV[a + 1])
-  local delta = tonumber(ARGV[a + 2])
-  a = a + 2
+local field = string.gmatch(ARGV[1], '[^%z]+')
+local function num() return tonumber(field()) end
+local ttl = num()
+for _ = 1, num() do
+  local n, delta = num(), num()
   for _ = 1, n do
-    k = k + 1
-    if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('INCRBY', KEYS[k], delta) end
+    local key = field()
+    if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, delta) end
   end
 end
 local out = {}
-a = a + 1
-for _ = 1, tonumber(ARGV[a]) do
-  local n = tonumber(ARGV[a + 1])
-  local reserve = tonumber(ARGV[a + 2])
-  a = a + 2
-  local used = {}
+for _ = 1, num() do
+  local n, reserve = num(), num()
+  local bounds, names, used = {}, {}, {}
+  for i = 1, 2 * n do bounds[i] = num() end
+  for i = 1, 2 * n do names[i] = field() end
   local ok = 1
   for i = 1, n do
-    local r = tonumber(redis.call('GET', KEYS[k + 2 * i - 1]) or '0')
-    local t = tonumber(redis.call('GET', KEYS[k + 2 * i]) or '0')
-    local rpm = tonumber(ARGV[a + 2 * i - 1])
-    local tpm = tonumber(ARGV[a + 2 * i])
+    local r = tonumber(redis.call('GET', names[2 * i - 1]) or '0')
+    local t = tonumber(redis.call('GET', names[2 * i]) or '0')
+    local rpm, tpm = bounds[2 * i - 1], bounds[2 * i]
     if rpm >= 0 and r + 1 > rpm then ok = 0 end
     if tpm >= 0 and (t >= tpm or t + math.min(reserve, tpm) > tpm) then ok = 0 end
     used[2 * i - 1] = r
@@ -67,19 +66,18 @@ for _ = 1, tonumber(ARGV[a]) do
   end
   if ok == 1 then
     for i = 1, n do
-      used[2 * i - 1] = redis.call('INCR', KEYS[k + 2 * i - 1])
-      used[2 * i] = redis.call('INCRBY', KEYS[k + 2 * i], reserve)
-      redis.call('EXPIRE', KEYS[k + 2 * i - 1], ttl)
-      redis.call('EXPIRE', KEYS[k + 2 * i], ttl)
+      used[2 * i - 1] = redis.call('INCR', names[2 * i - 1])
+      used[2 * i] = redis.call('INCRBY', names[2 * i], reserve)
+      redis.call('EXPIRE', names[2 * i - 1], ttl)
+      redis.call('EXPIRE', names[2 * i], ttl)
     end
   end
   out[#out + 1] = ok
-  for i = 1, 2 * n do out[#out + 1] = used[i] end
-  k = k + 2 * n
-  a = a + 2 * n
+  for i = 1, 2 * n do out[#out + 1] = string.format('%d', used[i]) end
 end
-return out
+return table.concat(out, ' ')
 """
+_SEP = "\0"  # between the batch's fields (never in a counter name: names come from key ids and model names)
 
 
 @dataclass(slots=True)
@@ -138,7 +136,7 @@ class _Plan:
     """A key's limits for one model in one window: bucket limits, counter names, script arguments.
     Built once per key, model and minute (this runs on every request of a limited key)."""
 
-    __slots__ = ("key", "window", "limits", "names", "counters", "bounds", "limit_text")
+    __slots__ = ("key", "window", "limits", "names", "counters", "bounds", "limit_text", "fields")
 
     def __init__(self, key: ApiKey, window: int, chosen: list[tuple[str, Limit]], prefix: str) -> None:
         self.key = key
@@ -148,6 +146,7 @@ class _Plan:
         self.counters = self.names[1::2]
         self.bounds = [_arg(v) for lim in self.limits for v in (lim.rpm, lim.tpm)]  # -1: none
         self.limit_text = [(_text(lim.rpm), _text(lim.tpm)) for lim in self.limits]
+        self.fields = _SEP.join(str(v) for v in (*self.bounds, *self.names))  # the script's, after the reservation
 
     def headers(self, used: list[int], reset: float) -> list[tuple[bytes, bytes]]:
         """x-ratelimit-* for the tightest bucket of each kind (used: requests, tokens per bucket)."""
@@ -296,18 +295,13 @@ class _Batches:
     async def _send(
         self, admits: list[tuple[_Plan, int, asyncio.Future[list[int]]]], settles: list[tuple[list[str], int]]
     ) -> None:
-        keys: list[str] = []
-        args: list[int] = [int(WINDOW) + 5, len(settles)]
+        fields = [str(int(WINDOW) + 5), str(len(settles))]
         for counters, delta in settles:
-            keys += counters
-            args += (len(counters), delta)
-        args.append(len(admits))
-        for plan, reserve, _ in admits:
-            keys += plan.names
-            args += (len(plan.limits), reserve)
-            args += plan.bounds
+            fields += (str(len(counters)), str(delta), *counters)
+        fields.append(str(len(admits)))
+        fields += (f"{len(plan.limits)}{_SEP}{reserve}{_SEP}{plan.fields}" for plan, reserve, _ in admits)
         try:
-            result = await self._script(keys=keys, args=args)
+            result = await self._script(keys=[], args=[_SEP.join(fields)])
         except Exception as exc:  # Redis gone: the admissions are refused by their callers
             for _, _, future in admits:
                 if not future.done():
@@ -315,11 +309,12 @@ class _Batches:
             if settles:  # the windows' counts stay at the reservations
                 log.warning("could not settle %d token counts: %s", len(settles), exc)
             return
+        values = result.split()
         at = 0
         for plan, _, future in admits:
             end = at + 1 + len(plan.names)
             if not future.done():  # a request cancelled meanwhile stays charged, as if it had run
-                future.set_result([int(v) for v in result[at:end]])
+                future.set_result([int(v) for v in values[at:end]])
             at = end
 
 
