@@ -65,6 +65,7 @@ def create_app(
         tracing.enable()
     redis = shared_redis(server.redis_url)
     access = Access(server.api_keys, server.key_db, redis)
+    metrics.count_key_usage(lambda: access.usage.totals)
     state = AppState(
         settings=settings, registry=registry, metrics=metrics, access=access, settings_source=settings_source
     )

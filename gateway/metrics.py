@@ -7,9 +7,11 @@ configured names or "unknown".
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.domain import Usage
@@ -82,36 +84,17 @@ class Metrics:
 
     def _keys(self, r: CollectorRegistry) -> None:
         """Usage per API key (its name) and model, and the response cache."""
-        self.key_requests = Counter(
-            "gateway_key_requests", "Requests per API key and model.", ["key", "model"], registry=r
-        )
-        self.key_tokens = Counter(
-            "gateway_key_tokens",
-            "Tokens per API key, model and kind (prompt, completion).",
-            ["key", "model", "kind"],
-            registry=r,
-        )
         self.cache_lookups = Counter(
             "gateway_cache_lookups",
             "Response cache lookups by model and result (hit, miss, bypass).",
             ["model", "result"],
             registry=r,
         )
-        self._key_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
-    def count_key_usage(self, key: str, model: str, prompt: int, completion: int) -> None:
-        children = self._key_children.get((key, model))
-        if children is None:  # labels() once per (key, model)
-            children = self._key_children[(key, model)] = (
-                self.key_requests.labels(key, model),
-                self.key_tokens.labels(key, model, "prompt"),
-                self.key_tokens.labels(key, model, "completion"),
-            )
-        children[0].inc()
-        if prompt:
-            children[1].inc(prompt)
-        if completion:
-            children[2].inc(completion)
+    def count_key_usage(self, totals: Callable[[], dict[tuple[str, str], list[int]]]) -> None:
+        """Usage per key and model, read from `totals` ({(key, model): [requests, prompt, completion]})
+        at scrape time rather than counted per request (no lock or counter call on the request path)."""
+        self.registry.register(_KeyUsage(totals))
 
     def _local_engine(self, r: CollectorRegistry) -> None:
         """Filled by the local engines (queue and running gauges are read at scrape time, routes/ops.py)."""
@@ -224,3 +207,33 @@ class EngineMetrics:
     def stepped(self, sequences: int, seconds: float) -> None:
         self._batch_size.observe(sequences)
         self._batch_duration.observe(seconds)
+
+
+class _KeyUsage:
+    """`gateway_key_requests_total` and `gateway_key_tokens_total`, from the usage totals."""
+
+    def __init__(self, totals: Callable[[], dict[tuple[str, str], list[int]]]) -> None:
+        self.totals = totals
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.totals())
+
+    @staticmethod
+    def _families(totals: dict[tuple[str, str], list[int]]) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "gateway_key_requests", "Requests per API key and model.", labels=["key", "model"]
+        )
+        tokens = CounterMetricFamily(
+            "gateway_key_tokens",
+            "Tokens per API key, model and kind (prompt, completion).",
+            labels=["key", "model", "kind"],
+        )
+        for (key, model), (count, prompt, completion) in list(totals.items()):
+            requests.add_metric([key, model], count)
+            tokens.add_metric([key, model, "prompt"], prompt)
+            tokens.add_metric([key, model, "completion"], completion)
+        yield requests
+        yield tokens

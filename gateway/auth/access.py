@@ -18,22 +18,37 @@ RELOAD_SECONDS = 2.0  # how soon a key created or revoked by another replica is 
 
 
 class Usage:
-    """Requests and tokens per (key name, model) since the last flush; totals are store + pending."""
+    """Requests and tokens per (key name, model): totals since this process started (exported as
+    metrics at scrape time) and what is not yet in the store (`pending`, taken by each flush).
+    One dict row per (key, model) updated per request: this runs on every request."""
 
     def __init__(self) -> None:
-        self.pending: dict[tuple[str, str], list[int]] = {}
+        self.totals: dict[tuple[str, str], list[int]] = {}
+        self._flushed: dict[tuple[str, str], tuple[int, int, int]] = {}
 
     def add(self, key: str, model: str, prompt: int, completion: int) -> None:
-        row = self.pending.get((key, model))
+        row = self.totals.get((key, model))
         if row is None:
-            row = self.pending[(key, model)] = [0, 0, 0]
+            row = self.totals[(key, model)] = [0, 0, 0]
         row[0] += 1
         row[1] += prompt
         row[2] += completion
 
+    @property
+    def pending(self) -> dict[tuple[str, str], tuple[int, int, int]]:
+        """Counts since the last `take`, per (key, model) that has any."""
+        out = {}
+        for name, (r, p, c) in list(self.totals.items()):
+            r0, p0, c0 = self._flushed.get(name, (0, 0, 0))
+            if r != r0 or p != p0 or c != c0:
+                out[name] = (r - r0, p - p0, c - c0)
+        return out
+
     def take(self) -> list[UsageRow]:
         rows = [(k, m, r, p, c) for (k, m), (r, p, c) in self.pending.items()]
-        self.pending = {}
+        for k, m, r, p, c in rows:
+            r0, p0, c0 = self._flushed.get((k, m), (0, 0, 0))
+            self._flushed[(k, m)] = (r0 + r, p0 + p, c0 + c)
         return rows
 
 

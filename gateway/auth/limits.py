@@ -232,7 +232,7 @@ class Limiter:
             used[i + 1] = counts[names[i + 1]] = used[i + 1] + reserve
         return True, used
 
-    async def settle(self, admission: Admission, tokens: int) -> None:
+    def settle(self, admission: Admission, tokens: int) -> None:
         """Replace the reservation by the tokens really used (prompt + completion). In Redis the
         correction goes out with the next batch, without waiting for it (`close` does)."""
         if admission.settled:
