@@ -93,6 +93,7 @@ async def drive(app: Any, token: str, total: int, concurrency: int) -> float:
 
 # Time spent in the garbage collector (gc.callbacks), per request of the last drive.
 _gc_seconds = [0.0, 0.0]
+_gc_full = [0, 0.0]  # full collections and their time
 _gc_per_request: list[float] = []
 
 
@@ -101,6 +102,9 @@ def _gc_timer(phase: str, info: dict[str, int]) -> None:
         _gc_seconds[1] = time.perf_counter()
     else:
         _gc_seconds[0] += time.perf_counter() - _gc_seconds[1]
+        if info["generation"] == 2:
+            _gc_full[0] += 1
+            _gc_full[1] += time.perf_counter() - _gc_seconds[1]
 
 
 gc.callbacks.append(_gc_timer)
@@ -130,6 +134,8 @@ async def run(args: argparse.Namespace, upstream: str, redis_url: str, tmp: Path
     contexts = [app.router.lifespan_context(app) for app in apps.values()]
     for ctx in contexts:
         await ctx.__aenter__()
+    if args.freeze:
+        gc.freeze()
     try:
         for name, app in apps.items():
             await drive(app, tokens[name], 200, args.concurrency)  # warm up
@@ -160,13 +166,14 @@ async def run(args: argparse.Namespace, upstream: str, redis_url: str, tmp: Path
                 profiler.dump_stats(f"{args.dump}.{args.profile}")
                 profiler = cProfile.Profile()
                 profiler.enable()
-                await drive(apps["off"], tokens["off"], args.requests, args.concurrency)
+                await drive(apps[args.base], tokens[args.base], args.requests, args.concurrency)
                 profiler.disable()
-                profiler.dump_stats(f"{args.dump}.off")
+                profiler.dump_stats(f"{args.dump}.{args.base}")
     finally:
         for ctx in reversed(contexts):
             await ctx.__aexit__(None, None, None)
         logs.flush()
+    print(f"full collections: {_gc_full[0]}, {_gc_full[1] * 1000:.0f} ms")
     lines = (tmp / "log.jsonl").read_text().splitlines()
     print(f"{len(lines)} log lines; last: {lines[-1][:300]}")
 
@@ -178,9 +185,11 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--targets", default="off,mem,redis", help="of off,auth,limits,logs,mem,redis")
     parser.add_argument("--profile", choices=("off", "auth", "limits", "logs", "mem", "redis"))
+    parser.add_argument("--freeze", action="store_true", help="gc.freeze() once the apps have started")
+    parser.add_argument("--base", default="off", help="the app --dump profiles next to --profile's")
     parser.add_argument("--sort", default="tottime")
     parser.add_argument("--top", type=int, default=45)
-    parser.add_argument("--dump", help="also write the profiles of NAME and off to DUMP.NAME, DUMP.off")
+    parser.add_argument("--dump", help="write the profiles of --profile and --base to DUMP.<name>")
     args = parser.parse_args()
     nginx_port, redis_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="team-profile-") as tmpdir:

@@ -10,6 +10,7 @@ uvicorn to exit; the process exits 0. A second signal exits at once, as uvicorn 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from types import FrameType
@@ -32,6 +33,10 @@ class GatewayServer(uvicorn.Server):
     async def startup(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        # What exists once started (modules, the app, its models' objects) lives as long as the
+        # process: out of the collector's reach, a full collection scans only what requests made
+        # (about 1 ms instead of 60-80 ms every few thousand requests; more often with Redis).
+        gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining is not None or self._loop is None or self.should_exit:
