@@ -1,12 +1,16 @@
 """CPU time per request of the team features, in process (no HTTP server, no load generator).
 
-    python bench/team_profile.py [--rounds 6] [--requests 1000] [--concurrency 16] [--profile mem]
+    python bench/team_profile.py [--rounds 6] [--requests 1000] [--concurrency 16]
+        [--targets off,auth,limits,logs,mem,redis] [--profile mem [--dump PREFIX --base off]] [--freeze]
 
-Builds the three apps of bench/team_overhead.py (off / mem / redis) in this process, starts
-nginx and a redis-server, and calls each app's ASGI entry directly with `concurrency` tasks,
-rounds alternated, reporting the process CPU time per request (median over rounds) and the
-difference to `off`. `--profile NAME` runs cProfile over one more round of that app and prints
-the top functions by own time. Logs (JSON lines for mem and redis) go to a file, as in the bench.
+Builds the apps of bench/team_overhead.py (off / mem / redis, and for a breakdown: auth = a
+stored key only, limits = + its limits and usage, logs = JSON request lines only) in this
+process, starts nginx and a redis-server, and calls each app's ASGI entry directly with
+`concurrency` tasks, rounds alternated, reporting the process CPU time per request (median over
+rounds), the difference to `off`, and the time in the garbage collector. `--profile NAME` runs
+cProfile over one more round of that app and prints the top functions by own time (`--dump`
+writes it and the `--base` app's for a diff). Logs (JSON lines) go to a file, as in the bench.
+The CPU time is that of this process only (not redis-server's), and noisy on a shared machine.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from gateway.config import Settings  # noqa: E402
 
 
 def settings(upstream: str, server: dict[str, Any]) -> Settings:
-    model = {"name": "bench", "task": "text-generation", "backend": {"kind": "upstream", "url": f"{upstream}/v1"}}
-    model["backend"]["model"] = "upstream-model"
+    backend = {"kind": "upstream", "url": f"{upstream}/v1", "model": "upstream-model"}
+    model = {"name": "bench", "task": "text-generation", "backend": backend}
     return Settings.model_validate({"server": {"log_level": "info", "access_log": False, **server}, "models": [model]})
 
 
@@ -118,7 +122,7 @@ async def run(args: argparse.Namespace, upstream: str, redis_url: str, tmp: Path
     store.close()
     keys = {"key_db": str(tmp / "keys.db")}
     team = {**keys, "json_logs": True}
-    every = {
+    every: dict[str, tuple[dict[str, Any], str]] = {
         "off": ({}, "bench"),
         "auth": (keys, free),  # the key and its scope, nothing else
         "limits": (keys, token),  # + limits and usage
