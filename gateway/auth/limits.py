@@ -55,9 +55,10 @@ for _ = 1, num() do
   for i = 1, 2 * n do bounds[i] = num() end
   for i = 1, 2 * n do names[i] = field() end
   local ok = 1
+  local got = redis.call('MGET', unpack(names))
   for i = 1, n do
-    local r = tonumber(redis.call('GET', names[2 * i - 1]) or '0')
-    local t = tonumber(redis.call('GET', names[2 * i]) or '0')
+    local r = tonumber(got[2 * i - 1] or '0')
+    local t = tonumber(got[2 * i] or '0')
     local rpm, tpm = bounds[2 * i - 1], bounds[2 * i]
     if rpm >= 0 and r + 1 > rpm then ok = 0 end
     if tpm >= 0 and (t >= tpm or t + math.min(reserve, tpm) > tpm) then ok = 0 end
@@ -68,8 +69,10 @@ for _ = 1, num() do
     for i = 1, n do
       used[2 * i - 1] = redis.call('INCR', names[2 * i - 1])
       used[2 * i] = redis.call('INCRBY', names[2 * i], reserve)
-      redis.call('EXPIRE', names[2 * i - 1], ttl)
-      redis.call('EXPIRE', names[2 * i], ttl)
+      if used[2 * i - 1] == 1 then  -- the bucket's first request this window: both counters are new
+        redis.call('EXPIRE', names[2 * i - 1], ttl)
+        redis.call('EXPIRE', names[2 * i], ttl)
+      end
     end
   end
   out[#out + 1] = ok
