@@ -10,7 +10,7 @@ from pathlib import Path
 import redis.asyncio
 
 from gateway.auth.keys import ApiKey, Limit
-from gateway.auth.limits import Limiter, RateLimited
+from gateway.auth.limits import Admission, Limiter, RateLimited
 from tests.team.redis_server import redis_server
 
 
@@ -41,7 +41,7 @@ async def _batched(url: str) -> None:
         calls += 1
         return await script(**kwargs)
 
-    batches._script = counted  # type: ignore[assignment]
+    batches._script = counted
     try:
         # requests: 40 at once against 10 per minute (and 25 per minute for the model)
         key = _key(Limit(rpm=10), Limit(rpm=25))
@@ -69,7 +69,7 @@ async def _batched(url: str) -> None:
         await client.aclose()
 
 
-async def tokens_admit(limiter: Limiter, key: ApiKey) -> object:
+async def tokens_admit(limiter: Limiter, key: ApiKey) -> Admission | None:
     try:
         return await limiter.admit(key, "m", 12)
     except RateLimited:
