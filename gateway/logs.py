@@ -60,16 +60,22 @@ _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 
 _second = -1
 _second_text = ""
+_milli = -1
+_milli_text = ""
 
 
 def timestamp(created: float) -> str:
-    """`2026-11-30T03:32:28.967Z`; the part up to the second is formatted once per second."""
-    global _second, _second_text
-    second = int(created)
-    if second != _second:
-        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second = second
-    return f"{_second_text}.{int((created - second) * 1000):03d}Z"
+    """`2026-11-30T03:32:28.967Z`: formatted once per millisecond (the date part once per second)."""
+    global _second, _second_text, _milli, _milli_text
+    milli = int(created * 1000)
+    if milli != _milli:
+        second = milli // 1000
+        if second != _second:
+            _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            _second = second
+        _milli_text = f"{_second_text}.{milli % 1000:03d}Z"
+        _milli = milli
+    return _milli_text
 
 
 class JsonFormatter(logging.Formatter):

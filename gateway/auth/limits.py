@@ -87,9 +87,10 @@ _SEP = "\0"  # between the batch's fields (never in a counter name: names come f
 class Admission:
     """One admitted request's charge, settled when its token count is known."""
 
-    counters: list[str]  # the token counter of each bucket
+    counters: list[str]  # the token counter of each bucket (Redis)
     reserved: int
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    cells: list[list[int]] = field(default_factory=list)  # each bucket's [requests, tokens] (in memory)
     settled: bool = False
 
 
@@ -136,43 +137,41 @@ _TOKENS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-rat
 
 
 class _Plan:
-    """A key's limits for one model in one window: bucket limits, counter names, script arguments.
-    Built once per key, model and minute (this runs on every request of a limited key)."""
+    """A key's limits for one model in one window: bucket limits, counter names, script arguments,
+    and (counted in memory) the buckets' [requests, tokens] cells, shared with the other plans of
+    the same bucket. Built once per key, model and minute (this runs on every request of a
+    limited key)."""
 
-    __slots__ = ("key", "window", "limits", "names", "counters", "bounds", "limit_text", "fields")
+    __slots__ = ("key", "window", "limits", "names", "counters", "bounds", "cells", "rpm", "tpm", "fields")
 
-    def __init__(self, key: ApiKey, window: int, chosen: list[tuple[str, Limit]], prefix: str) -> None:
+    def __init__(
+        self, key: ApiKey, window: int, chosen: list[tuple[str, Limit]], prefix: str, cells: dict[str, list[int]]
+    ) -> None:
         self.key = key
         self.window = window
         self.limits = [lim for _, lim in chosen]
         self.names = [f"{prefix}{name}:{window}:{kind}" for name, _ in chosen for kind in ("r", "t")]
         self.counters = self.names[1::2]
         self.bounds = [_arg(v) for lim in self.limits for v in (lim.rpm, lim.tpm)]  # -1: none
-        self.limit_text = [(_text(lim.rpm), _text(lim.tpm)) for lim in self.limits]
+        self.cells = [cells.setdefault(name, [0, 0]) for name in self.names[::2]]
+        # (index in `used`, limit, its header text) of the buckets with a request or token limit
+        self.rpm = [(2 * i, lim.rpm, b"%d" % lim.rpm) for i, lim in enumerate(self.limits) if lim.rpm is not None]
+        self.tpm = [(2 * i + 1, lim.tpm, b"%d" % lim.tpm) for i, lim in enumerate(self.limits) if lim.tpm is not None]
         self.fields = _SEP.join(str(v) for v in (*self.bounds, *self.names))  # the script's, after the reservation
 
     def headers(self, used: list[int], reset: float) -> list[tuple[bytes, bytes]]:
         """x-ratelimit-* for the tightest bucket of each kind (used: requests, tokens per bucket)."""
-        requests = tokens = -1  # index of the tightest bucket
-        left_r = left_t = 0
-        for i, lim in enumerate(self.limits):
-            if lim.rpm is not None and (requests < 0 or lim.rpm - used[2 * i] < left_r):
-                requests, left_r = i, lim.rpm - used[2 * i]
-            if lim.tpm is not None and (tokens < 0 or lim.tpm - used[2 * i + 1] < left_t):
-                tokens, left_t = i, lim.tpm - used[2 * i + 1]
         reset_text = _reset_text(reset)
         out: list[tuple[bytes, bytes]] = []
-        if requests >= 0:
-            out += ((_REQUESTS[0], self.limit_text[requests][0]), (_REQUESTS[1], b"%d" % max(0, left_r)))
-            out.append((_REQUESTS[2], reset_text))
-        if tokens >= 0:
-            out += ((_TOKENS[0], self.limit_text[tokens][1]), (_TOKENS[1], b"%d" % max(0, left_t)))
-            out.append((_TOKENS[2], reset_text))
+        for names, limited in ((_REQUESTS, self.rpm), (_TOKENS, self.tpm)):
+            if limited:
+                at, limit, text = limited[0]
+                left = limit - used[at]
+                for at, other, other_text in limited[1:]:
+                    if other - used[at] < left:
+                        left, text = other - used[at], other_text
+                out += ((names[0], text), (names[1], b"%d" % (left if left > 0 else 0)), (names[2], reset_text))
         return out
-
-
-def _text(value: int | None) -> bytes:
-    return b"" if value is None else b"%d" % value
 
 
 def _arg(value: int | None) -> int:
@@ -186,7 +185,7 @@ class Limiter:
         self.redis = redis
         self.prefix = prefix
         self._batches = _Batches(redis) if redis is not None else None
-        self._counts: dict[str, int] = {}
+        self._cells: dict[str, list[int]] = {}  # in memory: [requests, tokens] per bucket this window
         self._plans: dict[tuple[int, str], _Plan] = {}
         self._window = -1
 
@@ -207,32 +206,33 @@ class Limiter:
         headers = plan.headers(used, reset)
         if not ok:
             raise RateLimited(reset, headers, _what(plan.limits, used))
-        return Admission(plan.counters, reserve, headers)
+        return Admission(plan.counters, reserve, headers, plan.cells)
 
     def _plan(self, key: ApiKey, model: str, window: int) -> _Plan | None:
         plan = self._plans.get((id(key), model))
         if plan is None or plan.key is not key or plan.window != window:
+            if window != self._window:  # a new minute: every old counter has expired
+                self._cells = {}
+                self._window = window
             if len(self._plans) > 10_000:  # keys replaced by reloads leave stale entries
                 self._plans.clear()
-            plan = self._plans[(id(key), model)] = _Plan(key, window, buckets(key, model), self.prefix)
+            chosen = buckets(key, model)
+            plan = self._plans[(id(key), model)] = _Plan(key, window, chosen, self.prefix, self._cells)
         return plan if plan.names else None  # no names: nothing to count
 
-    def _admit_here(self, plan: _Plan, reserve: int) -> tuple[bool, list[int]]:
-        if plan.window != self._window:  # a new minute: every old counter has expired
-            self._counts.clear()
-            self._window = plan.window
-        counts = self._counts
-        names = plan.names
-        used = [counts.get(n, 0) for n in names]
+    @staticmethod
+    def _admit_here(plan: _Plan, reserve: int) -> tuple[bool, list[int]]:
+        cells = plan.cells
         bounds = plan.bounds
+        used = [n for cell in cells for n in cell]
         for i in range(0, len(bounds), 2):
             rpm, tpm = bounds[i], bounds[i + 1]
             t = used[i + 1]
-            if (rpm >= 0 and used[i] + 1 > rpm) or (tpm >= 0 and (t >= tpm or t + min(reserve, tpm) > tpm)):
+            if (rpm >= 0 and used[i] >= rpm) or (tpm >= 0 and (t >= tpm or t + min(reserve, tpm) > tpm)):
                 return False, used
-        for i in range(0, len(names), 2):
-            used[i] = counts[names[i]] = used[i] + 1
-            used[i + 1] = counts[names[i + 1]] = used[i + 1] + reserve
+        for i, cell in enumerate(cells):
+            used[2 * i] = cell[0] = cell[0] + 1
+            used[2 * i + 1] = cell[1] = cell[1] + reserve
         return True, used
 
     def settle(self, admission: Admission, tokens: int) -> None:
@@ -247,9 +247,8 @@ class Limiter:
         if self._batches is not None:
             self._batches.settle(admission.counters, delta)
         else:
-            for name in admission.counters:
-                if name in self._counts:  # a counter of a past window is gone with it
-                    self._counts[name] += delta
+            for cell in admission.cells:  # a past window's cells are no longer counted: no effect
+                cell[1] += delta
 
     async def close(self) -> None:
         """Wait for the settlements still on their way to Redis."""
