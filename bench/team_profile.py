@@ -140,6 +140,8 @@ async def run(args: argparse.Namespace, upstream: str, redis_url: str, tmp: Path
         await ctx.__aenter__()
     if args.freeze:
         gc.freeze()
+    if args.gc_threshold:
+        gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
     try:
         for name, app in apps.items():
             await drive(app, tokens[name], 200, args.concurrency)  # warm up
@@ -190,6 +192,7 @@ def main() -> int:
     parser.add_argument("--targets", default="off,mem,redis", help="of off,auth,limits,logs,mem,redis")
     parser.add_argument("--profile", choices=("off", "auth", "limits", "logs", "mem", "redis"))
     parser.add_argument("--freeze", action="store_true", help="gc.freeze() once the apps have started")
+    parser.add_argument("--gc-threshold", type=int, help="the collector's first threshold (default 700)")
     parser.add_argument("--base", default="off", help="the app --dump profiles next to --profile's")
     parser.add_argument("--sort", default="tottime")
     parser.add_argument("--top", type=int, default=45)
