@@ -2,9 +2,9 @@
 when `server.json_logs` is on, and the one summary line per request the middleware writes.
 
 JSON lines are written off the request path: each line is appended to a bounded buffer that a
-background thread writes out as soon as it gets to run. Under load the request thread holds the
-interpreter most of the time, so lines gather meanwhile and one write carries many; a request pays
-for building its line (orjson, about 2 µs) and not for the `logging` machinery or a write per line. Every JSON
+background thread writes out: at once after a quiet spell, at most once per `FLUSH_SECONDS` under
+load, so one write carries many lines; a request pays for building its line (orjson, about 2 µs)
+and not for the `logging` machinery or a write per line. Every JSON
 line (request lines and the other logs) goes through that one buffer, so lines keep their order;
 it is flushed at the end of a drain, at shutdown and at exit. If the sink stalls (a full pipe),
 lines past `MAX_PENDING` are dropped and counted, and a line saying how many follows.
@@ -31,7 +31,7 @@ request_fields: contextvars.ContextVar[dict[str, object] | None] = contextvars.C
     "request_fields", default=None
 )
 
-FLUSH_SECONDS = 0.0  # how long the writer waits for more lines once woken (0: none, no added delay)
+FLUSH_SECONDS = 0.005  # the writer writes at most once per this (at once after a quiet spell)
 MAX_PENDING = 50_000  # lines waiting for the writer (a few tens of MB at most)
 
 
@@ -98,7 +98,7 @@ class LineSink:
     """JSON lines buffered in memory and written in batches by a daemon thread.
 
     `write` only appends to a deque (thread-safe without a lock) and wakes the writer when the
-    buffer was empty; the writer (after `interval`, if any) writes what is there with one call. Taking lines and writing them happen under one lock, so a `flush` from another
+    buffer was empty; the writer writes what is there with one call, at most once per `interval`. Taking lines and writing them happen under one lock, so a `flush` from another
     thread (shutdown) never reorders them.
     """
 
@@ -125,15 +125,20 @@ class LineSink:
             self._wake.set()
 
     def _run(self) -> None:
+        last = 0.0
         while not self._closed:
             self._wake.wait()
             self._wake.clear()
-            if self.interval:
-                time.sleep(self.interval)  # let a batch gather
+            # At most one write per `interval`: the first line after a quiet spell goes out at once,
+            # under load lines gather (and the thread seldom takes the interpreter from requests).
+            wait = last + self.interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
             try:
                 self.flush()
             except Exception:  # a closed or broken stream: keep going, the lines are counted
                 pass
+            last = time.monotonic()
 
     def flush(self) -> None:
         """Write every pending line now (any thread)."""

@@ -10,6 +10,7 @@ uvicorn to exit; the process exits 0. A second signal exits at once, as uvicorn 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import logging
 import signal
@@ -47,7 +48,9 @@ class GatewayServer(uvicorn.Server):
         log.info("%s: draining", signal.Signals(sig).name)
         # from a signal handler: hand the work to the loop through its thread-safe door
         self._draining = asyncio.Future()  # marks the drain as started until the task exists
-        self._loop.call_soon_threadsafe(self._start_drain)
+        # in a fresh context: the signal may interrupt a request's task, whose request id the
+        # drain's log lines must not carry
+        self._loop.call_soon_threadsafe(self._start_drain, context=contextvars.Context())
 
     def _start_drain(self) -> None:
         self._draining = asyncio.ensure_future(self._drain())
