@@ -2,9 +2,9 @@
 when `server.json_logs` is on, and the one summary line per request the middleware writes.
 
 JSON lines are written off the request path: each line is appended to a bounded buffer that a
-background thread writes out: at once after a quiet spell, at most once per `FLUSH_SECONDS` under
-load, so one write carries many lines; a request pays for building its line (orjson, about 2 µs)
-and not for the `logging` machinery or a write per line. Every JSON
+background thread writes out as soon as it gets the interpreter: at once when the server is idle;
+under load, when the request thread holds it, lines gather and one write carries many. A request
+pays for building its line (orjson, about 2 µs), not for the `logging` machinery or a write. Every JSON
 line (request lines and the other logs) goes through that one buffer, so lines keep their order;
 it is flushed at the end of a drain, at shutdown and at exit. If the sink stalls (a full pipe),
 lines past `MAX_PENDING` are dropped and counted, and a line saying how many follows.
@@ -31,7 +31,10 @@ request_fields: contextvars.ContextVar[dict[str, object] | None] = contextvars.C
     "request_fields", default=None
 )
 
-FLUSH_SECONDS = 0.005  # the writer writes at most once per this (at once after a quiet spell)
+# The writer writes at most once per this. 0: as soon as it gets the interpreter, which under load
+# the request thread holds (handing it over every few ms), so lines gather anyway; a wait here
+# would delay the line of a request that just ended from a script reading the log right after.
+FLUSH_SECONDS = 0.0
 MAX_PENDING = 50_000  # lines waiting for the writer (a few tens of MB at most)
 
 

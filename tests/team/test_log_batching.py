@@ -53,22 +53,23 @@ def test_no_line_lost_under_load_and_all_out_after_a_sigterm_drain(tmp_path: Pat
 
             with ThreadPoolExecutor(8) as pool:
                 loaded = list(pool.map(call, range(240)))
-        # requests still running when the signal comes: they finish during the drain
-        slow = {**body, "max_tokens": 40}  # ~0.8 s each
+        # streams still running when the signal comes (each has its 200): they finish during the drain
+        slow = {**body, "max_tokens": 40, "stream": True}  # ~0.8 s each
         late: list[str] = []
-        threads = [
-            threading.Thread(
-                target=lambda: late.append(
-                    httpx.post(f"{url}/v1/chat/completions", json=slow, headers=auth, timeout=30).headers[
-                        "x-request-id"
-                    ]
-                )
-            )
-            for _ in range(4)
-        ]
+        done: list[int] = []
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=slow, headers=auth, timeout=30) as resp:
+                late.append(resp.headers["x-request-id"])
+                done.append(sum(1 for line in resp.iter_lines() if line.startswith("data: ")))
+
+        threads = [threading.Thread(target=stream) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while len(late) < 4:
+            assert time.monotonic() < deadline, "streams did not start"
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(timeout=30)
@@ -79,7 +80,7 @@ def test_no_line_lost_under_load_and_all_out_after_a_sigterm_drain(tmp_path: Pat
     raw = log_path.read_text().splitlines()
     lines: list[dict[str, Any]] = [json.loads(line) for line in raw]  # every line whole and JSON
     requests = [x["request_id"] for x in lines if x["msg"] == "request" and x["path"] == "/v1/chat/completions"]
-    assert len(late) == 4
+    assert len(late) == 4 and len(done) == 4 and min(done) > 40  # every stream ran to its end
     assert sorted(requests) == sorted(loaded + late)  # each request exactly once, none lost
     stamps = [x["ts"] for x in lines]
     assert stamps == sorted(stamps)  # written in the order they were logged
@@ -87,7 +88,7 @@ def test_no_line_lost_under_load_and_all_out_after_a_sigterm_drain(tmp_path: Pat
     after = [x for x in lines[drained:] if x["request_id"] in late]
     assert not after, after  # out before the drain ended
     last = next(x for x in lines if x["msg"] == "request" and x["request_id"] == late[0])
-    assert last["completion_tokens"] == 40 and last["key"] == "config-0" and last["status"] == 200
+    assert last["completion_tokens"] == 40 and last["key"] == "config-0" and last["status"] == 200, last
 
 
 class _Stalled:
