@@ -82,10 +82,12 @@ def step_bytes(step: Any, context: int) -> dict[str, int]:
             else:
                 layers += _nbytes(value)
     head = step.head
-    if getattr(head, "half", None) is not None:  # float16 weights (fbgemm's packing keeps 2 bytes each)
+    if getattr(head, "half", None) is not None:  # one row: float16 weights (2 bytes each)
         head_bytes = head.out_features * step.embed.shape[1] * 2
-    else:  # a float32 copy (or, in older trees, the head itself)
-        head_bytes = _nbytes(getattr(head, "full", None) and head.full.weight or head.weight)
+    elif hasattr(head, "full"):  # the float32 copy
+        head_bytes = _nbytes(head.full.weight)
+    else:  # trees before issue 17: a PackedLinear of the float32 copy
+        head_bytes = _nbytes(head.weight)
     kv = int(step.cache.bytes_per_token()) * context
     return {"layers": layers, "head": head_bytes, "kv_cache": kv, "total": layers + head_bytes + kv}
 
