@@ -67,3 +67,9 @@ bench-team: install
 bench-constrained: install
 	$(PY) bench/constrained.py $(BENCH_ARGS)
 .PHONY: bench-constrained
+
+# One stream: gateway streaming c=1 vs offline model.generate of one sequence (same dtype, same run), the
+# measured memory bandwidth and the fraction of it a decode step reaches; writes bench/single_stream.json.
+bench-single: install
+	$(PY) bench/single_stream.py $(BENCH_ARGS)
+.PHONY: bench-single

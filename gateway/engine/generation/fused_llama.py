@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from gateway.engine.generation.step import PrefillChunk, PromptScores, SlotKVCache, StepPlan, add_scores
-from gateway.engine.runtime.packed import PackedLinear
+from gateway.engine.runtime.packed import LogitsLinear, PackedLinear
 
 _FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 # RoPE variants whose cos/sin depend only on the position, so one table serves every step.
@@ -83,7 +83,8 @@ class FusedLlama:
         # The head runs in float32 whatever the model's dtype (a float32 copy of its weight, on the
         # float32 normed residual): bfloat16 logits step by 0.125 at SmolLM2's magnitudes, and
         # near-ties rounded to one value made greedy answers depend on the CPU's kernels.
-        self.head = PackedLinear(head.weight.float(), None if head.bias is None else head.bias.float(), slots)
+        # (float16 weights with float32 arithmetic where that is exact: `LogitsLinear`)
+        self.head = LogitsLinear(head.weight, head.bias, slots)
         if head.weight is not weight:  # an untied head is only read through that copy from here on
             model.set_output_embeddings(None)
         del head
@@ -189,6 +190,7 @@ class FusedLlama:
         token_t = torch.tensor(tokens, device=dev)
         pos_t = torch.tensor(positions, device=dev)
         slot_t = torch.tensor(slots, device=dev)
+        single = (slots[0], positions[0]) if len(tokens) == 1 else None
         rope = self.rope[pos_t].unsqueeze(1)  # [tokens, 1, head_dim / 2]
         decode = _DecodeAttention(plan, dev) if plan.decode_tokens else None
         prefills = [_PrefillAttention(c, self.group, dev) for c in plan.prefills]
@@ -208,8 +210,13 @@ class FusedLlama:
             qk = self._rotate(qk, rope).to(dtype)
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             keys, values = self.cache.keys[index], self.cache.values[index]
-            keys[slot_t, :, pos_t] = k
-            values[slot_t, :, pos_t] = qkv[:, split:].reshape(n, self.kv_heads, self.head_dim)
+            v = qkv[:, split:].reshape(n, self.kv_heads, self.head_dim)
+            if single is not None:  # one token (one stream decoding): a plain copy, no index tensors
+                keys[single[0], :, single[1]].copy_(k[0])
+                values[single[0], :, single[1]].copy_(v[0])
+            else:
+                keys[slot_t, :, pos_t] = k
+                values[slot_t, :, pos_t] = v
             parts = []
             if decode is not None:
                 parts.append(decode(q[: decode.count], keys, values, self.kv_heads, self.group))
@@ -242,7 +249,9 @@ class _DecodeAttention:
         lengths = torch.ones(span, dtype=torch.long)
         lengths[torch.tensor(plan.decode_slots)] = torch.tensor(plan.decode_positions) + 1
         keep = torch.arange(self.length)[None, :] < lengths[:, None]
-        self.mask = keep.view(span, 1, 1, self.length).to(device)
+        # every row sees the whole span (one stream, or streams of one length): no mask needed,
+        # and SDPA without one skips reading and applying it in every layer
+        self.mask = None if bool(keep.all()) else keep.view(span, 1, 1, self.length).to(device)
         self.index = None if self.dense else torch.tensor(plan.decode_slots, device=device)
 
     def __call__(

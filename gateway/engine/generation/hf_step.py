@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from gateway.engine.generation.step import PrefillChunk, PromptScores, SlotKVCache, StepPlan, add_scores
-from gateway.engine.runtime.packed import PackedLinear
+from gateway.engine.runtime.packed import LogitsLinear
 
 
 class Float32Head(torch.nn.Module):
@@ -29,9 +29,8 @@ class Float32Head(torch.nn.Module):
         self.weight, self.bias = head.weight, head.bias
         self.in_features, self.out_features = head.weight.shape[1], head.weight.shape[0]
         bias = getattr(head, "bias", None)
-        self._linear = PackedLinear(
-            head.weight.detach().float(), None if bias is None else bias.detach().float(), batch_hint
-        )
+        # float16 weights with float32 arithmetic where that is exact, else a float32 copy
+        self._linear = LogitsLinear(head.weight.detach(), None if bias is None else bias.detach(), batch_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x.float())

@@ -35,6 +35,8 @@ class OutputProcessor:
     def process(self, logits: torch.Tensor, rows: list[int], chosen: list[Sequence]) -> list[Sequence]:
         """Advance `chosen[i]` by `logits[rows[i]]`; returns the sequences that finished, whose
         slots are the scheduler's to free (their requests have had their last event)."""
+        if logits.device.type != "cpu":  # a GPU's logits: sampling, penalties, masks and RNGs are on the CPU
+            logits = logits.cpu()
         picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
         tokens, logprobs = self._select(picked, chosen)
         finished = []
