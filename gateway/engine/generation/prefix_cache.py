@@ -168,7 +168,7 @@ class PrefixCache:
         for pool, store in ((self.keys, self.slots.keys), (self.values, self.slots.values)):
             for layer, tensor in enumerate(store):
                 part = tensor[slot, :, start : start + length].reshape(heads, len(rows), BLOCK, dim)
-                pool[layer][index] = part.transpose(0, 1)
+                pool[layer].index_copy_(0, index, part.transpose(0, 1).contiguous())
 
     def clear(self) -> None:
         self._blocks.clear()
