@@ -261,6 +261,7 @@ def main() -> None:
     labels = [CACHE_ON, CACHE_OFF] + ([] if args.skip_transformers else [TF_BF16])
     for label in labels:
         results["targets"][label] = run_target(label, args, tmp, checkpoint, system, tokenizer)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # what is measured so far
     results["checks"] = checks(results)
     print("\nchecks:")
     for row in results["checks"]:
