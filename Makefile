@@ -73,3 +73,10 @@ bench-constrained: install
 bench-single: install
 	$(PY) bench/single_stream.py $(BENCH_ARGS)
 .PHONY: bench-single
+
+# Multi-turn chats (16 users x 6 turns, a shared ~1,000-token system prompt): the prefix cache on, off,
+# and transformers serve; writes bench/multiturn.json (see BENCHMARKS.md).
+bench-multiturn: install
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) bench/multiturn.py $(BENCH_ARGS)
+.PHONY: bench-multiturn

@@ -128,6 +128,21 @@ class LocalBackendSpec(_Strict):
             "pass; false, or another architecture, uses the model's own transformers forward."
         ),
     )
+    prefix_cache: bool = Field(
+        True,
+        description=(
+            "Generation: keep the keys and values of computed prompt prefixes and reuse them for later prompts "
+            "that start with the same tokens (multi-turn chats, shared system prompts)."
+        ),
+    )
+    prefix_cache_tokens: int | None = Field(
+        None,
+        ge=16,
+        description=(
+            "Generation: tokens the prefix cache holds (least recently used go first); default a quarter of "
+            "max_batch_size x max_total_tokens. Counted in the model's memory like the KV cache."
+        ),
+    )
     max_input_tokens: int | None = Field(None, ge=1, description="Longest prompt accepted (default: model limit).")
     default_max_tokens: int = Field(
         512, ge=1, description="Tokens generated when a request does not say (capped by the context length)."

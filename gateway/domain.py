@@ -204,7 +204,7 @@ class TopToken:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens served from a prefix cache (an upstream's; the local engine has none)
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache (the local engine's or an upstream's)
 
     @property
     def total_tokens(self) -> int:

@@ -126,6 +126,19 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
+        # hit rate: rate(..._hits) / rate(..._lookups), or cached_tokens / prompt_tokens
+        self.prefix_lookups = Counter(
+            "gateway_prefix_cache_lookups", "Prompts looked up in the prefix cache.", ["model"], registry=r
+        )
+        self.prefix_hits = Counter(
+            "gateway_prefix_cache_hits", "Prompts that started from a cached prefix.", ["model"], registry=r
+        )
+        self.prefix_prompt_tokens = Counter(
+            "gateway_prefix_cache_prompt_tokens", "Prompt tokens of the prompts looked up.", ["model"], registry=r
+        )
+        self.prefix_cached_tokens = Counter(
+            "gateway_prefix_cache_cached_tokens", "Prompt tokens served from the prefix cache.", ["model"], registry=r
+        )
 
     def _upstreams(self, r: CollectorRegistry) -> None:
         """Filled by the upstream and routing backends, per deployment."""
@@ -172,8 +185,12 @@ class Metrics:
         return bound
 
     def engine_observer(self, model: str) -> EngineMetrics:
+        prefix = (self.prefix_lookups, self.prefix_hits, self.prefix_prompt_tokens, self.prefix_cached_tokens)
         return EngineMetrics(
-            self.queue_time.labels(model), self.batch_size.labels(model), self.batch_duration.labels(model)
+            self.queue_time.labels(model),
+            self.batch_size.labels(model),
+            self.batch_duration.labels(model),
+            tuple(counter.labels(model) for counter in prefix),
         )
 
     def render(self) -> tuple[bytes, str]:
@@ -198,8 +215,9 @@ class EngineMetrics:
     """A local engine's observer (gateway.engine.runtime.observer), writing to one model's metrics.
     Called from compute threads: prometheus_client's metrics are thread-safe."""
 
-    def __init__(self, queue_time: Any, batch_size: Any, batch_duration: Any) -> None:
+    def __init__(self, queue_time: Any, batch_size: Any, batch_duration: Any, prefix: tuple[Any, ...]) -> None:
         self._queue_time, self._batch_size, self._batch_duration = queue_time, batch_size, batch_duration
+        self._lookups, self._hits, self._prompt_tokens, self._cached_tokens = prefix
 
     def queued(self, seconds: float) -> None:
         self._queue_time.observe(seconds)
@@ -207,6 +225,13 @@ class EngineMetrics:
     def stepped(self, sequences: int, seconds: float) -> None:
         self._batch_size.observe(sequences)
         self._batch_duration.observe(seconds)
+
+    def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self._lookups.inc()
+        self._prompt_tokens.inc(prompt_tokens)
+        if cached_tokens:
+            self._hits.inc()
+            self._cached_tokens.inc(cached_tokens)
 
 
 class _KeyUsage:

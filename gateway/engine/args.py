@@ -25,6 +25,8 @@ class EngineArgs:
     prefill_chunk_tokens: int = 256
     max_total_tokens: int | None = None
     fused: bool = True
+    prefix_cache: bool = True  # reuse the keys and values of prompt prefixes computed before
+    prefix_cache_tokens: int | None = None  # its size; default a quarter of max_batch_size x max_total_tokens
     pooling: Literal["auto", "mean", "cls", "max", "last"] = "auto"
     normalize: bool | None = None
     adapter: str | None = None  # a PEFT LoRA folder merged into the base's weights at load

@@ -36,7 +36,7 @@ from gateway.engine.args import EngineArgs
 from gateway.engine.generation.jobs import Event, GenerationJob
 from gateway.engine.generation.scheduler import Scheduler
 from gateway.engine.generation.step import PromptScores, StepModel
-from gateway.engine.runtime.observer import EngineObserver, NoObserver
+from gateway.engine.runtime.observer import EngineObserver
 from gateway.errors import BackendFailure, GatewayError, InvalidRequest, ModelNotReady, Overloaded
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,20 @@ class GenerationEngine:
         max_queue: int,
         prefill_chunk: int,
         name: str,
+        prefix_tokens: int = 0,
     ) -> None:
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_len = step.max_len
-        self.scheduler = Scheduler(step, tokenizer, slots=max_batch_size, prefill_chunk=prefill_chunk, eos_ids=eos_ids)
-        self.observer: EngineObserver = NoObserver()
+        self.scheduler = Scheduler(
+            step,
+            tokenizer,
+            slots=max_batch_size,
+            prefill_chunk=prefill_chunk,
+            eos_ids=eos_ids,
+            prefix_tokens=prefix_tokens,
+        )
         self._executor = executor
         self._waiting: deque[GenerationJob] = deque()
         self._streams: dict[GenerationJob, _Stream] = {}
@@ -80,6 +87,14 @@ class GenerationEngine:
         self._job_seconds = 10.0  # a request's time in a slot, refined as requests finish (Retry-After)
         self.failure: str | None = None  # why the engine stopped, once it has
         self.on_failure: Callable[[str], None] | None = None  # told (on the compute thread) when it stops
+
+    @property
+    def observer(self) -> EngineObserver:
+        return self.scheduler.observer  # the scheduler reports prefix cache lookups to it
+
+    @observer.setter
+    def observer(self, observer: EngineObserver) -> None:
+        self.scheduler.observer = observer
 
     # event-loop side -------------------------------------------------------
     @property
@@ -162,11 +177,14 @@ class GenerationEngine:
         return self.scheduler.output.pieces(token_id)
 
     def kv_cache_bytes(self) -> int:
-        """The KV cache's full reservation: every slot at its longest (the cache grows up to it)."""
+        """The KV cache's full reservation: every slot at its longest, and the prefix cache's pool at
+        its largest (both grow up to it)."""
         cache = getattr(self.scheduler.step_model, "cache", None)
         if cache is None:
             return 0
-        return int(cache.bytes_per_token()) * self.max_batch_size * int(self.max_len)
+        prefix = self.scheduler.prefix
+        pool = prefix.bytes_reserved() if prefix is not None else 0
+        return int(cache.bytes_per_token()) * self.max_batch_size * int(self.max_len) + pool
 
     def close(self) -> None:
         """Fail what is still queued or running and stop ticking; waits for the compute thread."""
@@ -350,7 +368,16 @@ def create_engine(model: Any, tokenizer: Any, args: EngineArgs, name: str, execu
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     _warm_up(step)
-    log.info("%s: %s, %d slots of up to %d tokens", name, type(step).__name__, slots, max_len)
+    # the prefix cache: by default a quarter of the tokens the slots can hold
+    prefix = (args.prefix_cache_tokens or slots * max_len // 4) if args.prefix_cache else 0
+    log.info(
+        "%s: %s, %d slots of up to %d tokens, prefix cache of %d tokens",
+        name,
+        type(step).__name__,
+        slots,
+        max_len,
+        prefix,
+    )
     return GenerationEngine(
         step,
         tokenizer,
@@ -360,4 +387,5 @@ def create_engine(model: Any, tokenizer: Any, args: EngineArgs, name: str, execu
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk_tokens,
         name=name,
+        prefix_tokens=prefix,
     )

@@ -27,6 +27,8 @@ class GenerationJob:
     enqueued_at: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0
     produced: int = 0
+    cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    looked_up: bool = False  # the prefix cache has been asked (once, before the first chunk)
     live: int = 0  # sequences still generating
     sequences: list[Sequence] = field(default_factory=list)
 
@@ -34,7 +36,7 @@ class GenerationJob:
 class Sequence:
     """One choice of a job: its cache slot, sampler, text so far and where it stands."""
 
-    __slots__ = ("job", "index", "slot", "sampler", "text", "prefilled", "length", "token", "produced", "done")
+    __slots__ = ("job", "index", "slot", "sampler", "text", "prefilled", "length", "token", "fed", "produced", "done")
 
     def __init__(
         self, job: GenerationJob, index: int, slot: int, sampler: SequenceSampler, text: TextAssembler
@@ -44,6 +46,7 @@ class Sequence:
         self.prefilled = 0  # prompt tokens in the cache (the first sequence of a job prefills for all)
         self.length = 0  # tokens in the cache
         self.token: int | None = None  # the next token to feed
+        self.fed: list[int] = []  # the tokens fed after the prompt (their keys and values follow it in the slot)
         self.produced = 0
         self.done = False
 

@@ -99,7 +99,7 @@ class OutputProcessor:
         seq.done = True
         job.live -= 1
         if job.live == 0:
-            job.emit(job, StreamEnd(Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=job.produced)))
+            job.emit(job, StreamEnd(Usage(len(job.prompt_ids), job.produced, job.cached)))
         return True
 
     def _text(self, seq: Sequence, token: int, special: bool) -> tuple[str, FinishReason | None]:

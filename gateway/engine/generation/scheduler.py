@@ -5,7 +5,9 @@ running batch between steps and leave it when they finish; each step feeds one
 token per decoding sequence plus at most `prefill_chunk` prompt tokens, so a long
 new prompt is prefilled over several steps instead of stalling every stream. A
 request with n > 1 choices prefills its prompt once and copies the cached prompt
-to its other sequences' slots.
+to its other sequences' slots. With the prefix cache (`prefix_cache.py`), a request's longest
+cached prompt prefix is copied into its slot before its first chunk, and only the rest is
+prefilled; each chunk's and each finished sequence's full blocks are kept for later requests.
 
 A step is `plan()` (who takes part), `forward()` (the pass, and the cache positions
 and logits rows it fills) and the output processor (`output.py`: tokens, text, events),
@@ -33,8 +35,10 @@ from gateway.detokenize import TextAssembler
 from gateway.engine.generation.grammar import Constraint, GrammarCompiler, MaskWorker
 from gateway.engine.generation.jobs import GenerationJob, Sequence
 from gateway.engine.generation.output import OutputProcessor
+from gateway.engine.generation.prefix_cache import PrefixCache
 from gateway.engine.generation.sampling import SequenceSampler
-from gateway.engine.generation.step import PrefillChunk, StepModel, StepPlan
+from gateway.engine.generation.step import PrefillChunk, SlotKVCache, StepModel, StepPlan
+from gateway.engine.runtime.observer import EngineObserver, NoObserver
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,7 @@ class Scheduler:
         slots: int,
         prefill_chunk: int,
         eos_ids: Iterable[int],
+        prefix_tokens: int = 0,
     ) -> None:
         self.step_model = step
         self.tokenizer = tokenizer
@@ -94,6 +99,12 @@ class Scheduler:
         self.output = OutputProcessor(tokenizer, self.vocab_size, self.eos_ids, self.fail)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_ids)
         self.masks = MaskWorker()
+        cache = getattr(step, "cache", None)
+        # the prefix cache: at most `prefix_tokens` tokens' keys and values (0: off)
+        self.prefix = (
+            PrefixCache(cache, prefix_tokens) if prefix_tokens > 0 and isinstance(cache, SlotKVCache) else None
+        )
+        self.observer: EngineObserver = NoObserver()  # the engine's, set by it
 
     # admission -------------------------------------------------------------
     def free_slots(self) -> int:
@@ -149,10 +160,10 @@ class Scheduler:
         """The next step: every decoding sequence, then prompt chunks up to the budget."""
         parts: list[_Part] = []
         budget = self.prefill_chunk
-        for job in self.jobs:
+        for job in list(self.jobs):  # (a job whose cached prefix fails to load leaves it)
             leader = job.sequences[0]
             if leader.prefilling:
-                if budget <= 0:
+                if budget <= 0 or (not job.looked_up and not self._reuse(job)):
                     continue
                 chunk = job.prompt_ids[leader.prefilled : leader.prefilled + budget]
                 last = leader.prefilled + len(chunk) == len(job.prompt_ids)
@@ -163,6 +174,33 @@ class Scheduler:
             if decoding:
                 parts.append(_Part(job, decoding=decoding))
         return parts
+
+    def _reuse(self, job: GenerationJob) -> bool:
+        """Start `job` from its prompt's longest cached prefix, looked up as its first chunk is
+        planned (so it finds what the requests ahead of it have prefilled meanwhile); False if
+        copying it failed, which fails the job."""
+        job.looked_up = True
+        leader = job.sequences[0]
+        if self.prefix is not None:
+            try:
+                job.cached = self.prefix.load(job.prompt_ids, leader.slot)
+            except Exception as exc:
+                self.fail(job, exc, "copying its cached prompt prefix")
+                return False
+            leader.prefilled = leader.length = job.cached
+        self.observer.prefix_lookup(len(job.prompt_ids), job.cached)
+        return True
+
+    def _keep(self, tokens: list[int], slot: int) -> None:
+        """Offer the prefix cache the blocks of `tokens`, whose keys and values `slot` holds; a
+        failure costs future hits, never this request."""
+        if self.prefix is None:
+            return
+        try:
+            self.prefix.store(tokens, slot)
+        except Exception:
+            log.exception("keeping a prompt prefix in the cache failed; the cache is emptied")
+            self.prefix.clear()
 
     def step(self) -> int:
         """Run one forward pass and hand out its tokens; returns the sequences it served."""
@@ -213,6 +251,7 @@ class Scheduler:
         chosen: list[Sequence] = []
         for part in parts:
             for seq in part.decoding:
+                seq.fed.append(seq.token)  # type: ignore[arg-type]
                 seq.length += 1
                 rows.append(len(rows))
                 chosen.append(seq)
@@ -224,6 +263,7 @@ class Scheduler:
             leader = part.job.sequences[0]
             leader.prefilled += len(chunk.tokens)
             leader.length = leader.prefilled
+            self._keep(part.job.prompt_ids[: leader.prefilled], leader.slot)
             if not chunk.last:
                 continue
             try:
@@ -241,6 +281,7 @@ class Scheduler:
     def _release(self, finished: list[Sequence]) -> None:
         """Free the slots of finished sequences; a job whose last sequence finished leaves the batch."""
         for seq in finished:
+            self._keep(seq.job.prompt_ids + seq.fed, seq.slot)  # the next turn resends this answer
             heapq.heappush(self._free, seq.slot)
             job = seq.job
             if job.live == 0 and job in self.jobs:  # (a job failed meanwhile has left already)

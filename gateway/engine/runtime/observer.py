@@ -12,10 +12,16 @@ class EngineObserver(Protocol):
     def stepped(self, sequences: int, seconds: float) -> None:
         """One forward pass served this many sequences (or encoder inputs) and took this long."""
 
+    def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """A prompt of this many tokens started with this many from the prefix cache."""
+
 
 class NoObserver:
     def queued(self, seconds: float) -> None:
         return None
 
     def stepped(self, sequences: int, seconds: float) -> None:
+        return None
+
+    def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
         return None
