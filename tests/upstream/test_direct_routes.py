@@ -1,13 +1,19 @@
-"""The hot routes dispatched past the framework (routes/common/direct.py) answer exactly as routed ones:
-the same envelopes, metrics labels, request ids and method handling, through the real HTTP stack."""
+"""The upstream hot path's shortcuts keep its behaviour: the routes dispatched past the framework
+(routes/common/direct.py) answer as routed ones (envelopes, metrics labels, request ids, methods), and
+a client that leaves a non-streaming request still cancels it (services/streams.until_disconnect)."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import httpx
 import openai
 import pytest
 
+from gateway.context import RequestContext
 from gateway.routes.common.direct import DirectRoutes
+from gateway.services.streams import LISTEN_AFTER, until_disconnect
 from tests.upstream.conftest import front, sdk, upstream
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -76,3 +82,50 @@ def test_other_methods_still_reach_the_router(fault) -> None:
     assert r.status_code == 405
     assert "error" in r.json()
     assert models.status_code == 200 and models.json()["data"][0]["id"] == "m"
+
+
+def test_a_client_gone_mid_request_cancels_the_upstream_call(fault) -> None:
+    """Non-streaming: the disconnect listener (started once the work has run LISTEN_AFTER) cancels
+    the request, which drops its upstream connection instead of pooling it after the answer."""
+    fault.slow_seconds = 3.0
+    fault.queue("/v1/chat/completions", "slow")
+    spec = upstream(f"{fault.url}/v1", timeouts={"per_try": 10.0, "total": 20.0})
+    with front([{"name": "m", "task": "text-generation", "backend": spec}]) as gw:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "m", "messages": CHAT}, timeout=0.4)
+        assert fault.hits["/v1/chat/completions"] == 1
+        assert wait_until(lambda: fault.open_connections() == 0, timeout=1.5)  # well before the 3 s answer
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return bool(condition())
+
+
+def _context(wait_disconnect) -> RequestContext:
+    return RequestContext(request_id="r", received_at=time.perf_counter(), wait_disconnect=wait_disconnect)
+
+
+def test_quick_work_starts_no_listener_and_slow_work_is_cancelled_on_disconnect() -> None:
+    async def scenario() -> tuple[int, float]:
+        calls = 0
+
+        async def gone() -> dict[str, str]:
+            nonlocal calls
+            calls += 1
+            return {"type": "http.disconnect"}  # the client has already left
+
+        assert await until_disconnect(_context(gone), asyncio.sleep(0, result=7)) == 7
+        quick_calls = calls
+        began = time.perf_counter()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(until_disconnect(_context(gone), asyncio.sleep(5)), 2)
+        return quick_calls, time.perf_counter() - began
+
+    quick_calls, waited = asyncio.run(scenario())
+    assert quick_calls == 0  # work done before LISTEN_AFTER never listened
+    assert LISTEN_AFTER <= waited < 1.0  # the slow work was cancelled once the listener heard it
