@@ -28,7 +28,8 @@ def _direct_table(app) -> dict:
     while layer is not None and not isinstance(layer, DirectRoutes):
         layer = getattr(layer, "app", None)
     assert layer is not None, "DirectRoutes is not in the middleware stack"
-    return layer._table or layer._build()
+    table = layer._table or layer._build()
+    return {key: route for key, (route, _) in table.items()}
 
 
 def test_chat_goes_direct_and_answers_like_a_routed_request(fault) -> None:

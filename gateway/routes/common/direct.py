@@ -28,13 +28,15 @@ class DirectRoutes:
     def __init__(self, app: ASGIApp, *, fastapi: FastAPI) -> None:
         self.app = app
         self.fastapi = fastapi
-        self._table: dict[tuple[str, str], RawRequestRoute] | None = None
+        self._table: dict[tuple[str, str], tuple[RawRequestRoute, dict[str, Any]]] | None = None
         self._handlers: tuple[Any, Any] = ({}, {})
 
-    def _build(self) -> dict[tuple[str, str], RawRequestRoute]:
-        """(method, path) -> route, for the raw routes with fixed paths that come first in the
-        router's order for that path (so a request goes where the router would send it)."""
-        table: dict[tuple[str, str], RawRequestRoute] = {}
+    def _build(self) -> dict[tuple[str, str], tuple[RawRequestRoute, dict[str, Any]]]:
+        """(method, path) -> (route, what its match puts in the scope), for the raw routes with
+        fixed paths that come first in the router's order for that path (so a request goes where
+        the router would send it). A fixed path's match is the same for every request, so it is
+        taken once here instead of matching (a regular expression) per request."""
+        table: dict[tuple[str, str], tuple[RawRequestRoute, dict[str, Any]]] = {}
         routes = self.fastapi.router.routes
         for route in routes:
             path = getattr(route, "path", None)
@@ -44,7 +46,9 @@ class DirectRoutes:
                 probe = {"type": "http", "method": method, "path": path, "root_path": ""}
                 first = next((r for r in routes if r.matches(probe)[0] is Match.FULL), None)
                 if first is route:
-                    table[(method, path)] = route
+                    child = dict(route.matches(probe)[1])
+                    child.pop("path_params", None)  # a fresh dict per request (empty: no parameters)
+                    table[(method, path)] = (route, child)
         # The same handlers the app's ExceptionMiddleware holds (500/Exception stay outermost).
         handlers = {k: v for k, v in self.fastapi.exception_handlers.items() if k not in (500, Exception)}
         middleware = ExceptionMiddleware(self.app, handlers=handlers)
@@ -55,15 +59,13 @@ class DirectRoutes:
         table = self._table
         if table is None:
             table = self._table = self._build()
-        route = table.get((scope.get("method", ""), scope.get("path", ""))) if scope["type"] == "http" else None
-        if route is None or scope.get("root_path"):
+        found = table.get((scope.get("method", ""), scope.get("path", ""))) if scope["type"] == "http" else None
+        if found is None or scope.get("root_path"):
             await self.app(scope, receive, send)
             return
-        match, child = route.matches(scope)
-        if match is not Match.FULL:  # cannot happen for a fixed path and its method; be safe
-            await self.app(scope, receive, send)
-            return
+        route, child = found
         scope.update(child)
+        scope["path_params"] = {}
         scope["router"] = self.fastapi.router
         scope["starlette.exception_handlers"] = self._handlers
         await route.app(scope, receive, send)
