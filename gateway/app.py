@@ -31,10 +31,15 @@ from gateway.routes import (
     tgi,
     ui,
 )
+from gateway.routes.common.direct import DirectRoutes
 from gateway.routes.common.responses import FastJSONResponse
 from gateway.state import AppState
 
 log = logging.getLogger(__name__)
+
+# gateway/tracing.py makes our spans; FastAPI's own OpenTelemetry would add a second set, and it
+# checks its providers on every request even when none is configured.
+NO_FASTAPI_TELEMETRY: Any = {"tracing": False, "metrics": False, "logs": False}
 
 ROUTE_MODULES = (
     openai_chat,
@@ -88,6 +93,7 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         default_response_class=FastJSONResponse,
+        telemetry=NO_FASTAPI_TELEMETRY,
     )
     app.state.gateway = state
     install_error_handlers(app)
@@ -96,14 +102,14 @@ def create_app(
     # The routes themselves, not include_router: FastAPI matches an included router lazily on
     # every request (twice), which cost a measurable share of the upstream hot path.
     app.router.routes[:0] = [route for module in ROUTE_MODULES for route in module.router.routes]
-    cache = response_cache(server, redis)
+    app.add_middleware(DirectRoutes, fastapi=app)  # inside GatewayMiddleware: the hot routes, unframed
     app.add_middleware(
         GatewayMiddleware,
         metrics=metrics,
         settings=server,
         access=access,
         drain=state.drain,
-        cache=cache,
+        cache=response_cache(server, redis),
         models_digest=registry.models_digest,
     )
     if server.cors_origins:  # outermost: a preflight is answered before any key is asked for
