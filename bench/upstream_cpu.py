@@ -58,7 +58,9 @@ def gateway_app(upstream: str, framed: bool) -> Any:
     return app
 
 
-async def call(app: Any) -> list[dict[str, Any]]:
+async def call(app: Any, headers: tuple[tuple[bytes, bytes], ...] = ()) -> list[dict[str, Any]]:
+    """One chat request to `app` (extra request `headers`, e.g. a key), straight through ASGI; the
+    messages it sent back (a status other than 200 ends the benchmark)."""
     sent = False
 
     async def receive() -> dict[str, Any]:
@@ -74,8 +76,8 @@ async def call(app: Any) -> list[dict[str, Any]]:
     async def send(message: dict[str, Any]) -> None:
         out.append(message)
 
-    headers = [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json")]
-    headers.append((b"content-length", str(len(REQUEST)).encode()))
+    request_headers = [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"), *headers]
+    request_headers.append((b"content-length", str(len(REQUEST)).encode()))
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -86,7 +88,7 @@ async def call(app: Any) -> list[dict[str, Any]]:
         "raw_path": PATH.encode(),
         "root_path": "",
         "query_string": b"",
-        "headers": headers,
+        "headers": request_headers,
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 8000),
         "state": {},
