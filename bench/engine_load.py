@@ -294,6 +294,28 @@ def fmt(seconds: float | None) -> str:
 # --- offline reference -----------------------------------------------------------------------------
 
 
+def generate_seconds(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int) -> float:
+    """Seconds for offline `model.generate` of one static batch (one chat turn per prompt, left
+    padded), exactly `max_tokens` new tokens each, greedy."""
+    import torch
+
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            **batch,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return time.perf_counter() - started
+
+
 def offline_generate(checkpoint: str, dtype: str, levels: list[int], max_tokens: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -303,24 +325,7 @@ def offline_generate(checkpoint: str, dtype: str, levels: list[int], max_tokens:
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
     out = {}
     for c in levels:
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            for p in (PROMPTS * 4)[:c]
-        ]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        runs = []
-        for _ in range(3):
-            started = time.perf_counter()
-            with torch.inference_mode():
-                model.generate(
-                    **batch,
-                    max_new_tokens=max_tokens,
-                    min_new_tokens=max_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                )
-            runs.append(time.perf_counter() - started)
-        seconds = statistics.median(runs)
+        seconds = statistics.median(generate_seconds(model, tokenizer, (PROMPTS * 4)[:c], max_tokens) for _ in range(3))
         out[str(c)] = {"output_tokens_per_s": c * max_tokens / seconds, "seconds": seconds}
         print(f"  {'offline generate ' + dtype:<28} c={c:<3} {c * max_tokens / seconds:7.1f} tok/s", flush=True)
     return out

@@ -43,6 +43,7 @@ from bench.engine_load import (  # noqa: E402
     cpu_model,
     free_port,
     gateway_cmd,
+    generate_seconds,
     one_stream,
     server,
 )
@@ -110,26 +111,6 @@ def decode_step_ms(step: Any, context: int, steps: int = 30, runs: int = 5) -> f
     return statistics.median(times[1:])
 
 
-def offline_once(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> float:
-    """Seconds for `model.generate` of one sequence, `max_tokens` new tokens, greedy."""
-    import torch
-
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
-    batch = tokenizer([text], return_tensors="pt", add_special_tokens=False)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(
-            **batch,
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        )
-    return time.perf_counter() - started
-
-
 async def gateway_once(url: str, prompt: str, max_tokens: int, tokenizer: Any) -> dict[str, float] | None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         sample = await one_stream(session, url, CHAT_MODEL, prompt, max_tokens)
@@ -188,7 +169,7 @@ def main() -> None:
     (ROOT / "bench-results").mkdir(exist_ok=True)
     with server(gateway_cmd(port, args.config), port, "/ready", ROOT / "bench-results" / "single-gateway.log") as url:
         asyncio.run(gateway_once(url, PROMPTS[0], 8, tokenizer))  # warm-up
-        offline_once(model, tokenizer, PROMPTS[0], 8)
+        generate_seconds(model, tokenizer, [PROMPTS[0]], 8)
         for r in range(args.rounds):
             prompt = PROMPTS[r % len(PROMPTS)]
             run = asyncio.run(gateway_once(url, prompt, args.max_tokens, tokenizer))
@@ -196,7 +177,7 @@ def main() -> None:
                 failed += 1
             else:
                 gateway_runs.append(run)
-            offline_runs.append(offline_once(model, tokenizer, prompt, args.max_tokens))
+            offline_runs.append(generate_seconds(model, tokenizer, [prompt], args.max_tokens))
             print(f"  round {r + 1}/{args.rounds}", flush=True)
     gateway_tps = statistics.median(g["tokens"] / g["seconds"] for g in gateway_runs)
     offline_tps = statistics.median(args.max_tokens / s for s in offline_runs)
