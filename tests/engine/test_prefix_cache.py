@@ -21,42 +21,37 @@ from gateway.engine.generation.prefix_cache import BLOCK, PrefixCache
 from gateway.engine.generation.step import SlotKVCache
 from gateway.engine.runtime.device import device_worker
 from gateway.engine.runtime.loader import load_model
-from tests.tiny_models import build_tokenizer
+from tests.tiny_models import build_tiny_llama, build_tokenizer
 
 SYSTEM = list(range(3, 3 + 40))  # a "system prompt" of 40 tokens (2 full blocks and a half)
 ANSWER = 6
 SHARPNESS = 0.3
 
 
+def _sharpen(model: Any, tokenizer: Any = None) -> None:
+    """Weights large enough for sharp attention: with the usual tiny initialisation attention is
+    nearly uniform, so the output hardly depends on which keys sit at which position, and a cache
+    that scrambled them would go unnoticed."""
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "norm" in name or "ln" in name:
+            param.normal_(1, 0.2)
+        else:
+            param.normal_(0, SHARPNESS)
+
+
 def _build(kind: str, folder: Path) -> Path:
-    """A 2-layer model whose weights are large enough for sharp attention: with the usual tiny
-    initialisation attention is nearly uniform, so the output hardly depends on which keys sit at
-    which position, and a cache that scrambled them would go unnoticed."""
+    """A 2-layer model with sharpened weights: a Llama (fused path) or a GPT-2 (generic path)."""
+    if kind != "gpt2":
+        return build_tiny_llama(folder, adjust=_sharpen)
     import transformers as tf
 
-    if kind == "gpt2":
-        config: Any = tf.GPT2Config(
-            vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0
-        )
-        model: Any = tf.GPT2LMHeadModel(config)
-    else:
-        config = tf.LlamaConfig(
-            vocab_size=300,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        )
-        model = tf.LlamaForCausalLM(config)
-    torch.manual_seed(0)
+    config = tf.GPT2Config(
+        vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0
+    )
+    model = tf.GPT2LMHeadModel(config)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or "ln" in name:
-                param.normal_(1, 0.2)
-            else:
-                param.normal_(0, SHARPNESS)
+        _sharpen(model)
     model.save_pretrained(folder)
     build_tokenizer(folder)
     return folder
