@@ -2,7 +2,9 @@
 
 Each app owns its registry (two apps in one process, as in tests, do not
 collide). Labels are bounded: routes are route templates, models are
-configured names or "unknown".
+configured names or "unknown". What the request path writes, on the event
+loop's thread, is a LoopCounter or LoopHistogram (gateway.loop_metrics: no
+lock per increment); what compute threads write is prometheus_client's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.domain import Usage
+from gateway.loop_metrics import LoopCounter, LoopHistogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 6, 12, 30)
@@ -33,35 +36,35 @@ class Metrics:
         self._keys(self.registry)
 
     def _http_and_models(self, r: CollectorRegistry) -> None:
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "gateway_requests",
             "HTTP requests by route, model and status code.",
             ["route", "model", "status"],
             registry=r,
         )
-        self.request_latency = Histogram(
+        self.request_latency = LoopHistogram(
             "gateway_request_duration_seconds",
             "Time from request received to response complete.",
             ["route", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = LoopHistogram(
             "gateway_time_to_first_token_seconds",
             "Time from request received to the first generated token.",
             ["model"],
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
-        self.inter_token_latency = Histogram(
+        self.inter_token_latency = LoopHistogram(
             "gateway_inter_token_latency_seconds",
             "Time between two successive tokens of one choice, as the backend hands them over.",
             ["model"],
             buckets=_ITL_BUCKETS,
             registry=r,
         )
-        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
-        self.generated_tokens = Counter("gateway_generation_tokens", "Tokens generated.", ["model"], registry=r)
+        self.prompt_tokens = LoopCounter("gateway_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.generated_tokens = LoopCounter("gateway_generation_tokens", "Tokens generated.", ["model"], registry=r)
         self.model_state = Gauge(
             "gateway_model_state", "1 for the state each model is in.", ["model", "state"], registry=r
         )
@@ -84,7 +87,7 @@ class Metrics:
 
     def _keys(self, r: CollectorRegistry) -> None:
         """Usage per API key (its name) and model, and the response cache."""
-        self.cache_lookups = Counter(
+        self.cache_lookups = LoopCounter(
             "gateway_cache_lookups",
             "Response cache lookups by model and result (hit, miss, bypass).",
             ["model", "result"],
@@ -142,13 +145,13 @@ class Metrics:
 
     def _upstreams(self, r: CollectorRegistry) -> None:
         """Filled by the upstream and routing backends, per deployment."""
-        self.upstream_requests = Counter(
+        self.upstream_requests = LoopCounter(
             "gateway_upstream_requests", "Requests sent to upstream deployments.", ["deployment", "outcome"], registry=r
         )
-        self.upstream_retries = Counter(
+        self.upstream_retries = LoopCounter(
             "gateway_upstream_retries", "Retries per deployment.", ["deployment"], registry=r
         )
-        self.upstream_fallbacks = Counter(
+        self.upstream_fallbacks = LoopCounter(
             "gateway_upstream_fallbacks",
             "Requests moved on to another deployment, by the one they moved to.",
             ["model", "deployment"],
@@ -157,14 +160,14 @@ class Metrics:
         self.upstream_cooldown = Gauge(
             "gateway_upstream_cooldown", "1 while a deployment is cooled down.", ["deployment"], registry=r
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = LoopHistogram(
             "gateway_upstream_duration_seconds",
             "Upstream response time.",
             ["deployment"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.upstream_ttfb = Histogram(
+        self.upstream_ttfb = LoopHistogram(
             "gateway_upstream_time_to_first_byte_seconds",
             "Upstream time to first byte.",
             ["deployment"],

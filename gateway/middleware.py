@@ -245,9 +245,7 @@ class GatewayMiddleware:
             if refused := keyless_admin_refusal(scope["method"], headers, self.bind_host):
                 return Forbidden(refused)
         if needed is not None and self.access.enabled:
-            value = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = value.partition(" ")
-            key = self.access.ring.authenticate(token.strip()) if scheme.lower() == "bearer" and token else None
+            key = self.access.ring.from_header(headers.get(b"authorization", b""))
             if key is None:
                 return Unauthorized("Invalid or missing API key.")
             if needed not in key.scopes:
