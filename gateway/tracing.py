@@ -69,10 +69,13 @@ def _server_kind() -> Any:
     return SpanKind.SERVER
 
 
+_NO_SPAN = contextlib.nullcontext()  # reusable: one for every span while tracing is off
+
+
 def span(name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
     """A child span of the current one (a no-op when tracing is off)."""
     if _tracer is None:
-        return contextlib.nullcontext()
+        return _NO_SPAN
     return _tracer.start_as_current_span(name, attributes={k: v for k, v in attributes.items() if v is not None})
 
 
