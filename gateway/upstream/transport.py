@@ -4,6 +4,9 @@ aiohttp rather than httpx by measurement (docs/benchmarks-upstream.md): an httpx
 forwarder loses about a third of its throughput at concurrency 16 to pool
 contention, an aiohttp one does not. Redirects are never followed and proxy
 variables are ignored, so the configured URL is the only place we connect to.
+Cookies are neither kept nor sent: one session serves every client of the
+gateway, so a cookie an upstream set while answering one client would otherwise
+go out with the next client's calls (and the jar's per-call work is saved).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from gateway import tracing
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
@@ -82,6 +86,13 @@ class Transport:
         self.max_connections = max_connections
         self.session: aiohttp.ClientSession | None = None
         self._limits: dict[tuple[float, bool], aiohttp.ClientTimeout] = {}
+        self._urls: dict[str, URL] = {}  # parsed once per path, not on every call
+
+    def url(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url + path)
+        return url
 
     def _timeout(self, timeout: float, stream: bool) -> aiohttp.ClientTimeout:
         connect = min(self.connect_timeout, timeout)
@@ -96,7 +107,11 @@ class Transport:
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(
-            connector=connector, headers=self.headers, trust_env=False, auto_decompress=True
+            connector=connector,
+            headers=self.headers,
+            trust_env=False,
+            auto_decompress=True,
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
@@ -122,7 +137,7 @@ class Transport:
             raise InvalidRequest(f"{where} cannot be sent this request: {exc}.") from None
         try:
             response = await self.session.post(
-                self.base_url + path, data=data, timeout=limits, allow_redirects=False, headers=_request_headers()
+                self.url(path), data=data, timeout=limits, allow_redirects=False, headers=_request_headers()
             )
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise connection_failure(exc, where) from None
@@ -145,7 +160,7 @@ class Transport:
         try:
             async with self.session.request(
                 method,
-                self.base_url + path,
+                self.url(path),
                 data=data,
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
