@@ -15,7 +15,6 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import aiohttp
 import orjson
 
 from gateway import tracing
@@ -32,8 +31,9 @@ from gateway.errors import GatewayError, TaskNotSupported, UpstreamError
 from gateway.logs import note
 from gateway.metrics import Metrics
 from gateway.upstream import dialects
+from gateway.upstream.http1 import Response
 from gateway.upstream.retry import RetryableFailure, backoff_delay, call_deadline
-from gateway.upstream.transport import Transport, connection_failure
+from gateway.upstream.transport import TRANSPORT_ERRORS, Transport
 
 log = logging.getLogger(__name__)
 
@@ -168,14 +168,8 @@ class UpstreamBackend(Backend):
 
         async def attempt(timeout: float) -> Any:
             began = loop.time()
-            response = await transport.post(path, body, timeout=timeout, stream=False, where=self.where)
-            self._ttfb.observe(loop.time() - began)  # the response's headers are in
-            try:
-                payload = await response.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                raise connection_failure(exc, self.where) from None
-            finally:
-                response.release()
+            response, payload = await transport.fetch(path, body, timeout=timeout, where=self.where)
+            self._ttfb.observe(response.head_at - began)  # when the response's head was in
             try:
                 data = orjson.loads(payload)
             except orjson.JSONDecodeError:
@@ -221,7 +215,7 @@ class UpstreamBackend(Backend):
         started = loop.time()
         idle = self.upstream.timeouts.per_try
 
-        async def open_and_prime(timeout: float) -> tuple[aiohttp.ClientResponse, list[GenerationEvent]]:
+        async def open_and_prime(timeout: float) -> tuple[Response, list[GenerationEvent]]:
             # Nothing has reached the client until this returns, so a failure here may be retried.
             # `timeout` (this try, within the deadline) bounds the wait for the first event; every
             # read, then and after, is bounded by the idle timeout alone.
@@ -230,7 +224,7 @@ class UpstreamBackend(Backend):
             except asyncio.TimeoutError:
                 raise RetryableFailure(f"{self.where} timed out.", status=504, kind="timeout") from None
 
-        async def prime() -> tuple[aiohttp.ClientResponse, list[GenerationEvent]]:
+        async def prime() -> tuple[Response, list[GenerationEvent]]:
             began = loop.time()
             response = await transport.post(path, body, timeout=idle, stream=True, where=self.where)
             try:
@@ -271,13 +265,13 @@ class UpstreamBackend(Backend):
             self._requests(outcome).inc()
             self._latency.observe(loop.time() - started)
 
-    async def _next_events(self, response: aiohttp.ClientResponse, parser: Any) -> list[GenerationEvent] | None:
+    async def _next_events(self, response: Response, parser: Any) -> list[GenerationEvent] | None:
         """The domain events of the next upstream SSE event that has any; None at the end of the stream."""
         if parser.done:
             return None
         try:
             while True:
-                line = await response.content.readline()
+                line = await response.readline()
                 if not line:
                     return None
                 if not line.startswith(b"data:"):
@@ -295,7 +289,7 @@ class UpstreamBackend(Backend):
                 events = parser.feed(data)
                 if events:
                     return events
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (*TRANSPORT_ERRORS, ValueError) as exc:
             raise _StreamBroken(
                 f"{self.where} broke off the stream ({type(exc).__name__}).",
                 timed_out=isinstance(exc, asyncio.TimeoutError),

@@ -1,12 +1,12 @@
-"""Pooled keep-alive HTTP to one upstream, on aiohttp.
+"""Pooled keep-alive HTTP to one upstream, on the gateway's own HTTP/1.1 client (upstream/http1.py).
 
-aiohttp rather than httpx by measurement (docs/benchmarks-upstream.md): an httpx
-forwarder loses about a third of its throughput at concurrency 16 to pool
-contention, an aiohttp one does not. Redirects are never followed and proxy
-variables are ignored, so the configured URL is the only place we connect to.
-Cookies are neither kept nor sent: one session serves every client of the
-gateway, so a cookie an upstream set while answering one client would otherwise
-go out with the next client's calls (and the jar's per-call work is saved).
+Our client rather than aiohttp's by measurement (docs/benchmarks-upstream.md): aiohttp's per-call
+machinery was most of the gateway's CPU per request in front of a fast upstream. (aiohttp had
+replaced httpx, whose forwarder lost about a third of its throughput at concurrency 16 to pool
+contention.) Redirects are never followed and proxy variables are ignored, so the configured URL
+is the only place we connect to. Cookies are neither kept nor sent: one pool serves every client
+of the gateway, so a cookie an upstream set while answering one client would otherwise go out
+with the next client's calls.
 """
 
 from __future__ import annotations
@@ -15,16 +15,21 @@ import asyncio
 import logging
 from typing import Any
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from gateway import tracing
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.logs import request_id_var
+from gateway.upstream.http1 import Pool, Response
 from gateway.upstream.retry import RETRY_STATUSES, RetryableFailure, parse_retry_after
 
 log = logging.getLogger(__name__)
+
+# What a call to an upstream can fail with on the way: the connection (refused, reset, closed
+# early, a malformed answer: OSError and its ConnectionError family) or a timeout.
+TRANSPORT_ERRORS = (OSError, asyncio.TimeoutError)
+KEEPALIVE_SECONDS = 30.0  # an idle connection is dropped after this long (servers close theirs too)
+ERROR_BODY_SECONDS = 5.0  # the most an error answer's body is waited for (its message goes to the log)
 
 
 def _upstream_message(body: bytes) -> str:
@@ -78,73 +83,90 @@ def _request_headers() -> dict[str, str] | None:
     return headers
 
 
+def _encoded(body: dict[str, Any], where: str) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError as exc:  # orjson.JSONEncodeError: a value the upstream's JSON API cannot carry
+        raise InvalidRequest(f"{where} cannot be sent this request: {exc}.") from None
+
+
 class Transport:
+    """The HTTP calls to one upstream: JSON posted, the response handed back once its head is in
+    and its status is 2xx (anything else is raised as the failure it is)."""
+
     def __init__(self, base_url: str, headers: dict[str, str], *, connect_timeout: float, max_connections: int) -> None:
         self.base_url = base_url
         self.headers = {"Content-Type": "application/json", **headers}
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
-        self.session: aiohttp.ClientSession | None = None
-        self._limits: dict[tuple[float, bool], aiohttp.ClientTimeout] = {}
-        self._urls: dict[str, URL] = {}  # parsed once per path, not on every call
-
-    def url(self, path: str) -> URL:
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = URL(self.base_url + path)
-        return url
-
-    def _timeout(self, timeout: float, stream: bool) -> aiohttp.ClientTimeout:
-        connect = min(self.connect_timeout, timeout)
-        if stream:
-            return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=timeout)
-        return aiohttp.ClientTimeout(total=timeout, connect=connect)
+        self.pool: Pool | None = None
 
     def remember_timeout(self, timeout: float) -> None:
-        """Build the full per-try timeouts once; only a retry near the deadline needs a fresh one."""
-        self._limits = {(timeout, s): self._timeout(timeout, s) for s in (False, True)}
+        """Kept for the backend's start-up call; timeouts cost nothing to build per call now."""
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            headers=self.headers,
-            trust_env=False,
-            auto_decompress=True,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self.pool = Pool(self.base_url, self.headers, limit=self.max_connections, keepalive=KEEPALIVE_SECONDS)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
-    async def post(
-        self, path: str, body: dict[str, Any], *, timeout: float, stream: bool, where: str
-    ) -> aiohttp.ClientResponse:
-        """POST and return the response once its headers are in and its status is 2xx.
-
-        For `stream`, `timeout` bounds each read (time to first byte and every gap
-        after it) instead of the whole response. The caller closes the response.
-        """
-        assert self.session is not None, "transport not opened"
-        limits = self._limits.get((timeout, stream))
-        if limits is None:
-            limits = self._timeout(timeout, stream)
+    async def fetch(self, path: str, body: dict[str, Any], *, timeout: float, where: str) -> tuple[Response, bytes]:
+        """POST and read the whole 2xx answer, all within `timeout`: the response (status,
+        headers, when its head arrived) and its body. The connection is back in the pool."""
+        assert self.pool is not None, "transport not opened"
+        data = _encoded(body, where)
+        connect = min(self.connect_timeout, timeout)
+        response: Response | None = None
         try:
-            data = orjson.dumps(body)
-        except TypeError as exc:  # orjson.JSONEncodeError: a value the upstream's JSON API cannot carry
-            raise InvalidRequest(f"{where} cannot be sent this request: {exc}.") from None
-        try:
-            response = await self.session.post(
-                self.url(path), data=data, timeout=limits, allow_redirects=False, headers=_request_headers()
-            )
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            async with asyncio.timeout(timeout):
+                response = await self.pool.request(
+                    b"POST", path, data, headers=_request_headers(), connect_timeout=connect
+                )
+                payload = await response.read()
+        except TRANSPORT_ERRORS as exc:
+            if response is not None:
+                response.close()
+            if response is not None and response.status >= 300:
+                raise status_failure(response.status, b"", response.headers, where) from None
             raise connection_failure(exc, where) from None
+        except BaseException:
+            if response is not None:
+                response.close()
+            raise
+        response.release()
+        if response.status >= 300:
+            raise status_failure(response.status, payload, response.headers, where)
+        return response, payload
+
+    async def post(self, path: str, body: dict[str, Any], *, timeout: float, stream: bool, where: str) -> Response:
+        """POST and return the response once its head is in and its status is 2xx.
+
+        Not `stream`: `timeout` bounds the whole exchange, the body's `read()` included. For
+        `stream`, `timeout` bounds the wait for the head and then each read (the idle time
+        between events) instead of the whole response. The caller releases or closes the response.
+        """
+        assert self.pool is not None, "transport not opened"
+        data = _encoded(body, where)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        connect = min(self.connect_timeout, timeout)
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await self.pool.request(
+                    b"POST", path, data, headers=_request_headers(), connect_timeout=connect
+                )
+        except TRANSPORT_ERRORS as exc:
+            raise connection_failure(exc, where) from None
+        if stream:
+            response.idle = timeout
+        else:
+            response.deadline = deadline
         if response.status >= 300:
             try:
-                payload = await response.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                payload = await response.read(loop.time() + min(timeout, ERROR_BODY_SECONDS))
+            except TRANSPORT_ERRORS:
                 payload = b""
             finally:
                 response.release()
@@ -154,17 +176,15 @@ class Transport:
     async def alive(self, path: str, timeout: float, body: dict[str, Any] | None = None) -> bool:
         """Whether the upstream answers a GET on `path` (a POST of `body` if given) with anything
         but an overload or server error."""
-        assert self.session is not None
-        method = "GET" if body is None else "POST"
-        data = None if body is None else orjson.dumps(body)
+        assert self.pool is not None
+        method, data = (b"GET", None) if body is None else (b"POST", orjson.dumps(body))
         try:
-            async with self.session.request(
-                method,
-                self.url(path),
-                data=data,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-                allow_redirects=False,
-            ) as response:
-                return response.status < 500 and response.status != 429
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            async with asyncio.timeout(timeout):
+                response = await self.pool.request(method, path, data, connect_timeout=timeout)
+                try:
+                    await response.read()
+                finally:
+                    response.release()
+        except TRANSPORT_ERRORS:
             return False
+        return response.status < 500 and response.status != 429

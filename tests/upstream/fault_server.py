@@ -176,7 +176,9 @@ class FaultUpstream:
             )
             choice["finish_reason"] = "stop"
             usage = {"prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5 + len(words)}
-            answer = Response(orjson.dumps({"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage}))
+            answer = Response(
+                orjson.dumps({"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage})
+            )
             if behaviour == "set_cookie":  # as a load balancer pinning a session would
                 answer.set_cookie("upstream_session", "client-one-secret")
             return answer

@@ -9,7 +9,7 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 
 def test_a_cookie_set_by_the_upstream_is_never_sent_back(fault) -> None:
-    # named by host name: aiohttp's default jar keeps cookies from a name, not from an IP address
+    # named by host name: the jar of a general-purpose client (aiohttp's) keeps cookies from a name, not from an IP address
     fault.queue("/v1/chat/completions", "set_cookie", "ok", "ok")
     with front(
         [
