@@ -6,10 +6,26 @@ tokens used plus its reservation (`max_tokens`, capped at the limit) fit; the re
 settled to the real count when the answer is done.
 
 In Redis one Lua script checks and charges every bucket of a request atomically, so N replicas
-share one budget exactly. The script takes a batch: the settlements and admissions that arrived
-while the previous call was in flight go out together in one EVALSHA (settlements first), so
-under load a request costs a fraction of a round trip instead of two (and the client's work per
-call does not grow with the batch: the batch is one argument, the answer one string).
+share one budget without ever exceeding it. The script takes a batch: the settlements and
+admissions that arrived while the previous call was in flight go out together in one EVALSHA
+(settlements first; the batch is one argument, the answer one string).
+
+Leases: far from its limits a set of buckets is charged for up to LEASE_MAX requests in one call
+(at most 1/LEASE_PART of each bucket's requests left, and of its tokens left counting a request
+as max(reservation, LEASE_TOKENS) tokens), together with a token allowance (1/LEASE_PART of the
+tokens left), and this replica admits the next requests against that lease without a call. The
+lease shrinks with the room: under 2 x LEASE_PART requests (or 2 x LEASE_PART requests' tokens)
+left it is 1, and every admission is the exact check. Settlements of a leased set of buckets move
+its allowance instead of costing a call; a request that used more than the allowance holds is
+sent at once, an allowance grown past its grant goes back within FLUSH seconds or with the next
+call. A lease's rest goes back to Redis in the call that takes the next one, and on close().
+Bounds: never more than a limit is admitted (leases are charged atomically within it). A lease
+belongs to its window: its unused rest at the window's end is lost, so a window may admit fewer
+than its limit, by at most the rest of the leases the replicas hold then (each at most
+min(LEASE_MAX, limit / LEASE_PART) requests); a request is refused only when the admitted
+requests and the unused leases fill the limit. While on a lease, x-ratelimit-remaining-* count
+Redis's figure when the lease was taken less this replica's use since: other replicas' leases
+count as used, their use since is not seen (exact for one replica).
 """
 
 from __future__ import annotations
@@ -158,15 +174,41 @@ class _Lease:
     0..granted is sent to Redis with the next call (or after FLUSH seconds). `seen` are the
     buckets' counts in Redis right after the lease was taken (for the headers)."""
 
-    __slots__ = ("leased", "asking", "requests", "tokens", "granted", "seen", "rnames", "tnames")
+    __slots__ = ("leased", "asking", "size", "low", "requests", "tokens", "granted", "seen", "rnames", "tnames")
 
     def __init__(self, rnames: list[str], tnames: list[str]) -> None:
         self.leased = False
-        self.asking = False  # a call asking for a lease is in flight (one at a time)
+        self.asking: asyncio.Future[None] | None = None  # done when the call asking for a lease returns
+        self.size = 0  # requests in the last lease taken (1: exact, near a limit)
+        self.low = (0, 0)  # requests and tokens left at which the next lease is asked for ahead
         self.requests = self.tokens = self.granted = 0
         self.seen: list[int] = []
         self.rnames = rnames  # request counters, to give unused requests back
         self.tnames = tnames  # token counters; empty when no bucket limits tokens
+
+    def take(self, reserve: int) -> bool:
+        """Admit one request on the lease, if it has room."""
+        if self.leased and self.requests > 0 and (not self.tnames or 0 < self.tokens >= reserve):
+            self.requests -= 1
+            self.tokens -= reserve
+            return True
+        return False
+
+    def low_on_room(self) -> bool:
+        return self.asking is None and (
+            self.requests <= self.low[0] or (bool(self.tnames) and self.tokens <= self.low[1])
+        )
+
+    def add(self, requests: int, tokens: int, granted: int, seen: list[int]) -> None:
+        """A lease taken: added to what is left of the last one (the next request takes from it)."""
+        if not self.leased:
+            self.requests = self.tokens = 0
+        self.leased = True
+        self.requests += requests
+        self.tokens += tokens
+        self.granted = granted
+        self.low = (self.size // 4, granted // 4) if self.size > 1 else (0, 0)
+        self.seen = seen
 
     def used(self) -> list[int]:
         """Each bucket's [requests, tokens] as the headers count them: Redis's count at lease time
@@ -206,11 +248,9 @@ class _Plan:
         # Without a token limit nothing reads the token counts: settlements are skipped.
         self.counters = self.names[1::2] if tpm else []
         self.fields = _SEP.join(str(v) for v in (*bounds, *self.names))  # the script's, after the reservation
-        self.lease = None
-        if leases is not None:
-            self.lease = leases.get(self.fields) or leases.setdefault(
-                self.fields, _Lease(self.names[::2], self.counters)
-            )
+        self.lease = None if leases is None else leases.get(self.fields)
+        if self.lease is None and leases is not None:
+            self.lease = leases[self.fields] = _Lease(self.names[::2], self.counters)
 
     def headers(self, used: list[int], reset: float) -> list[tuple[bytes, bytes]]:
         """x-ratelimit-* for the tightest bucket of each kind (used: requests, tokens per bucket)."""
@@ -255,10 +295,10 @@ class Limiter:
         lease = plan.lease
         if lease is None:
             ok, used = _admit_here(plan, reserve)
-        elif lease.leased and lease.requests > 0 and (not lease.tnames or 0 < lease.tokens >= reserve):
-            lease.requests -= 1  # on the lease: no call
-            lease.tokens -= reserve
+        elif lease.take(reserve):  # no call
             ok, used = True, lease.used()
+            if lease.low_on_room():
+                self._refill(plan, lease)
         else:
             ok, used = await self._ask(plan, lease, reserve)
         headers = plan.headers(used, reset)
@@ -284,29 +324,50 @@ class Limiter:
         return plan if plan.names else None  # no names: nothing to count
 
     async def _ask(self, plan: _Plan, lease: _Lease, reserve: int) -> tuple[bool, list[int]]:
-        """Admit in Redis, asking for a lease (one call at a time per set of buckets; admissions
-        meanwhile go exact, in the same batches); the old lease's rest goes back in the same call."""
+        """Admit in Redis, asking for a lease (one call at a time per set of buckets); the old
+        lease's rest goes back in the same call. Meanwhile the next requests wait for that lease
+        when the last one was a real lease, else (near a limit) they go exact, batched."""
         assert self._batches is not None
-        want = 1
-        if not lease.asking:
-            want = LEASE_MAX
-            lease.asking = True
+        if lease.asking is not None and lease.size > 1:
+            await asyncio.shield(lease.asking)
+            if lease.take(reserve):
+                return True, lease.used()
+        asking = None
+        if lease.asking is None:
+            asking = lease.asking = asyncio.get_running_loop().create_future()
             if lease.leased:
                 self._give_back(lease)
         try:
-            answer = await self._batches.admit(plan, reserve, want)
+            answer = await self._batches.admit(plan, reserve, 1 if asking is None else LEASE_MAX)
         finally:
-            if want > 1:
-                lease.asking = False
+            if asking is not None:
+                lease.asking = None
+                asking.set_result(None)
         got, used = answer[1], answer[3:]
+        if asking is not None:
+            lease.size = got
         if got > 1:  # far from the limits: the next got - 1 requests are admitted here
-            lease.leased = True
-            lease.requests = got - 1
-            lease.granted = answer[2]
-            lease.tokens = answer[2] - reserve
-            lease.seen = used
+            lease.add(got - 1, answer[2] - reserve, answer[2], used)
             used = lease.used()
         return answer[0] == 1, used
+
+    def _refill(self, plan: _Plan, lease: _Lease) -> None:
+        """Ask for the next lease while this one still has a quarter left, so that requests need
+        not wait for it; the two add up (a replica holds at most 1.25 leases)."""
+        assert self._batches is not None
+        loop = asyncio.get_running_loop()
+        asking = lease.asking = loop.create_future()
+        answer = self._batches.admit(plan, 0, LEASE_MAX)
+
+        def done(answer: asyncio.Future[list[int]]) -> None:
+            lease.asking = None
+            asking.set_result(None)
+            if not answer.cancelled() and answer.exception() is None and answer.result()[0] == 1:
+                got, granted = answer.result()[1:3]
+                lease.size = got
+                lease.add(got, granted, granted, answer.result()[3:])
+
+        answer.add_done_callback(done)
 
     def _give_back(self, lease: _Lease) -> None:
         assert self._batches is not None
@@ -347,6 +408,8 @@ class Limiter:
     async def close(self) -> None:
         """Give the leases' rest back and wait for the settlements still on their way to Redis."""
         if self._batches is not None:
+            await self._batches.close()  # leases asked for ahead arrive
+            await asyncio.sleep(0)  # (their callbacks run)
             for lease in (self._leases or {}).values():
                 if lease.leased:
                     self._give_back(lease)
