@@ -18,10 +18,12 @@ lease shrinks with the room: under 2 x LEASE_PART requests (or 2 x LEASE_PART re
 left it is 1, and every admission is the exact check. Settlements of a leased set of buckets move
 its allowance instead of costing a call; a request that used more than the allowance holds is
 sent at once, an allowance grown past its grant goes back within FLUSH seconds or with the next
-call. A lease's rest goes back to Redis in the call that takes the next one, and on close().
+call. The next lease is asked for when a quarter of the last one is left (requests need not
+wait for it) and adds to that rest; a lease's rest goes back to Redis when a request finds the
+lease short (in the call that asks for the next one) and on close().
 Bounds: never more than a limit is admitted (leases are charged atomically within it). A lease
 belongs to its window: its unused rest at the window's end is lost, so a window may admit fewer
-than its limit, by at most the rest of the leases the replicas hold then (each at most
+than its limit, by at most the unused leases the replicas hold then (each at most 1.25 x
 min(LEASE_MAX, limit / LEASE_PART) requests); a request is refused only when the admitted
 requests and the unused leases fill the limit. While on a lease, x-ratelimit-remaining-* count
 Redis's figure when the lease was taken less this replica's use since: other replicas' leases
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 WINDOW = 60.0
 _NONE = -1  # no limit, in the Lua script's arguments
+_NEVER = 1 << 62  # no limit, in the in-memory checks: a count never reached
 LEASE_MAX = 64  # requests in one lease, at most
 LEASE_PART = 16  # a lease takes at most 1/LEASE_PART of a bucket's room (requests and tokens) left
 LEASE_TOKENS = 32  # tokens a request counts for, at least, when sizing a lease against a token limit
@@ -240,7 +243,10 @@ class _Plan:
         self.names = [f"{prefix}{name}:{window}:{kind}" for name, _ in chosen for kind in ("r", "t")]
         bounds = [_arg(v) for lim in self.limits for v in (lim.rpm, lim.tpm)]  # -1: none
         self.cells = [cells.setdefault(name, [0, 0]) for name in self.names[::2]]
-        self.checks = [(cell, bounds[2 * i], bounds[2 * i + 1]) for i, cell in enumerate(self.cells)]
+        # (cell, rpm, tpm) per bucket for the in-memory check; an absent limit is one never reached
+        self.checks = [
+            (cell, _never(lim.rpm), _never(lim.tpm)) for cell, lim in zip(self.cells, self.limits, strict=True)
+        ]
         # (index in `used`, limit, its header text) of the buckets with a request or token limit
         rpm = [(2 * i, lim.rpm, b"%d" % lim.rpm) for i, lim in enumerate(self.limits) if lim.rpm is not None]
         tpm = [(2 * i + 1, lim.tpm, b"%d" % lim.tpm) for i, lim in enumerate(self.limits) if lim.tpm is not None]
@@ -256,18 +262,21 @@ class _Plan:
         """x-ratelimit-* for the tightest bucket of each kind (used: requests, tokens per bucket)."""
         reset_text = _reset_text(reset)
         out: list[tuple[bytes, bytes]] = []
-        for names, limited in self.kinds:
-            at, limit, text = limited[0]
-            left = limit - used[at]
-            for at, other, other_text in limited[1:]:
-                if other - used[at] < left:
-                    left, text = other - used[at], other_text
-            out += ((names[0], text), (names[1], b"%d" % (left if left > 0 else 0)), (names[2], reset_text))
+        for (limit_name, remaining_name, reset_name), limited in self.kinds:
+            left, text = _NEVER, b""
+            for at, limit, limit_text in limited:
+                if limit - used[at] < left:
+                    left, text = limit - used[at], limit_text
+            out += ((limit_name, text), (remaining_name, b"%d" % (left if left > 0 else 0)), (reset_name, reset_text))
         return out
 
 
 def _arg(value: int | None) -> int:
     return _NONE if value is None else value
+
+
+def _never(value: int | None) -> int:
+    return _NEVER if value is None else value
 
 
 class Limiter:
@@ -418,14 +427,15 @@ class Limiter:
 
 def _admit_here(plan: _Plan, reserve: int) -> tuple[bool, list[int]]:
     """Check and charge in memory (the event loop's thread: no lock needed)."""
+    cells = plan.cells
     for cell, rpm, tpm in plan.checks:
         t = cell[1]
-        if (rpm >= 0 and cell[0] >= rpm) or (tpm >= 0 and (t >= tpm or t + min(reserve, tpm) > tpm)):
-            return False, [n for cell in plan.cells for n in cell]
-    for cell in plan.cells:
+        if cell[0] >= rpm or t >= tpm or t + (reserve if reserve < tpm else tpm) > tpm:
+            return False, [n for cell in cells for n in cell]
+    for cell in cells:
         cell[0] += 1
         cell[1] += reserve
-    return True, [n for cell in plan.cells for n in cell]
+    return True, [n for cell in cells for n in cell]
 
 
 _Admit = tuple["_Plan", int, int, "asyncio.Future[list[int]]"]  # plan, reservation, lease wanted, answer
