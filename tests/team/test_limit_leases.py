@@ -7,6 +7,7 @@ roll, and settlements absorbed by the lease yet counted in Redis after close()."
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,38 @@ def test_two_replicas_lease_up_to_one_budget(tmp_path: Path, rpm: int) -> None:
         for replica in replicas:
             await replica.close()
         assert await _count(client, key, "r") == admitted  # the unused leases given back
+
+    _with_redis(tmp_path, test)
+
+
+def test_two_replicas_tokens_counted_exactly_after_close(tmp_path: Path) -> None:
+    """Reservations and settlements (over and under the reservation) on two leasing replicas:
+    once both have closed, Redis holds exactly the tokens really used, and while they ran the
+    reservations admitted never exceeded the limit."""
+
+    async def test(url: str, client: redis.asyncio.Redis) -> None:
+        replicas = [Counted(url), Counted(url)]
+        tpm = 400_000
+        key = _key("tokens2", Limit(tpm=tpm))
+        rng = random.Random(13)
+        used = 0
+
+        async def worker(replica: Counted, count: int) -> None:
+            nonlocal used
+            for _ in range(count):
+                admission = await replica.admit(key, 200)
+                if admission is not None:
+                    await asyncio.sleep(0)
+                    real = rng.randrange(0, 400)
+                    used += real
+                    replica.limiter.settle(admission, real)
+
+        await asyncio.gather(*(worker(replicas[i % 2], 150) for i in range(16)))
+        assert await _count(client, key, "t") <= tpm + 16 * 200  # over only by answers longer than reserved
+        assert sum(r.calls for r in replicas) < 16 * 150 // 4
+        for replica in replicas:
+            await replica.close()
+        assert await _count(client, key, "t") == used
 
     _with_redis(tmp_path, test)
 
