@@ -173,9 +173,10 @@ _TOKENS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-rat
 class _Lease:
     """This replica's lease on one set of buckets in one window (Redis): requests and tokens
     charged there and not yet used here. `granted` is the token allowance taken; settlements move
-    `tokens` (down when a request used more than it reserved, up when less), and the part outside
-    0..granted is sent to Redis with the next call (or after FLUSH seconds). `seen` are the
-    buckets' counts in Redis right after the lease was taken (for the headers)."""
+    `tokens` (down when a request used more than it reserved, up when less): below 0 the debt is
+    sent to Redis at once, above `granted` the surplus with the next call (or after FLUSH
+    seconds). `seen` are the buckets' counts in Redis right after the lease was taken (for the
+    headers)."""
 
     __slots__ = ("leased", "asking", "size", "low", "requests", "tokens", "granted", "seen", "rnames", "tnames")
 

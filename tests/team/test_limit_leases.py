@@ -1,8 +1,9 @@
 """Leases on Redis limits (gateway.auth.limits): far from a limit a replica charges Redis for up to
 64 requests (1/16 of the room left) in one call and admits the next ones itself; near the limit
 every admission is exact. Against a real redis-server: the calls saved, two replicas (two
-Limiters, two connections) leasing concurrently right up to one budget, the headers, a window
-roll, and settlements absorbed by the lease yet counted in Redis after close()."""
+Limiters, two connections) leasing concurrently right up to one budget (requests, and tokens
+reserved and settled), the headers, a window roll, and settlements absorbed by the lease yet
+counted in Redis after close()."""
 
 from __future__ import annotations
 
