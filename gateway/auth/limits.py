@@ -214,6 +214,15 @@ class _Lease:
         self.low = (self.size // 4, granted // 4) if self.size > 1 else (0, 0)
         self.seen = seen
 
+    def hold(self, tokens: int) -> int:
+        """Keep `tokens` of allowance; returns what Redis's token counts must change by (`seen`
+        follows them, so that the headers do not move). A lease answered meanwhile, its counts
+        taken before that change reached Redis, reports the change as used until the next lease."""
+        delta = tokens - self.tokens
+        self.tokens = tokens
+        self.seen = [n + delta if i & 1 else n for i, n in enumerate(self.seen)]
+        return delta
+
     def used(self) -> list[int]:
         """Each bucket's [requests, tokens] as the headers count them: Redis's count at lease time
         less what this lease has not used yet (other replicas' leases count as used)."""
@@ -376,6 +385,9 @@ class Limiter:
                 got, granted = answer.result()[1:3]
                 lease.size = got
                 lease.add(got, granted, granted, answer.result()[3:])
+                if lease.tokens > lease.granted:  # the last lease's tokens unused: the surplus goes back
+                    assert self._batches is not None
+                    self._batches.defer(lease)
 
         answer.add_done_callback(done)
 
@@ -407,8 +419,7 @@ class Limiter:
             assert self._batches is not None
             lease.tokens -= delta
             if lease.tokens < 0:  # more than the lease holds: Redis must count it now
-                self._batches.settle(lease.tnames, -lease.tokens)
-                lease.tokens = 0
+                self._batches.settle(lease.tnames, lease.hold(0))
             elif lease.tokens > lease.granted:  # more than it was given: back to Redis, soon
                 self._batches.defer(lease)
         else:
@@ -452,6 +463,7 @@ class _Batches:
         self._admits: list[_Admit] = []
         self._settles: list[tuple[list[str], int]] = []
         self._deferred: dict[int, _Lease] = {}
+        self._since = 0.0  # when the oldest deferral not yet sent came
         self._timer: asyncio.TimerHandle | None = None
         self._pump: asyncio.Task[None] | None = None
 
@@ -468,13 +480,20 @@ class _Batches:
         self._start()
 
     def defer(self, lease: _Lease) -> None:
+        if not self._deferred:
+            self._since = time.monotonic()
         self._deferred[id(lease)] = lease
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(FLUSH, self._flush)
 
     def _flush(self) -> None:
+        """Send what waited FLUSH seconds for a call to ride along with (usually none did)."""
         self._timer = None
         if self._deferred:
+            wait = self._since + FLUSH - time.monotonic()
+            if wait > 0.001:  # collected by a call since, and deferred again later
+                self._timer = asyncio.get_running_loop().call_later(wait, self._flush)
+                return
             self._collect()
             self._start()
 
@@ -484,8 +503,7 @@ class _Batches:
             if lease.leased:  # else given back whole meanwhile
                 keep = min(max(lease.tokens, 0), lease.granted)
                 if keep != lease.tokens:
-                    self._settles.append((lease.tnames, keep - lease.tokens))
-                    lease.tokens = keep
+                    self._settles.append((lease.tnames, lease.hold(keep)))
         self._deferred.clear()
 
     def _start(self) -> None:
