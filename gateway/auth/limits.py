@@ -178,7 +178,19 @@ class _Lease:
     seconds). `seen` are the buckets' counts in Redis right after the lease was taken (for the
     headers)."""
 
-    __slots__ = ("leased", "asking", "size", "low", "requests", "tokens", "granted", "seen", "rnames", "tnames")
+    __slots__ = (
+        "leased",
+        "asking",
+        "size",
+        "low",
+        "requests",
+        "tokens",
+        "granted",
+        "seen",
+        "deferred",
+        "rnames",
+        "tnames",
+    )
 
     def __init__(self, rnames: list[str], tnames: list[str]) -> None:
         self.leased = False
@@ -187,6 +199,7 @@ class _Lease:
         self.low = (0, 0)  # requests and tokens left at which the next lease is asked for ahead
         self.requests = self.tokens = self.granted = 0
         self.seen: list[int] = []
+        self.deferred = False  # a surplus waits for a call (see _Batches.defer)
         self.rnames = rnames  # request counters, to give unused requests back
         self.tnames = tnames  # token counters; empty when no bucket limits tokens
 
@@ -420,7 +433,7 @@ class Limiter:
             lease.tokens -= delta
             if lease.tokens < 0:  # more than the lease holds: Redis must count it now
                 self._batches.settle(lease.tnames, lease.hold(0))
-            elif lease.tokens > lease.granted:  # more than it was given: back to Redis, soon
+            elif lease.tokens > lease.granted and not lease.deferred:  # more than given: back soon
                 self._batches.defer(lease)
         else:
             assert self._batches is not None
@@ -483,6 +496,7 @@ class _Batches:
         if not self._deferred:
             self._since = time.monotonic()
         self._deferred[id(lease)] = lease
+        lease.deferred = True
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(FLUSH, self._flush)
 
@@ -500,6 +514,7 @@ class _Batches:
     def _collect(self) -> None:
         """Bring the deferred leases' token allowances back within 0..granted, in Redis."""
         for lease in self._deferred.values():
+            lease.deferred = False
             if lease.leased:  # else given back whole meanwhile
                 keep = min(max(lease.tokens, 0), lease.granted)
                 if keep != lease.tokens:
