@@ -10,7 +10,8 @@ Starts nginx (the canned upstream of bench/upstream_overhead.py), a redis-server
   * redis: the same, counted in Redis (leases and batched script calls: gateway/auth/limits.py).
 Drives each at concurrency 1 and 16 with the same load generator, rounds interleaved, and reports
 the medians, the p50 added over `off`, and the CPU time per request of each
-gateway process and of redis-server during its runs (from /proc, warm-up requests included). Targets (issue 13): < 0.3 ms in memory, < 1 ms with Redis.
+gateway process and of redis-server during its runs (from /proc, warm-up requests included),
+and the limits' script calls per request (redis-server's commandstats). Targets (issue 13): < 0.3 ms in memory, < 1 ms with Redis.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from gateway.auth.keys import KeyScope, Limit  # noqa: E402
 from gateway.auth.store import KeyStore  # noqa: E402
 
 TARGETS = ("off", "mem", "redis")
-MEASURES = ("rps", "p50_ms", "p99_ms", "failures", "cpu_us", "redis_cpu_us")
+MEASURES = ("rps", "p50_ms", "p99_ms", "failures", "cpu_us", "redis_cpu_us", "redis_calls")
 
 
 def start_redis(tmp: Path, port: int) -> subprocess.Popen[bytes]:
@@ -88,11 +89,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def script_calls(port: int | None) -> int:
+    """EVALSHA calls redis-server has answered so far (the limits' script calls)."""
+    if port is None:
+        return 0
+    import redis
+
+    client = redis.Redis(port=port)
+    try:
+        stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]  # sync client
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
 def measure(
-    ports: dict[str, int], tokens: dict[str, str], args: argparse.Namespace, pids: dict[str, int] | None = None
+    ports: dict[str, int],
+    tokens: dict[str, str],
+    args: argparse.Namespace,
+    pids: dict[str, int] | None = None,
+    redis_port: int | None = None,
 ) -> dict[str, Any]:
     """`pids`: the gateway processes by target, and "redis-server": their CPU per request is
-    recorded with each drive (`cpu_us`, `redis_cpu_us`; warm-up requests included)."""
+    recorded with each drive (`cpu_us`, `redis_cpu_us`; warm-up requests included), and the
+    script calls per request (`redis_calls`) when `redis_port` is given."""
     raw: dict[str, dict[int, list[dict[str, float]]]] = {name: {1: [], 16: []} for name in ports}
     names = list(ports)
     pids = pids or {}
@@ -102,7 +122,9 @@ def measure(
             for name in order:
                 sent = (args.requests // concurrency + args.warmup // concurrency) * concurrency
                 before = {what: cpu_seconds(pid) for what, pid in pids.items()}
+                calls = script_calls(redis_port)
                 result = asyncio.run(drive(ports[name], concurrency, args.requests, args.warmup, tokens[name]))
+                result["redis_calls"] = (script_calls(redis_port) - calls) / sent
                 if name in pids:
                     result["cpu_us"] = (cpu_seconds(pids[name]) - before[name]) / sent * 1e6
                 if "redis-server" in pids:
@@ -169,7 +191,7 @@ def main() -> int:
                     print((tmp / f"{name}.log").read_text()[-3000:], file=sys.stderr)
                     raise
             pids = {name: proc.pid for name, proc in zip(("redis-server", *TARGETS), procs[1:], strict=True)}
-            results = measure({n: ports[n] for n in TARGETS}, tokens, args, pids)
+            results = measure({n: ports[n] for n in TARGETS}, tokens, args, pids, ports["redis-server"])
             logged = (tmp / "mem.log").read_text().splitlines()[-1]
             assert json.loads(logged)["key"] == "bench", logged  # the features really ran
         finally:
@@ -179,12 +201,14 @@ def main() -> int:
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"\n{'target':<8}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'fail':>6}{'CPU µs':>8}{'redis µs':>9}")
+    print(
+        f"\n{'target':<8}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'fail':>6}{'CPU µs':>8}{'redis µs':>9}{'calls':>7}"
+    )
     for name, levels in results["medians"].items():
         for c, m in levels.items():
             print(
                 f"{name:<8}{c:>4}{m['rps']:>10.0f}{m['p50_ms']:>9.3f}{m['p99_ms']:>9.3f}{m['failures']:>6.0f}"
-                f"{m['cpu_us']:>8.0f}{m['redis_cpu_us']:>9.0f}"
+                f"{m['cpu_us']:>8.0f}{m['redis_cpu_us']:>9.0f}{m['redis_calls']:>7.3f}"
             )
     print()
     for what, value in results["added_p50_ms"].items():
