@@ -364,45 +364,43 @@ class Limiter:
             await asyncio.shield(lease.asking)
             if lease.take(reserve):
                 return True, lease.used()
-        asking = None
-        if lease.asking is None:
-            asking = lease.asking = asyncio.get_running_loop().create_future()
-            if lease.leased:
-                self._give_back(lease)
-        try:
-            answer = await self._batches.admit(plan, reserve, 1 if asking is None else LEASE_MAX)
-        finally:
-            if asking is not None:
-                lease.asking = None
-                asking.set_result(None)
-        got, used = answer[1], answer[3:]
-        if asking is not None:
-            lease.size = got
-        if got > 1:  # far from the limits: the next got - 1 requests are admitted here
-            lease.add(got - 1, answer[2] - reserve, answer[2], used)
-            used = lease.used()
-        return answer[0] == 1, used
+        if lease.asking is not None:  # another request asks: this one goes exact, in the same batches
+            answer = await self._batches.admit(plan, reserve, 1)
+            return answer[0] == 1, answer[3:]
+        if lease.leased:
+            self._give_back(lease)
+        future = self._lease(plan, lease, reserve, 1)
+        # shielded: a request cancelled meanwhile stays charged, and the lease still arrives
+        answer = await asyncio.shield(future)
+        return answer[0] == 1, lease.used() if answer[1] > 1 else answer[3:]
 
     def _refill(self, plan: _Plan, lease: _Lease) -> None:
         """Ask for the next lease while this one still has a quarter left, so that requests need
         not wait for it; the two add up (a replica holds at most 1.25 leases)."""
+        self._lease(plan, lease, 0, 0)
+
+    def _lease(self, plan: _Plan, lease: _Lease, reserve: int, own: int) -> asyncio.Future[list[int]]:
+        """Ask for a lease (`own`: 1 when the asking request is admitted with it, 0 ahead of
+        need); it is added to the lease when the answer comes, before anyone awaiting it runs."""
         assert self._batches is not None
-        loop = asyncio.get_running_loop()
-        asking = lease.asking = loop.create_future()
-        answer = self._batches.admit(plan, 0, LEASE_MAX)
+        asking = lease.asking = asyncio.get_running_loop().create_future()
+        answer = self._batches.admit(plan, reserve, LEASE_MAX)
 
         def done(answer: asyncio.Future[list[int]]) -> None:
             lease.asking = None
             asking.set_result(None)
-            if not answer.cancelled() and answer.exception() is None and answer.result()[0] == 1:
-                got, granted = answer.result()[1:3]
-                lease.size = got
-                lease.add(got, granted, granted, answer.result()[3:])
-                if lease.tokens > lease.granted:  # the last lease's tokens unused: the surplus goes back
+            if answer.cancelled() or answer.exception() is not None:
+                return
+            ok, got, granted = answer.result()[:3]
+            lease.size = got
+            if ok == 1 and got > own:
+                lease.add(got - own, granted - reserve, granted, answer.result()[3:])
+                if lease.tokens > lease.granted and not lease.deferred:  # the last one's rest unused
                     assert self._batches is not None
                     self._batches.defer(lease)
 
         answer.add_done_callback(done)
+        return answer
 
     def _give_back(self, lease: _Lease) -> None:
         assert self._batches is not None

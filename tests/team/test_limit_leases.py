@@ -200,6 +200,29 @@ def test_window_roll_ends_the_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     _with_redis(tmp_path, test)
 
 
+def test_cancelled_request_keeps_its_lease(tmp_path: Path) -> None:
+    """A client gone while its admission asks for a lease: the request stays charged (as if it
+    had run), and the lease still serves the next requests rather than being lost."""
+
+    async def test(url: str, client: redis.asyncio.Redis) -> None:
+        one = Counted(url)
+        key = _key("cancel", Limit(rpm=10_000))
+        asking = asyncio.ensure_future(one.admit(key))
+        await asyncio.sleep(0)  # the admission is queued, its call not answered yet
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        await asyncio.sleep(0.1)
+        assert one.calls == 1 and one.unused() == LEASE_MAX - 1
+        admission = await one.admit(key)
+        assert admission is not None and one.calls == 1
+        assert _remaining(admission, "requests") == 10_000 - 2
+        await one.close()
+        assert await _count(client, key, "r") == 2
+
+    _with_redis(tmp_path, test)
+
+
 def test_settlements_absorbed_by_the_lease_and_in_redis_after_close(tmp_path: Path) -> None:
     async def test(url: str, client: redis.asyncio.Redis) -> None:
         one = Counted(url)
