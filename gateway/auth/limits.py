@@ -54,12 +54,14 @@ FLUSH = 0.1  # seconds a lease's token correction may wait for a call to ride al
 # One batch of settlements and admissions, as one argument of NUL-separated fields (so that the
 # client encodes four arguments per call however large the batch; counter names are passed in
 # this argument, not as KEYS: fine for one Redis server, not for Redis Cluster):
-#   ttl, settlement count, per settlement: counter count, correction, its token counters;
-#   admission count, per admission: bucket count n, reservation, n x (rpm, tpm) (-1: none),
-#   n x (request counter, token counter).
-# Returns, space-separated, per admission: admitted (1/0), then per bucket requests and tokens
-# used (after charging when admitted). A token counter whose window has passed is gone: a
-# settlement leaves it (INCRBY would recreate it without an expiry).
+#   ttl, LEASE_PART, LEASE_TOKENS, settlement count, per settlement: counter count, correction,
+#   its counters (token counters; request counters for a lease's unused requests given back);
+#   admission count, per admission: bucket count n, reservation, requests wanted (1: exact, else
+#   a lease of up to that many), n x (rpm, tpm) (-1: none), n x (request counter, token counter).
+# Returns, space-separated, per admission: admitted (1/0), requests charged (the lease; 1: exact),
+# tokens charged (the reservation, or the lease's allowance), then per bucket requests and tokens
+# used (after charging when admitted). A counter whose window has passed is gone: a settlement
+# leaves it (INCRBY would recreate it without an expiry).
 _BATCH_LUA = """
 local field = string.gmatch(ARGV[1], '[^%z]+')
 local function num() return tonumber(field()) end
