@@ -214,8 +214,11 @@ class _Lease:
         return False
 
     def low_on_room(self) -> bool:
-        return self.asking is None and (
-            self.requests <= self.low[0] or (bool(self.tnames) and self.tokens <= self.low[1])
+        """Time to ask for the next lease ahead (not near a limit: there each request asks)."""
+        return (
+            self.size > 1
+            and self.asking is None
+            and (self.requests <= self.low[0] or (bool(self.tnames) and self.tokens <= self.low[1]))
         )
 
     def add(self, requests: int, tokens: int, granted: int, seen: list[int]) -> None:
@@ -236,6 +239,13 @@ class _Lease:
         delta = tokens - self.tokens
         self.tokens = tokens
         self.seen = [n + delta if i & 1 else n for i, n in enumerate(self.seen)]
+        return delta
+
+    def keep(self, requests: int) -> int:
+        """Keep `requests`; returns what Redis's request counts must change by (as `hold`)."""
+        delta = requests - self.requests
+        self.requests = requests
+        self.seen = [n if i & 1 else n + delta for i, n in enumerate(self.seen)]
         return delta
 
     def used(self) -> list[int]:
@@ -378,7 +388,11 @@ class Limiter:
 
     def _refill(self, plan: _Plan, lease: _Lease) -> None:
         """Ask for the next lease while this one still has a quarter left, so that requests need
-        not wait for it; the two add up (a replica holds at most 1.25 leases)."""
+        not wait for it; the two add up (a replica holds at most 1.25 leases: when tokens ran
+        low first, the requests beyond a quarter go back in the same call)."""
+        if lease.requests > lease.low[0]:
+            assert self._batches is not None
+            self._batches.settle(lease.rnames, lease.keep(lease.low[0]))
         self._lease(plan, lease, 0, 0)
 
     def _lease(self, plan: _Plan, lease: _Lease, reserve: int, own: int) -> asyncio.Future[list[int]]:

@@ -206,6 +206,33 @@ def test_window_roll_ends_the_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     _with_redis(tmp_path, test)
 
 
+def test_refill_when_tokens_run_low_gives_requests_back(tmp_path: Path) -> None:
+    """Larger reservations drain a lease's tokens before its requests: the next lease is asked
+    for ahead, and the requests beyond a quarter go back in that call, so that a replica never
+    holds more than 1.25 leases."""
+
+    async def test(url: str, client: redis.asyncio.Redis) -> None:
+        one = Counted(url)
+        key = _key("drain", Limit(rpm=100_000, tpm=10**6))
+        assert await one.admit(key, 100) is not None  # a lease sized for small requests: 64
+        for _ in range(10):
+            assert await one.admit(key, 5000) is not None
+        # no await has yielded yet: the next lease is on its way, the requests given back with it
+        admission = await one.admit(key, 100)
+        assert admission is not None and _remaining(admission, "requests") == 100_000 - 12
+        await asyncio.sleep(0.05)  # the lease asked for ahead has come
+        assert one.calls == 2
+        assert one.unused() <= LEASE_MAX + LEASE_MAX // 4
+        assert await _count(client, key, "r") == 12 + one.unused()
+        admission = await one.admit(key, 100)
+        assert admission is not None and one.calls == 2
+        assert _remaining(admission, "requests") == 100_000 - 13
+        await one.close()
+        assert await _count(client, key, "r") == 13
+
+    _with_redis(tmp_path, test)
+
+
 def test_cancelled_request_keeps_its_lease(tmp_path: Path) -> None:
     """A client gone while its admission asks for a lease: the request stays charged (as if it
     had run), and the lease still serves the next requests rather than being lost."""
