@@ -7,9 +7,11 @@ Starts nginx (the canned upstream of bench/upstream_overhead.py), a redis-server
   * off:   no keys, no limits, plain logs (the gateway as bench/upstream_overhead.py runs it);
   * mem:   a key from the SQLite store with requests and tokens per minute limits (high enough never
            to refuse), counted in memory, JSON logs (one line per request, to a file);
-  * redis: the same, counted in Redis (one Lua script per request, one pipeline to settle).
+  * redis: the same, counted in Redis (leases and batched script calls: gateway/auth/limits.py).
 Drives each at concurrency 1 and 16 with the same load generator, rounds interleaved, and reports
-the medians and the p50 added over `off`. Targets (issue 13): < 0.3 ms in memory, < 1 ms with Redis.
+the medians, the p50 added over `off`, and the CPU time per request of each
+gateway process and of redis-server during its runs (from /proc, warm-up requests included),
+and the limits' script calls per request (redis-server's commandstats). Targets (issue 13): < 0.3 ms in memory, < 1 ms with Redis.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from gateway.auth.keys import KeyScope, Limit  # noqa: E402
 from gateway.auth.store import KeyStore  # noqa: E402
 
 TARGETS = ("off", "mem", "redis")
+MEASURES = ("rps", "p50_ms", "p99_ms", "failures", "cpu_us", "redis_cpu_us", "redis_calls")
 
 
 def start_redis(tmp: Path, port: int) -> subprocess.Popen[bytes]:
@@ -77,20 +80,61 @@ def wait_answering(port: int, token: str, timeout: float = 60) -> None:
     raise TimeoutError(f"nothing answers on port {port} (last: {status} {body[:200]!r})")
 
 
-def measure(ports: dict[str, int], tokens: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def script_calls(port: int | None) -> int:
+    """EVALSHA calls redis-server has answered so far (the limits' script calls)."""
+    if port is None:
+        return 0
+    import redis
+
+    client = redis.Redis(port=port)
+    try:
+        stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]  # sync client
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+def measure(
+    ports: dict[str, int],
+    tokens: dict[str, str],
+    args: argparse.Namespace,
+    pids: dict[str, int] | None = None,
+    redis_port: int | None = None,
+) -> dict[str, Any]:
+    """`pids`: the gateway processes by target, and "redis-server": their CPU per request is
+    recorded with each drive (`cpu_us`, `redis_cpu_us`; warm-up requests included), and the
+    script calls per request (`redis_calls`) when `redis_port` is given."""
     raw: dict[str, dict[int, list[dict[str, float]]]] = {name: {1: [], 16: []} for name in ports}
     names = list(ports)
+    pids = pids or {}
     for number in range(args.rounds):
         order = names[number % len(names) :] + names[: number % len(names)]
         for concurrency in (1, 16):
             for name in order:
+                sent = (args.requests // concurrency + args.warmup // concurrency) * concurrency
+                before = {what: cpu_seconds(pid) for what, pid in pids.items()}
+                calls = script_calls(redis_port)
                 result = asyncio.run(drive(ports[name], concurrency, args.requests, args.warmup, tokens[name]))
+                result["redis_calls"] = (script_calls(redis_port) - calls) / sent
+                if name in pids:
+                    result["cpu_us"] = (cpu_seconds(pids[name]) - before[name]) / sent * 1e6
+                if "redis-server" in pids:
+                    used = cpu_seconds(pids["redis-server"]) - before["redis-server"]
+                    result["redis_cpu_us"] = used / sent * 1e6
                 raw[name][concurrency].append(result)
         print(f"round {number + 1}/{args.rounds} done", file=sys.stderr)
     medians = {
         name: {
-            c: {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms", "failures")}
-            for c, runs in levels.items()
+            c: {key: statistics.median(r.get(key, 0.0) for r in runs) for key in MEASURES} for c, runs in levels.items()
         }
         for name, levels in raw.items()
     }
@@ -146,7 +190,8 @@ def main() -> int:
                 except TimeoutError:
                     print((tmp / f"{name}.log").read_text()[-3000:], file=sys.stderr)
                     raise
-            results = measure({n: ports[n] for n in TARGETS}, tokens, args)
+            pids = {name: proc.pid for name, proc in zip(("redis-server", *TARGETS), procs[1:], strict=True)}
+            results = measure({n: ports[n] for n in TARGETS}, tokens, args, pids, ports["redis-server"])
             logged = (tmp / "mem.log").read_text().splitlines()[-1]
             assert json.loads(logged)["key"] == "bench", logged  # the features really ran
         finally:
@@ -156,10 +201,15 @@ def main() -> int:
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"\n{'target':<8}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'fail':>6}")
+    print(
+        f"\n{'target':<8}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'fail':>6}{'CPU µs':>8}{'redis µs':>9}{'calls':>7}"
+    )
     for name, levels in results["medians"].items():
         for c, m in levels.items():
-            print(f"{name:<8}{c:>4}{m['rps']:>10.0f}{m['p50_ms']:>9.3f}{m['p99_ms']:>9.3f}{m['failures']:>6.0f}")
+            print(
+                f"{name:<8}{c:>4}{m['rps']:>10.0f}{m['p50_ms']:>9.3f}{m['p99_ms']:>9.3f}{m['failures']:>6.0f}"
+                f"{m['cpu_us']:>8.0f}{m['redis_cpu_us']:>9.0f}{m['redis_calls']:>7.3f}"
+            )
     print()
     for what, value in results["added_p50_ms"].items():
         target = 0.3 if what.startswith("mem") else 1.0
