@@ -346,6 +346,12 @@ def _warm_up(step: StepModel) -> None:
         step.forward(StepPlan(decode_slots=[0], decode_tokens=[0], decode_positions=[2]))
 
 
+def _compile(step: Any, name: str) -> None:
+    seconds = step.compile_decode()
+    if seconds is not None:
+        log.info("%s: decode step compiled with torch.compile in %.1f s", name, seconds)
+
+
 def create_engine(model: Any, tokenizer: Any, args: EngineArgs, name: str, executor: Executor) -> GenerationEngine:
     """The engine for a loaded causal LM: the fused step model where the architecture
     allows (and `args.fused`), else the model's own forward."""
@@ -361,8 +367,12 @@ def create_engine(model: Any, tokenizer: Any, args: EngineArgs, name: str, execu
     slots = args.max_batch_size
     if args.fused and fused_llama.supports(model):
         step: StepModel = fused_llama.FusedLlama(model, slots=slots, max_len=max_len)
+        if args.compile:
+            _compile(step, name)  # type: ignore[arg-type]
     else:
         step = HFStepModel(model, slots=slots, max_len=max_len)
+        if args.compile:
+            log.info("%s: `compile` applies to the fused Llama-family path only; this model runs eagerly", name)
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
