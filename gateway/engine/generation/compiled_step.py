@@ -58,6 +58,10 @@ class _Layers(torch.nn.Module):
                     self.register_buffer(f"{name}_bias{i}", w[name].bias, persistent=False)
                 self.packed[name] = w[name].packed
 
+    def _buffer(self, name: str) -> torch.Tensor:
+        value: torch.Tensor = getattr(self, name)
+        return value
+
     def _linear(self, x: torch.Tensor, name: str, i: int) -> torch.Tensor:
         weight, bias = getattr(self, f"{name}{i}"), getattr(self, f"{name}_bias{i}", None)
         if self.packed[name]:
@@ -80,8 +84,8 @@ class _Layers(torch.nn.Module):
         heads, kv_heads, head_dim, group = self.dims
         n, dtype = tokens.shape[0], self.dtype
         slots = torch.arange(n, device=tokens.device)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [n, 1, head_dim / 2]
-        x = F.embedding(tokens, self.embed).float()
+        cos, sin = self._buffer("cos")[positions].unsqueeze(1), self._buffer("sin")[positions].unsqueeze(1)
+        x = F.embedding(tokens, self._buffer("embed")).float()
         split = (heads + kv_heads) * head_dim
         for i in range(self.count):
             qkv = self._linear(self._rms(x, f"ln_in{i}").to(dtype), "qkv", i)
@@ -95,9 +99,7 @@ class _Layers(torch.nn.Module):
             keys[i][slots, :, positions] = qk[:, heads:]
             values[i][slots, :, positions] = qkv[:, split:].reshape(n, kv_heads, head_dim)
             q = qk[:, :heads].reshape(n, kv_heads, group, head_dim)
-            attn = F.scaled_dot_product_attention(
-                q, keys[i][:n, :, :length], values[i][:n, :, :length], attn_mask=mask
-            )
+            attn = F.scaled_dot_product_attention(q, keys[i][:n, :, :length], values[i][:n, :, :length], attn_mask=mask)
             x = x + self._linear(attn.reshape(n, -1), "o", i)
             gate, up = self._linear(self._rms(x, f"ln_post{i}").to(dtype), "gate_up", i).chunk(2, dim=-1)
             x = x + self._linear(F.silu(gate) * up, "down", i)
@@ -113,6 +115,7 @@ class CompiledDecode:
         self.function = torch.compile(self.layers, dynamic=True)
         self.enabled = True
         self.compile_seconds = 0.0
+        self.steps = 0  # decode steps served through the compiled function (the warm-up's not counted)
 
     def accepts(self, plan: StepPlan) -> bool:
         count = len(plan.decode_slots)
@@ -145,9 +148,12 @@ class CompiledDecode:
             if warming:  # freezing: the weights become constants (inductor's oneDNN linears need them so);
                 # read when a graph is compiled, which after the warm-up never happens
                 with inductor_config.patch(freezing=True):
-                    return self.function(*args)  # type: ignore[no-any-return]
+                    out: torch.Tensor = self.function(*args)
+                return out
             with torch.compiler.set_stance("eager_on_recompile"):
-                return self.function(*args)  # type: ignore[no-any-return]
+                out = self.function(*args)
+            self.steps += 1
+            return out
         except Exception as exc:
             self.disable(exc)
             return None

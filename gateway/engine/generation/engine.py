@@ -368,7 +368,7 @@ def create_engine(model: Any, tokenizer: Any, args: EngineArgs, name: str, execu
     if args.fused and fused_llama.supports(model):
         step: StepModel = fused_llama.FusedLlama(model, slots=slots, max_len=max_len)
         if args.compile:
-            _compile(step, name)  # type: ignore[arg-type]
+            _compile(step, name)
     else:
         step = HFStepModel(model, slots=slots, max_len=max_len)
         if args.compile:
