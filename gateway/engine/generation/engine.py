@@ -176,6 +176,12 @@ class GenerationEngine:
         """A token's own text and exact bytes (OpenAI's logprobs), from the tokenizer's byte mapping."""
         return self.scheduler.output.pieces(token_id)
 
+    def prefix_cache_blocks(self) -> tuple[int, int] | None:
+        """The prefix cache's occupancy in blocks of 16 tokens: (held, most it may hold); None when off.
+        Read from the event loop while the compute thread changes it: a dict's size, read atomically."""
+        prefix = self.scheduler.prefix
+        return None if prefix is None else (prefix.blocks, prefix.max_blocks)
+
     def kv_cache_bytes(self) -> int:
         """The KV cache's full reservation: every slot at its longest, and the prefix cache's pool at
         its largest (both grow up to it)."""
