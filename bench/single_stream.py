@@ -259,7 +259,7 @@ def main() -> None:
     offline_tps = statistics.median(args.max_tokens / s for s in offline_runs)
     results["offline_generate"] = {"tokens_per_s": offline_tps, "seconds": [round(s, 3) for s in offline_runs]}
     for label, (gateway_runs, failed) in runs.items():
-        results[label] = summary = {
+        summary: dict[str, Any] = {
             "tokens_per_s": statistics.median(g["tokens"] / g["seconds"] for g in gateway_runs),
             "itl_ms": statistics.median(g["itl"] for g in gateway_runs) * 1e3,
             "failed": failed,
@@ -267,6 +267,7 @@ def main() -> None:
         }
         summary["ratio_vs_offline"] = summary["tokens_per_s"] / offline_tps
         summary["bandwidth_fraction_itl"] = limit_ms / summary["itl_ms"]
+        results[label] = summary
     gateway_tps, itl = results["gateway"]["tokens_per_s"], results["gateway"]["itl_ms"] / 1e3
     results["ratio_vs_offline"] = gateway_tps / offline_tps
     results["bandwidth_fraction"] = {
