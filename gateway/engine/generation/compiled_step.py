@@ -16,6 +16,9 @@ generated C++ loops per layer and calls the step as one graph, with no Python be
   always with a mask), both compiled at load (`warm_up`). After that the stance is
   "eager on recompile": a step that would need a new graph runs `_Layers.forward` eagerly instead,
   so serving never waits for a compile and the graphs are capped at what the warm-up made.
+- Compiling happens on the loading thread, which runs one OpenMP thread (device.py): inductor writes
+  its fused loops for that many. They are small for decode rows; the linears and attention it calls
+  use the compute thread's threads as in eager.
 - Any failure (no C++ compiler, an operation inductor cannot lower, a fault at run time) logs one
   warning and turns the compiled step off for good: the eager step serves on.
 
