@@ -166,7 +166,10 @@ class FusedLlama:
             return None
         with torch.inference_mode():
             self.compiled.warm_up()
-        return self.compiled.compile_seconds if self.compiled.enabled else None
+        if not self.compiled.enabled:  # it logged why
+            self.compiled = None
+            return None
+        return float(self.compiled.compile_seconds)
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> torch.Tensor:
