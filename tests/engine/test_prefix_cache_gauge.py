@@ -5,7 +5,6 @@ two blocks, and without one; requests through the openai SDK move it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
