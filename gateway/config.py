@@ -128,6 +128,13 @@ class LocalBackendSpec(_Strict):
             "pass; false, or another architecture, uses the model's own transformers forward."
         ),
     )
+    compile: bool = Field(
+        False,
+        description=(
+            "Generation, fused path: run decode steps through torch.compile (inductor; needs a C++ compiler), "
+            "compiled when the model loads; if compiling fails the model serves with the eager step."
+        ),
+    )
     prefix_cache: bool = Field(
         True,
         description=(

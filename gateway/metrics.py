@@ -142,6 +142,12 @@ class Metrics:
         self.prefix_cached_tokens = Counter(
             "gateway_prefix_cache_cached_tokens", "Prompt tokens served from the prefix cache.", ["model"], registry=r
         )
+        self.prefix_blocks = Gauge(  # read at scrape time (services/gauges.py); occupancy = used / capacity
+            "gateway_prefix_cache_blocks",
+            "The prefix cache's blocks of 16 tokens: held now (used), the most it may hold (capacity).",
+            ["model", "state"],
+            registry=r,
+        )
 
     def _upstreams(self, r: CollectorRegistry) -> None:
         """Filled by the upstream and routing backends, per deployment."""

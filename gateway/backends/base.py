@@ -57,6 +57,7 @@ class QueueStats:
     waiting: int
     running: int
     capacity: int | None = None  # the most that may wait; more are refused (queue saturation = waiting / capacity)
+    prefix_blocks: tuple[int, int] | None = None  # the prefix cache's blocks: (held, most it may hold); None: no cache
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ class EngineArgs:
     prefill_chunk_tokens: int = 256
     max_total_tokens: int | None = None
     fused: bool = True
+    compile: bool = False  # the fused path's decode step through torch.compile (compiled at load)
     prefix_cache: bool = True  # reuse the keys and values of prompt prefixes computed before
     prefix_cache_tokens: int | None = None  # its size; default a quarter of max_batch_size x max_total_tokens
     pooling: Literal["auto", "mean", "cls", "max", "last"] = "auto"

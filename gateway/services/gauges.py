@@ -9,7 +9,7 @@ from gateway.state import AppState
 def refresh_gauges(state: AppState) -> None:
     m = state.metrics
     # models come and go at run time: only the served (and loaded) ones are reported
-    for gauge in (m.model_state, m.model_memory, m.queue_depth, m.running_requests, m.queue_capacity):
+    for gauge in (m.model_state, m.model_memory, m.queue_depth, m.running_requests, m.queue_capacity, m.prefix_blocks):
         gauge.clear()
     for device, limit in state.registry.budget.devices().items():
         m.memory_budget.labels(device).set(limit)
@@ -25,3 +25,6 @@ def refresh_gauges(state: AppState) -> None:
             m.running_requests.labels(entry.spec.name).set(stats.running)
             if stats.capacity is not None:
                 m.queue_capacity.labels(entry.spec.name).set(stats.capacity)
+            if stats.prefix_blocks is not None:
+                m.prefix_blocks.labels(entry.spec.name, "used").set(stats.prefix_blocks[0])
+                m.prefix_blocks.labels(entry.spec.name, "capacity").set(stats.prefix_blocks[1])

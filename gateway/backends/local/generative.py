@@ -70,7 +70,10 @@ class GenerativeModel:
 
     def queue_stats(self) -> QueueStats:
         return QueueStats(
-            waiting=self.engine.queue_depth(), running=self.engine.running, capacity=self.engine.max_queue
+            waiting=self.engine.queue_depth(),
+            running=self.engine.running,
+            capacity=self.engine.max_queue,
+            prefix_blocks=self.engine.prefix_cache_blocks(),
         )
 
     async def close(self) -> None:

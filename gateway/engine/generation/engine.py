@@ -176,6 +176,12 @@ class GenerationEngine:
         """A token's own text and exact bytes (OpenAI's logprobs), from the tokenizer's byte mapping."""
         return self.scheduler.output.pieces(token_id)
 
+    def prefix_cache_blocks(self) -> tuple[int, int] | None:
+        """The prefix cache's occupancy in blocks of 16 tokens: (held, most it may hold); None when off.
+        Read from the event loop while the compute thread changes it: a dict's size, read atomically."""
+        prefix = self.scheduler.prefix
+        return None if prefix is None else (prefix.blocks, prefix.max_blocks)
+
     def kv_cache_bytes(self) -> int:
         """The KV cache's full reservation: every slot at its longest, and the prefix cache's pool at
         its largest (both grow up to it)."""
@@ -346,6 +352,12 @@ def _warm_up(step: StepModel) -> None:
         step.forward(StepPlan(decode_slots=[0], decode_tokens=[0], decode_positions=[2]))
 
 
+def _compile(step: Any, name: str) -> None:
+    seconds = step.compile_decode()
+    if seconds is not None:
+        log.info("%s: decode step compiled with torch.compile in %.1f s", name, seconds)
+
+
 def create_engine(model: Any, tokenizer: Any, args: EngineArgs, name: str, executor: Executor) -> GenerationEngine:
     """The engine for a loaded causal LM: the fused step model where the architecture
     allows (and `args.fused`), else the model's own forward."""
@@ -361,8 +373,12 @@ def create_engine(model: Any, tokenizer: Any, args: EngineArgs, name: str, execu
     slots = args.max_batch_size
     if args.fused and fused_llama.supports(model):
         step: StepModel = fused_llama.FusedLlama(model, slots=slots, max_len=max_len)
+        if args.compile:
+            _compile(step, name)
     else:
         step = HFStepModel(model, slots=slots, max_len=max_len)
+        if args.compile:
+            log.info("%s: `compile` applies to the fused Llama-family path only; this model runs eagerly", name)
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:

@@ -34,6 +34,7 @@ weights are held once.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 
 from gateway.engine.generation.step import PrefillChunk, PromptScores, SlotKVCache, StepPlan, add_scores
 from gateway.engine.runtime.packed import LogitsLinear, PackedLinear
+
+log = logging.getLogger(__name__)
 
 _FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 # RoPE variants whose cos/sin depend only on the position, so one table serves every step.
@@ -66,6 +69,7 @@ def supports(model: Any) -> bool:
 class FusedLlama:
     def __init__(self, model: Any, *, slots: int, max_len: int) -> None:
         config = model.config
+        self.compiled: Any = None  # a CompiledDecode once `compile_decode` ran (the `compile` setting)
         self.layers_n = config.num_hidden_layers
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -150,9 +154,27 @@ class FusedLlama:
         pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
         return torch.view_as_real(pairs * rope).flatten(-2)
 
+    def compile_decode(self) -> float | None:
+        """Run decode steps through `torch.compile` (compiled here, at load); the seconds the
+        compile took, or None if it failed (the eager step serves on; one warning logged)."""
+        from gateway.engine.generation.compiled_step import CompiledDecode
+
+        try:
+            self.compiled = CompiledDecode(self)
+        except Exception as exc:  # torch.compile unavailable in this build
+            log.warning("torch.compile is unavailable (%s: %s); the eager step serves", type(exc).__name__, exc)
+            return None
+        with torch.inference_mode():
+            self.compiled.warm_up()
+        if not self.compiled.enabled:  # it logged why
+            self.compiled = None
+            return None
+        return float(self.compiled.compile_seconds)
+
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> torch.Tensor:
-        x = self._residual(plan)
+        compiled = self.compiled.run(plan) if self.compiled is not None else None
+        x = self._residual(plan) if compiled is None else compiled
         rows = list(range(len(plan.decode_tokens)))
         end = len(plan.decode_tokens)
         for chunk in plan.prefills:
