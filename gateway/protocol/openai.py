@@ -312,6 +312,9 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+_NO_TOOLS: dict[str, Any] = {"tools": (), "tool_choice": None, "parallel_tool_calls": None}
+
+
 class _ToolFields(BaseModel):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -319,6 +322,8 @@ class _ToolFields(BaseModel):
 
     def tool_request(self) -> dict[str, Any]:
         """The GenerationRequest fields for tool calling (checked: a named choice must be a tool)."""
+        if not self.tools and self.tool_choice is None and self.parallel_tool_calls is None:
+            return _NO_TOOLS  # most requests
         tools = tuple(t.to_domain() for t in self.tools or ())
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -38,12 +39,80 @@ async def primed(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
     return rest()
 
 
-# How long a request's work runs before a listener for its client's disconnect is started.
-# The listener is a task per request (created, run, cancelled: ~7% of the CPU of an upstream
-# chat request in front of a fast upstream, bench/upstream_cpu.py); work that ends sooner never
-# needs one, and for longer work a disconnect is noticed at most this much later (the server
-# keeps the disconnect, so a listener started late still sees it at once).
+# How long a request's work runs before a listener for its client's disconnect is started: at
+# least this, at most twice this (one shared timer per event loop ticks every LISTEN_AFTER and
+# starts the listeners of the requests that were already running at the tick before). A
+# listener is a task per request, and a timer per request cost nearly as much (together ~7%
+# of the CPU of an upstream chat request in front of a fast upstream, bench/upstream_cpu.py);
+# work that ends sooner never needs either. The server keeps a disconnect, so a listener started
+# late still sees it at once.
 LISTEN_AFTER = 0.05
+
+
+class _Watch:
+    """One request's work, watched for its client's disconnect."""
+
+    __slots__ = ("handler", "ctx", "listener", "finished")
+
+    def __init__(self, handler: asyncio.Task[Any], ctx: RequestContext) -> None:
+        self.handler = handler
+        self.ctx = ctx
+        self.listener: asyncio.Future[Any] | None = None
+        self.finished = False
+
+    def listen(self) -> None:
+        if not self.finished:
+            self.listener = asyncio.ensure_future(self.ctx.wait_disconnect())
+            self.listener.add_done_callback(self._heard)
+
+    def _heard(self, future: asyncio.Future[Any]) -> None:
+        if not self.finished and not future.cancelled():
+            self.handler.cancel("client disconnected")
+
+    def end(self) -> None:
+        self.finished = True
+        if self.listener is not None:
+            self.listener.cancel()
+
+
+class _Watcher:
+    """The requests of one event loop whose work is running, in two generations: those that
+    began since the last tick and those that were running at it. Each tick starts the older
+    generation's listeners; the timer runs only while some work is watched."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.young: dict[_Watch, None] = {}
+        self.old: dict[_Watch, None] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, watch: _Watch) -> None:
+        self.young[watch] = None
+        if self.timer is None:
+            self.timer = self.loop.call_later(LISTEN_AFTER, self._tick)
+
+    def discard(self, watch: _Watch) -> None:
+        if watch in self.young:
+            del self.young[watch]
+        else:
+            self.old.pop(watch, None)
+
+    def _tick(self) -> None:
+        for watch in self.old:
+            watch.listen()
+        self.old, self.young = self.young, {}
+        self.timer = self.loop.call_later(LISTEN_AFTER, self._tick) if self.old else None
+
+
+_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher] = weakref.WeakKeyDictionary()
+
+
+def _watcher() -> _Watcher:
+    loop = asyncio.get_running_loop()
+    watcher = _watchers.get(loop)
+    if watcher is None:
+        watcher = _watchers[loop] = _Watcher(loop)
+    return watcher
 
 
 async def until_disconnect(ctx: RequestContext, work: Awaitable[T]) -> T:
@@ -52,32 +121,19 @@ async def until_disconnect(ctx: RequestContext, work: Awaitable[T]) -> T:
     Starlette does not cancel a non-streaming handler whose client went away, so
     a long generation would run to the end for nobody. Once the body has been
     read, `ctx.wait_disconnect` (the next ASGI receive()) only returns when the
-    client disconnects. The work runs in this task; the listener task is started only once
-    the work has taken LISTEN_AFTER seconds (a timer until then: this is on every request's path).
+    client disconnects. The work runs in this task; a listener task is started only once the
+    work has run for LISTEN_AFTER to 2 x LISTEN_AFTER seconds (this is on every request's path).
     """
     handler = asyncio.current_task()
     assert handler is not None
-    finished = False
-    listener: asyncio.Future[Any] | None = None
-
-    def on_disconnect(future: asyncio.Future[Any]) -> None:
-        if not finished and not future.cancelled():
-            handler.cancel("client disconnected")
-
-    def listen() -> None:
-        nonlocal listener
-        if not finished:
-            listener = asyncio.ensure_future(ctx.wait_disconnect())
-            listener.add_done_callback(on_disconnect)
-
-    timer = asyncio.get_running_loop().call_later(LISTEN_AFTER, listen)
+    watch = _Watch(handler, ctx)
+    watcher = _watcher()
+    watcher.add(watch)
     try:
         return await work
     finally:
-        finished = True
-        timer.cancel()
-        if listener is not None:
-            listener.cancel()
+        watch.end()
+        watcher.discard(watch)
 
 
 async def gather_or_cancel(*work: Awaitable[T]) -> list[T]:

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.context import RequestContext
 from gateway.routes.common.direct import DirectRoutes
+from gateway.services import streams
 from gateway.services.streams import LISTEN_AFTER, until_disconnect
 from tests.upstream.conftest import front, sdk, upstream
 
@@ -130,3 +131,39 @@ def test_quick_work_starts_no_listener_and_slow_work_is_cancelled_on_disconnect(
     quick_calls, waited = asyncio.run(scenario())
     assert quick_calls == 0  # work done before LISTEN_AFTER never listened
     assert LISTEN_AFTER <= waited < 1.0  # the slow work was cancelled once the listener heard it
+
+
+def test_one_shared_timer_cancels_only_the_request_whose_client_left() -> None:
+    async def scenario() -> tuple[list[object], int]:
+        stay = asyncio.Event()  # never set: these clients stay
+        listened = 0
+
+        async def staying() -> dict[str, str]:
+            nonlocal listened
+            listened += 1
+            await stay.wait()
+            return {"type": "http.disconnect"}
+
+        async def gone() -> dict[str, str]:
+            return {"type": "http.disconnect"}
+
+        async def work(seconds: float, result: int) -> int:
+            await asyncio.sleep(seconds)
+            return result
+
+        calls = [
+            until_disconnect(_context(staying), work(0.3, 1)),
+            until_disconnect(_context(gone), work(3, 2)),
+            until_disconnect(_context(staying), work(0.25, 3)),
+            until_disconnect(_context(staying), work(0, 4)),  # too quick to be listened to
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        watcher = streams._watchers[asyncio.get_running_loop()]
+        await asyncio.sleep(3 * LISTEN_AFTER)  # the timer stops once nothing is watched
+        assert not watcher.young and not watcher.old and watcher.timer is None
+        return results, listened
+
+    results, listened = asyncio.run(scenario())
+    assert results[0] == 1 and results[2] == 3 and results[3] == 4
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert listened == 2  # the two slow ones that stayed; the quick one never

@@ -39,7 +39,7 @@ async def parse_body(request: Request, model: type[M], task: Task | None = None)
                 error["msg"] = "the body is not valid JSON"
                 error["loc"] = ()
         raise RequestValidationError(errors) from None
-    fields = type(body).model_fields  # declared fields only: an unknown `n` is the schema's to refuse
+    fields = _declared(type(body))  # declared fields only: an unknown `n` is the schema's to refuse
     check_counts(
         request.app.state.gateway.settings.server,
         messages=body.messages if "messages" in fields else None,  # type: ignore[attr-defined]
@@ -48,6 +48,17 @@ async def parse_body(request: Request, model: type[M], task: Task | None = None)
         logit_bias=(body.model_extra or {}).get("logit_bias"),
     )
     return body
+
+
+_DECLARED: dict[type[BaseModel], frozenset[str]] = {}
+
+
+def _declared(model: type[BaseModel]) -> frozenset[str]:
+    """The model's declared field names (pydantic rebuilds `model_fields` on every access)."""
+    names = _DECLARED.get(model)
+    if names is None:
+        names = _DECLARED[model] = frozenset(model.model_fields)
+    return names
 
 
 async def read_json_body(request: Request) -> bytes:
