@@ -8,11 +8,9 @@ The two heads alternate run by run in one process (so load from elsewhere hits b
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
+from bench.single_stream import step_times
 from gateway.engine.generation.step import PrefillChunk, StepPlan
 from gateway.engine.runtime.packed import PackedLinear
 from tests.engine import numerics
@@ -38,17 +36,8 @@ def main() -> None:
         plan = StepPlan(
             decode_slots=list(range(streams)), decode_tokens=[100] * streams, decode_positions=[40] * streams
         )
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for run in range(RUNS + 1):
-            for name, logits in variants.items():
-                step._logits = logits
-                start = time.perf_counter()
-                for _ in range(STEPS):
-                    step.forward(plan)
-                if run:  # the first round warms up
-                    times[name].append((time.perf_counter() - start) / STEPS * 1e3)
-        for name, runs in times.items():
-            ms = statistics.median(runs)
+        times = step_times(step, plan, variants, STEPS, RUNS, attribute="_logits")
+        for name, ms in times.items():
             print(f"{streams:2d} streams  {name:52s} {ms:6.2f} ms/step  {streams * 1e3 / ms:6.0f} tok/s")
 
 

@@ -114,16 +114,19 @@ def decode_step_ms(step: Any, context: int, steps: int = 30, runs: int = 5) -> f
     return step_times(step, decode_plan(step, context), {"step": None}, steps, runs)["step"]
 
 
-def step_times(step: Any, plan: Any, variants: dict[str, Any], steps: int = 30, runs: int = 5) -> dict[str, float]:
-    """Median ms of `plan`'s decode step for each variant (the step model's `compiled` attribute:
-    None for eager), the variants' runs alternating."""
+def step_times(
+    step: Any, plan: Any, variants: dict[str, Any], steps: int = 30, runs: int = 5, attribute: str = "compiled"
+) -> dict[str, float]:
+    """Median ms of `plan`'s decode step for each variant (the value set as the step model's
+    `attribute`; for `compiled`, None is eager), the variants' runs alternating (the first of each
+    warms up)."""
     import torch
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():
         for run in range(runs + 1):
-            for name, compiled in variants.items():
-                step.compiled = compiled
+            for name, value in variants.items():
+                setattr(step, attribute, value)
                 started = time.perf_counter()
                 for _ in range(steps):
                     step.forward(plan)
