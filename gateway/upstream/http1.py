@@ -21,12 +21,13 @@ closes it, so a half-read answer can never be taken for the next one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import ssl
 import time
 import zlib
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -48,6 +49,8 @@ class Origin:
         self.host = parts.hostname
         self.port = parts.port or (443 if self.tls else 80)
         self.prefix = parts.path.rstrip("/")
+        user = unquote(parts.username or "")
+        self.userinfo = f"{user}:{unquote(parts.password or '')}" if parts.username is not None else ""
         self.query = parts.query
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = self.port == (443 if self.tls else 80)
@@ -321,6 +324,8 @@ class Pool:
         self.keepalive = keepalive
         # Fixed headers of every request, pre-encoded; Content-Length and per-call ones are added.
         fixed = {"host": self.origin.host_header.decode(), "accept-encoding": "identity", **_lower(headers)}
+        if self.origin.userinfo and "authorization" not in fixed:  # https://user:secret@host/: Basic auth
+            fixed["authorization"] = "Basic " + base64.b64encode(self.origin.userinfo.encode()).decode()
         self._fixed = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in fixed.items())
         self._idle: list[_Connection] = []
         self._open = 0  # connections open or being opened

@@ -302,3 +302,17 @@ def test_origin_parsing() -> None:
     assert Origin("http://h:80/x?k=v").target("/y?z=1") == b"/x/y?z=1&k=v"
     with pytest.raises(ValueError):
         Origin("ftp://h/")
+
+
+def test_credentials_in_the_url_become_basic_auth() -> None:
+    async def run() -> None:
+        async with RawServer(replying(answer(b"ok"))) as server:
+            url = server.url.replace("http://", "http://us%40er:p%3Ass@")
+            await fetch(Pool(url, {}))
+            await fetch(Pool(url, {"Authorization": "Bearer configured"}))  # configured headers win
+        first, second = server.requests
+        assert b"\r\nauthorization: Basic dXNAZXI6cDpzcw==\r\n" in first  # base64 of "us@er:p:ss"
+        assert b"\r\nauthorization: Bearer configured\r\n" in second and b"Basic" not in second
+        assert b"@" not in first.split(b"\r\n")[1]  # not in the Host header
+
+    asyncio.run(run())

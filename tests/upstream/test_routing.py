@@ -292,7 +292,9 @@ def test_an_answer_without_choices_counts_as_an_error(fault) -> None:
 
 
 def test_an_hf_endpoint_is_probed_with_a_real_request_before_it_comes_back(fault) -> None:
-    fault.queue("/hf/model", "503", "503", "503", "503")  # the failing call, then three failing probes
+    # the failing call, then seven failing probes (0.1 s apart): the check after the fourth hit has
+    # ~0.4 s before a probe can succeed, room for a loaded machine
+    fault.queue("/hf/model", *["503"] * 8)
     remote = upstream(f"{fault.url}/hf/model", dialect="hf", retry={"max_retries": 0})
     model = routed(
         [{"name": "remote", "backend": remote}, {"name": "local", "backend": FAKE}],
