@@ -99,7 +99,6 @@ class UpstreamBackend(Backend):
             connect_timeout=self.upstream.timeouts.connect,
             max_connections=self.upstream.max_connections,
         )
-        self.transport.remember_timeout(self.upstream.timeouts.per_try)
         await self.transport.open()
 
     async def close(self) -> None:
@@ -226,7 +225,7 @@ class UpstreamBackend(Backend):
 
         async def prime() -> tuple[Response, list[GenerationEvent]]:
             began = loop.time()
-            response = await transport.post(path, body, timeout=idle, stream=True, where=self.where)
+            response = await transport.stream(path, body, idle=idle, where=self.where)
             try:
                 first = await self._next_events(response, parser)
             except _StreamBroken as broken:

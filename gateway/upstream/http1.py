@@ -82,13 +82,12 @@ class Response:
     whole or by lines. `release` hands the connection back when the response was read to its end;
     `close` drops it."""
 
-    __slots__ = ("status", "headers", "head_at", "deadline", "idle", "_conn", "_decoder", "_pending")
+    __slots__ = ("status", "headers", "head_at", "idle", "_conn", "_decoder", "_pending")
 
     def __init__(self, status: int, headers: Headers, conn: _Connection, head_at: float) -> None:
         self.status = status
         self.headers = headers
         self.head_at = head_at  # loop time when the head was in (time to first byte)
-        self.deadline: float | None = None  # loop time by which `read` must be done (None: no bound)
         self.idle: float | None = None  # the most `readline` waits for more data (None: no bound)
         self._conn = conn
         self._pending = b""  # decoded body not yet returned by readline
@@ -100,9 +99,8 @@ class Response:
             self._decoder = zlib.decompressobj()
 
     async def read(self, deadline: float | None = None) -> bytes:
-        """The whole body, by `deadline` (loop time; the response's own if not given)."""
+        """The whole body, by `deadline` (loop time) if given."""
         conn = self._conn
-        deadline = self.deadline if deadline is None else deadline
         if deadline is None:
             await conn.complete()
         else:

@@ -101,9 +101,6 @@ class Transport:
         self.max_connections = max_connections
         self.pool: Pool | None = None
 
-    def remember_timeout(self, timeout: float) -> None:
-        """Kept for the backend's start-up call; timeouts cost nothing to build per call now."""
-
     async def open(self) -> None:
         self.pool = Pool(self.base_url, self.headers, limit=self.max_connections, keepalive=KEEPALIVE_SECONDS)
 
@@ -140,32 +137,25 @@ class Transport:
             raise status_failure(response.status, payload, response.headers, where)
         return response, payload
 
-    async def post(self, path: str, body: dict[str, Any], *, timeout: float, stream: bool, where: str) -> Response:
-        """POST and return the response once its head is in and its status is 2xx.
-
-        Not `stream`: `timeout` bounds the whole exchange, the body's `read()` included. For
-        `stream`, `timeout` bounds the wait for the head and then each read (the idle time
-        between events) instead of the whole response. The caller releases or closes the response.
-        """
+    async def stream(self, path: str, body: dict[str, Any], *, idle: float, where: str) -> Response:
+        """POST and return the response once its head is in and its status is 2xx, to be read line by
+        line: `idle` bounds the wait for the head and then each read (the time between events),
+        not the whole response. The caller releases or closes the response."""
         assert self.pool is not None, "transport not opened"
         data = _encoded(body, where)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        connect = min(self.connect_timeout, timeout)
+        connect = min(self.connect_timeout, idle)
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(idle):
                 response = await self.pool.request(
                     b"POST", path, data, headers=_request_headers(), connect_timeout=connect
                 )
         except TRANSPORT_ERRORS as exc:
             raise connection_failure(exc, where) from None
-        if stream:
-            response.idle = timeout
-        else:
-            response.deadline = deadline
+        response.idle = idle
         if response.status >= 300:
             try:
-                payload = await response.read(loop.time() + min(timeout, ERROR_BODY_SECONDS))
+                payload = await response.read(loop.time() + min(idle, ERROR_BODY_SECONDS))
             except TRANSPORT_ERRORS:
                 payload = b""
             finally:
