@@ -364,11 +364,21 @@ class GatewayMiddleware:
             self._account(context, model)
         if self.log_requests:
             key = state["key"]
-            fields = _fields(scope, label, model, exchange.status, context, elapsed, None if key is None else key.name)
-            fields.update(state["log"])
+            extra = state["log"]
             if self.log_content:
-                fields.update(request_body=_text(state.get("body")), response_body=_text(exchange.body))
-            request_line(fields)
+                extra.update(request_body=_text(state.get("body")), response_body=_text(exchange.body))
+            request_line(
+                exchange.request_id,
+                scope["method"],
+                scope["path"],
+                label,
+                exchange.status,
+                None if key is None else key.name,
+                None if model == "none" else model,
+                elapsed,
+                context,
+                extra,
+            )
 
     def _account(self, context: Any, model: str) -> None:
         """Usage per key and model, and the limits' reservation settled to the real count."""
@@ -400,29 +410,3 @@ def _text(chunks: list[bytes] | None) -> str | None:
     if chunks is None:
         return None
     return b"".join(chunks)[:CONTENT_BYTES].decode("utf-8", "replace")
-
-
-def _fields(
-    scope: Scope, route: str, model: str, status: int, context: Any, elapsed: float, key: str | None
-) -> dict[str, Any]:
-    """The request's one JSON line (never its prompt or output); the same fields on every line."""
-    c = context
-    return {
-        "method": scope["method"],
-        "path": scope["path"],
-        "route": route,
-        "status": status,
-        "key": key,
-        "model": None if model == "none" else model,
-        "total_ms": _ms(elapsed),
-        "deployment": None,
-        "prompt_tokens": 0 if c is None else c.prompt_tokens,
-        "completion_tokens": 0 if c is None else c.completion_tokens,
-        "ttft_ms": None if c is None or c.ttft is None else _ms(c.ttft),
-        "queue_ms": None if c is None or c.queue_time is None else _ms(c.queue_time),
-    }
-
-
-def _ms(seconds: float) -> float:
-    """Milliseconds to the microsecond (cheaper than round(x, 3); the JSON shows e.g. 1.234)."""
-    return int(seconds * 1_000_000) / 1000

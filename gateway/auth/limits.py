@@ -261,7 +261,19 @@ class _Plan:
     the same bucket, or (in Redis) the lease of its set of buckets, shared likewise. Built once per
     key, model and minute (this runs on every request of a limited key)."""
 
-    __slots__ = ("key", "window", "limits", "names", "counters", "checks", "cells", "kinds", "fields", "lease")
+    __slots__ = (
+        "key",
+        "window",
+        "limits",
+        "names",
+        "counters",
+        "checks",
+        "cells",
+        "kinds",
+        "cell_kinds",
+        "fields",
+        "lease",
+    )
 
     def __init__(
         self,
@@ -286,12 +298,29 @@ class _Plan:
         rpm = [(2 * i, lim.rpm, b"%d" % lim.rpm) for i, lim in enumerate(self.limits) if lim.rpm is not None]
         tpm = [(2 * i + 1, lim.tpm, b"%d" % lim.tpm) for i, lim in enumerate(self.limits) if lim.tpm is not None]
         self.kinds = [(names, limited) for names, limited in ((_REQUESTS, rpm), (_TOKENS, tpm)) if limited]
+        # the same read from the cells (in memory): (cell, 0 requests / 1 tokens, limit, its text)
+        self.cell_kinds = [
+            (names, [(self.cells[at >> 1], at & 1, limit, text) for at, limit, text in limited])
+            for names, limited in self.kinds
+        ]
         # Without a token limit nothing reads the token counts: settlements are skipped.
         self.counters = self.names[1::2] if tpm else []
         self.fields = _SEP.join(str(v) for v in (*bounds, *self.names))  # the script's, after the reservation
         self.lease = None if leases is None else leases.get(self.fields)
         if self.lease is None and leases is not None:
             self.lease = leases[self.fields] = _Lease(self.names[::2], self.counters)
+
+    def headers_here(self, reset: float) -> list[tuple[bytes, bytes]]:
+        """`headers` from the cells (in memory), as they stand."""
+        reset_text = _reset_text(reset)
+        out: list[tuple[bytes, bytes]] = []
+        for (limit_name, remaining_name, reset_name), limited in self.cell_kinds:
+            left, text = _NEVER, b""
+            for cell, i, limit, limit_text in limited:
+                if limit - cell[i] < left:
+                    left, text = limit - cell[i], limit_text
+            out += ((limit_name, text), (remaining_name, b"%d" % (left if left > 0 else 0)), (reset_name, reset_text))
+        return out
 
     def headers(self, used: list[int], reset: float) -> list[tuple[bytes, bytes]]:
         """x-ratelimit-* for the tightest bucket of each kind (used: requests, tokens per bucket)."""
@@ -326,8 +355,30 @@ class Limiter:
         self._plans: dict[tuple[int, str], _Plan] = {}
         self._window = -1
 
+    @property
+    def local(self) -> bool:
+        """Counted in this process: `admit_here` answers at once."""
+        return self._batches is None
+
+    def admit_here(self, key: ApiKey, model: str, reserve: int) -> Admission | None:
+        """`admit` when counted in this process (no await: this runs on every request)."""
+        now = time.time()
+        window = int(now // WINDOW)
+        plan = self._plan(key, model, window)
+        if plan is None:
+            return None
+        if reserve < 0:
+            reserve = 0
+        reset = (window + 1) * WINDOW - now
+        if not _charged_here(plan, reserve):
+            used = [n for cell in plan.cells for n in cell]
+            raise RateLimited(reset, plan.headers_here(reset), _what(plan.limits, used))
+        return Admission(plan.counters, reserve, plan.headers_here(reset), plan.cells)
+
     async def admit(self, key: ApiKey, model: str, reserve: int) -> Admission | None:
         """Charge one request and `reserve` tokens, or raise RateLimited; None when unlimited."""
+        if self._batches is None:
+            return self.admit_here(key, model, reserve)
         now = time.time()
         window = int(now // WINDOW)
         plan = self._plan(key, model, window)
@@ -337,9 +388,8 @@ class Limiter:
         if reserve < 0:
             reserve = 0
         lease = plan.lease
-        if lease is None:
-            ok, used = _admit_here(plan, reserve)
-        elif lease.take(reserve):  # no call
+        assert lease is not None  # counted in Redis: every plan has its lease
+        if lease.take(reserve):  # no call
             ok, used = True, lease.used()
             if lease.low_on_room():
                 self._refill(plan, lease)
@@ -464,17 +514,16 @@ class Limiter:
             await self._batches.close()
 
 
-def _admit_here(plan: _Plan, reserve: int) -> tuple[bool, list[int]]:
+def _charged_here(plan: _Plan, reserve: int) -> bool:
     """Check and charge in memory (the event loop's thread: no lock needed)."""
-    cells = plan.cells
     for cell, rpm, tpm in plan.checks:
         t = cell[1]
         if cell[0] >= rpm or t >= tpm or t + (reserve if reserve < tpm else tpm) > tpm:
-            return False, [n for cell in cells for n in cell]
-    for cell in cells:
+            return False
+    for cell in plan.cells:
         cell[0] += 1
         cell[1] += reserve
-    return True, [n for cell in cells for n in cell]
+    return True
 
 
 _Admit = tuple["_Plan", int, int, "asyncio.Future[list[int]]"]  # plan, reservation, lease wanted, answer

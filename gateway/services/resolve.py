@@ -97,8 +97,9 @@ async def admit(state: AppState, ctx: RequestContext, cost: int) -> None:
     key, model = ctx.key, ctx.model
     if key is None or model is None or ctx.admission is not None:
         return
+    limiter = state.access.limiter
     try:
-        admission = await state.access.limiter.admit(key, model, cost)
+        admission = limiter.admit_here(key, model, cost) if limiter.local else await limiter.admit(key, model, cost)
     except RateLimited as over:
         headers = {k.decode(): v.decode() for k, v in over.headers}
         headers["Retry-After"] = str(max(1, math.ceil(over.retry_after)))

@@ -123,3 +123,33 @@ def test_a_stalled_sink_drops_past_its_bound_and_counts() -> None:
     out = [json.loads(line) for line in "".join(stream.text).splitlines()]
     assert [x["n"] for x in out if "n" in x] == list(range(51))  # in order, the first 50 kept
     assert out[-1]["level"] == "warning" and out[-1]["msg"].startswith("30 log lines dropped")
+
+
+def test_request_line_is_valid_json_whatever_the_names(tmp_path: Path) -> None:
+    """The request line is formatted from a template: every caller-chosen string (the path, and
+    key and model names from the config) must still come out as valid, exact JSON."""
+    from types import SimpleNamespace
+
+    from gateway import logs
+
+    out = tmp_path / "lines.log"
+    stream = out.open("w")
+    logs.configure("info", json_lines=True, stream=stream)
+    try:
+        tricky = 'a "quoted" \\ back\nslash\x01 ünïcode ☃'
+        context = SimpleNamespace(prompt_tokens=7, completion_tokens=2, ttft=0.0123456, queue_time=None)
+        logs.request_line(b"req-1", "POST", "/models/" + tricky, "/models/{model_id}", 200, tricky, tricky, 0.0042,
+                          context, {"deployment": "m/east", "request_body": tricky, "odd": object()})  # fmt: skip
+        logs.request_line(b"req-2", "GET", "/v1/models", "unmatched", 404, None, None, 1.5, None, {})
+        logs.flush()
+    finally:
+        logs.configure("info", json_lines=False)
+        stream.close()
+    first, second = (json.loads(line) for line in out.read_text().splitlines())
+    assert first["path"] == "/models/" + tricky and first["key"] == tricky and first["model"] == tricky
+    assert first["request_body"] == tricky and first["deployment"] == "m/east" and first["odd"].startswith("<object")
+    assert (first["prompt_tokens"], first["completion_tokens"], first["status"]) == (7, 2, 200)
+    assert first["total_ms"] == 4.2 and first["ttft_ms"] == 12.346 and first["queue_ms"] is None
+    assert first["request_id"] == "req-1" and first["msg"] == "request" and first["ts"].endswith("Z")
+    assert second["key"] is None and second["model"] is None and second["deployment"] is None
+    assert second["prompt_tokens"] == 0 and second["ttft_ms"] is None and second["total_ms"] == 1500.0
