@@ -361,18 +361,28 @@ class Limiter:
         return self._batches is None
 
     def admit_here(self, key: ApiKey, model: str, reserve: int) -> Admission | None:
-        """`admit` when counted in this process (no await: this runs on every request)."""
+        """`admit` when counted in this process (the event loop's thread: no lock), with no await
+        and few calls: this runs on every request of a limited key."""
         now = time.time()
         window = int(now // WINDOW)
-        plan = self._plan(key, model, window)
-        if plan is None:
+        plan = self._plans.get((id(key), model))
+        if plan is None or plan.key is not key or plan.window != window:
+            plan = self._plan(key, model, window)
+            if plan is None:
+                return None
+        elif not plan.names:
             return None
         if reserve < 0:
             reserve = 0
         reset = (window + 1) * WINDOW - now
-        if not _charged_here(plan, reserve):
-            used = [n for cell in plan.cells for n in cell]
-            raise RateLimited(reset, plan.headers_here(reset), _what(plan.limits, used))
+        for cell, rpm, tpm in plan.checks:
+            t = cell[1]
+            if cell[0] >= rpm or t >= tpm or t + (reserve if reserve < tpm else tpm) > tpm:
+                used = [n for counts in plan.cells for n in counts]
+                raise RateLimited(reset, plan.headers_here(reset), _what(plan.limits, used))
+        for cell in plan.cells:
+            cell[0] += 1
+            cell[1] += reserve
         return Admission(plan.counters, reserve, plan.headers_here(reset), plan.cells)
 
     async def admit(self, key: ApiKey, model: str, reserve: int) -> Admission | None:
@@ -512,18 +522,6 @@ class Limiter:
                 if lease.leased:
                     self._give_back(lease)
             await self._batches.close()
-
-
-def _charged_here(plan: _Plan, reserve: int) -> bool:
-    """Check and charge in memory (the event loop's thread: no lock needed)."""
-    for cell, rpm, tpm in plan.checks:
-        t = cell[1]
-        if cell[0] >= rpm or t >= tpm or t + (reserve if reserve < tpm else tpm) > tpm:
-            return False
-    for cell in plan.cells:
-        cell[0] += 1
-        cell[1] += reserve
-    return True
 
 
 _Admit = tuple["_Plan", int, int, "asyncio.Future[list[int]]"]  # plan, reservation, lease wanted, answer
