@@ -276,22 +276,8 @@ def request_line(
     queued = None if c is None else c.queue_time
     sink = _sink
     if sink is None:
-        fields = {
-            "method": method,
-            "path": path,
-            "route": route,
-            "status": status,
-            "key": key,
-            "model": model,
-            "total_ms": round(elapsed * 1000, 3),
-            "deployment": None,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
-            "queue_ms": None if queued is None else round(queued * 1000, 3),
-            **extra,
-        }
-        access.info("request", extra=fields)
+        record = (0.0, request_id, method, path, route, status, key, model, elapsed, None, prompt, completion)
+        access.info("request", extra=_fields(*record, ttft, queued, extra))
         return
     if not access.isEnabledFor(_INFO):
         return
@@ -318,6 +304,27 @@ def request_line(
             others,
         )
     )
+
+
+def _fields(*record: Any) -> dict[str, Any]:
+    """A request record as the `extra` fields of a log record (when JSON lines are not configured)."""
+    _, _, method, path, route, status, key, model, elapsed, deployment, prompt, completion, ttft, queued, extra = record
+    fields = {
+        "method": method,
+        "path": path,
+        "route": route,
+        "status": status,
+        "key": key,
+        "model": model,
+        "total_ms": round(elapsed * 1000, 3),
+        "deployment": deployment,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
+        "queue_ms": None if queued is None else round(queued * 1000, 3),
+    }
+    fields.update(extra or {})
+    return fields
 
 
 def _format_request(record: RequestRecord) -> bytes:
