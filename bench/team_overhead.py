@@ -7,7 +7,8 @@ Starts nginx (the canned upstream of bench/upstream_overhead.py), a redis-server
   * off:   no keys, no limits, plain logs (the gateway as bench/upstream_overhead.py runs it);
   * mem:   a key from the SQLite store with requests and tokens per minute limits (high enough never
            to refuse), counted in memory, JSON logs (one line per request, to a file);
-  * redis: the same, counted in Redis (leases and batched script calls: gateway/auth/limits.py).
+  * redis: the same, counted in Redis (leases and batched script calls:
+           gateway/auth/limits_redis.py).
 Drives each at concurrency 1 and 16 with the same load generator, rounds interleaved, and reports
 the medians, the p50 added over `off`, and the CPU time per request of each
 gateway process and of redis-server during its runs (from /proc, warm-up requests included),

@@ -1,4 +1,4 @@
-"""Redis limits in batches (gateway.auth.limits): admissions that arrive together go out in one
+"""Redis limits in batches (gateway.auth.limits_redis): admissions that arrive together go out in one
 script call with the settlements waiting, and the count stays exact: against a real redis-server,
 many concurrent requests of one process against one budget, and the counters' expiry."""
 

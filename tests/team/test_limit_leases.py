@@ -1,4 +1,4 @@
-"""Leases on Redis limits (gateway.auth.limits): far from a limit a replica charges Redis for up to
+"""Leases on Redis limits (gateway.auth.limits_redis): far from a limit a replica charges Redis for up to
 64 requests (1/16 of the room left) in one call and admits the next ones itself; near the limit
 every admission is exact. Against a real redis-server: the calls saved, two replicas (two
 Limiters, two connections) leasing concurrently right up to one budget (requests, and tokens
@@ -19,7 +19,8 @@ import redis.asyncio
 
 from gateway.auth import limits
 from gateway.auth.keys import ApiKey, Limit
-from gateway.auth.limits import LEASE_MAX, LEASE_PART, Admission, Limiter, RateLimited
+from gateway.auth.limits import Admission, Limiter, RateLimited
+from gateway.auth.limits_redis import FLUSH, LEASE_MAX, LEASE_PART
 from tests.team.redis_server import redis_server
 
 
@@ -292,7 +293,7 @@ def test_settlements_absorbed_by_the_lease_and_in_redis_after_close(tmp_path: Pa
             two.limiter.settle(admission, 0)
         lease = next(iter((two.limiter._leases or {}).values()))
         assert lease.tokens > lease.granted and two.calls == 2
-        await asyncio.sleep(limits.FLUSH + 0.2)
+        await asyncio.sleep(FLUSH + 0.2)
         assert two.calls == 3 and lease.tokens == lease.granted
         assert await _count(client, other, "t") == lease.granted  # nothing used; the grant held
         last = await two.admit(other, 100)  # on the lease, its headers still exact
