@@ -32,7 +32,7 @@ from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # whole value (fullmatch): it is echoed and logged unquoted
 CONTENT_BYTES = 16 * 1024  # with server.log_content: the most of each body a log line keeps
 _PROBES = frozenset({"/health", "/ready"})  # answered during a drain and whatever the Host
 
@@ -183,7 +183,7 @@ class GatewayMiddleware:
         started = time.perf_counter()
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if incoming and _SAFE_ID.match(incoming) else unique_hex()
+        request_id = incoming if incoming and _SAFE_ID.fullmatch(incoming) else unique_hex()
         reset = request_id_var.set(request_id)
         state: dict[str, Any] = scope.setdefault("state", {})
         if self.log_requests:

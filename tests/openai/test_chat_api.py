@@ -154,4 +154,8 @@ def test_request_id_on_every_response(fake_server: LiveServer) -> None:
     echoed = httpx.get(f"{fake_server.url}/health", headers={"x-request-id": "abc-123"})
     assert ok.headers["x-request-id"] and missing.headers["x-request-id"]
     assert echoed.headers["x-request-id"] == "abc-123"
+    # ids that could not be echoed or logged as they are get replaced by our own
+    for unsafe in ('a"b', "a b", "x" * 129, "caf\u00e9"):
+        got = httpx.get(f"{fake_server.url}/health", headers={"x-request-id": unsafe.encode()}).headers["x-request-id"]
+        assert got != unsafe and len(got) == 32 and int(got, 16) >= 0
     assert missing.status_code == 404 and missing.json()["error"]["message"]
