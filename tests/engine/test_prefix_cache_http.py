@@ -31,6 +31,10 @@ TURNS = [
     ["Do you have gluten-free bread?", "What is your best seller?", "Thanks, see you soon!"],
 ]
 
+# short answers: each request's time is mostly its decode steps (two models, nine turns each), and the
+# prompts that resend them stay short; the cache is proven by the prompts, not by the answers' length
+ANSWER_TOKENS = 8
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
@@ -53,7 +57,7 @@ async def converse(server: LiveServer, model: str, turns: list[str]) -> tuple[li
         reply = await sdk.chat.completions.create(
             model=model,
             messages=messages,  # type: ignore[arg-type]
-            max_tokens=24,
+            max_tokens=ANSWER_TOKENS,
             temperature=0,
         )
         answer = reply.choices[0].message.content or ""
@@ -85,8 +89,9 @@ def test_conversations_get_the_same_greedy_answers_with_and_without_the_cache(se
         # each later turn starts with the whole previous turn (its prompt at least)
         for (previous, _), (_, hit) in zip(usage, usage[1:], strict=False):
             assert hit >= previous // 16 * 16
-    firsts = sorted(usage[0][1] for usage in usages)
-    assert firsts[0] == 0  # the first prompt of the three met a cold cache
+    firsts = [usage[0][1] for usage in usages]
+    # the first conversation met a cold cache; the later ones reuse the system prompt it left there
+    assert firsts[0] == 0 and all(hit > 0 for hit in firsts[1:]), firsts
     total = sum(hit for usage in usages for _, hit in usage)
     assert grew(before, after, "gateway_prefix_cache_cached_tokens_total") == total
     assert grew(before, after, "gateway_prefix_cache_lookups_total") == 9
