@@ -2,8 +2,10 @@
 served twice through the real HTTP stack and the openai SDK, once with its decode step compiled by
 torch.compile and once eager. Greedy answers, one request at a time (the one-row graph) and several
 at once (the masked several-row graph), are the same tokens with the same log-probabilities, and the
-compiled steps really ran without compiling again. When compiling fails (torch.compile raising, or
-the compiled step failing at run time) the model serves anyway, on the eager step, with one warning.
+compiled steps really ran the compiled graphs: none compiled again, none run eagerly by the "eager
+on recompile" stance (counted apart: steps forced eager are seen as such). When compiling fails
+(torch.compile raising, or the compiled step failing at run time) the model serves anyway, on the
+eager step, with one warning.
 
 Needs a C++ compiler (inductor writes C++): g++ is installed by .ci/run. Compiling the tiny model's
 two graphs takes about 15-40 s on the 2-core development machine."""
@@ -25,6 +27,7 @@ from gateway.domain import SamplingParams, TokenDelta
 from gateway.engine.args import EngineArgs
 from gateway.engine.generation.compiled_step import CompiledDecode
 from gateway.engine.generation.engine import GenerationEngine, create_engine
+from gateway.engine.generation.step import StepPlan
 from gateway.engine.runtime.device import device_worker
 from gateway.engine.runtime.loader import load_model
 from tests.helpers import LiveServer, settings_for
@@ -88,21 +91,66 @@ async def _answers(server: LiveServer, model: str, together: bool) -> list[tuple
 
 
 @pytest.mark.parametrize("together", [False, True], ids=["one-at-a-time", "concurrent"])
-def test_compiled_decode_gives_the_eager_greedy_tokens(server: LiveServer, together: bool) -> None:
+def test_compiled_decode_gives_the_eager_greedy_tokens(
+    server: LiveServer, together: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from torch._dynamo.utils import counters
 
     compiled = _compiled(server)
     assert compiled.compile_seconds > 0
-    steps, graphs = compiled.steps, counters["stats"]["unique_graphs"]
+    steps, eager, graphs = compiled.steps, compiled.eager_steps, counters["stats"]["unique_graphs"]
     expected = asyncio.run(_answers(server, EAGER, together))
+    served = _watch(compiled, monkeypatch)
     got = asyncio.run(_answers(server, COMPILED, together))
     assert [text for text, _ in got] == [text for text, _ in expected]
     assert all(text for text, _ in got)
     for (_, mine), (_, theirs) in zip(got, expected, strict=True):
         assert mine == pytest.approx(theirs, abs=1e-4)
-    # the decode-only steps went through the compiled graphs (11 a request alone, fewer shared), none compiled anew
-    assert compiled.steps - steps >= (10 if together else len(PROMPTS) * 10)
+    # every decode-only step ran a compiled graph (11 a request alone): none compiled anew, none run
+    # eagerly by the "eager on recompile" stance (`steps` counts only the graphs' runs)
+    assert served and all(ran for _, ran in served), served
+    assert compiled.steps - steps == len(served) and compiled.eager_steps == eager
     assert counters["stats"]["unique_graphs"] == graphs
+    if together:  # the several-row graph served steps of more rows than the warm-up's two
+        assert max(rows for rows, _ in served) > 2, served
+    else:
+        assert len(served) >= len(PROMPTS) * 10 and {rows for rows, _ in served} == {1}
+
+
+def _watch(compiled: CompiledDecode, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """(rows, whether a compiled graph ran it) of each step the compiled decode takes from now on."""
+    served: list[tuple[int, bool]] = []
+    run = compiled.run
+
+    def watched(plan: StepPlan, *, warming: bool = False) -> torch.Tensor | None:
+        before = compiled.steps
+        out = run(plan, warming=warming)
+        if out is not None:
+            served.append((len(plan.decode_slots), compiled.steps > before))
+        return out
+
+    monkeypatch.setattr(compiled, "run", watched)
+    return served
+
+
+def test_steps_that_fit_no_compiled_graph_run_eagerly_and_are_counted(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step the stance runs eagerly (here every step: "force_eager" where the engine asks for "eager
+    on recompile") gets the eager model's answer and is counted as eager, not compiled, with one warning."""
+    compiled = _compiled(server)
+    steps, eager = compiled.steps, compiled.eager_steps
+    expected = asyncio.run(_answers(server, EAGER, False))
+    stance = torch.compiler.set_stance
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda *args, **kwargs: stance("force_eager"))
+    with caplog.at_level(logging.WARNING):
+        got = asyncio.run(_answers(server, COMPILED, False))
+    monkeypatch.undo()
+    assert [text for text, _ in got] == [text for text, _ in expected]
+    assert compiled.steps == steps
+    assert compiled.eager_steps - eager >= len(PROMPTS) * 10
+    assert caplog.text.count("fitted none of the compiled graphs") == (0 if eager else 1)
+    assert compiled.enabled
 
 
 def _engine(folder: Path, cache: Path) -> GenerationEngine:

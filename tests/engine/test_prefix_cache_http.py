@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.engine.prom import grew, model_samples
 from tests.helpers import LiveServer, settings_for
@@ -30,6 +31,10 @@ TURNS = [
     ["Are you open on Sunday?", "What pastries do you have?", "How much notice do cake orders need?"],
     ["Do you have gluten-free bread?", "What is your best seller?", "Thanks, see you soon!"],
 ]
+
+# short answers: each request's time is mostly its decode steps (two models, nine turns each), and the
+# prompts that resend them stay short; the cache is proven by the prompts, not by the answers' length
+ANSWER_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,7 @@ async def converse(server: LiveServer, model: str, turns: list[str]) -> tuple[li
         reply = await sdk.chat.completions.create(
             model=model,
             messages=messages,  # type: ignore[arg-type]
-            max_tokens=24,
+            max_tokens=ANSWER_TOKENS,
             temperature=0,
         )
         answer = reply.choices[0].message.content or ""
@@ -85,8 +90,9 @@ def test_conversations_get_the_same_greedy_answers_with_and_without_the_cache(se
         # each later turn starts with the whole previous turn (its prompt at least)
         for (previous, _), (_, hit) in zip(usage, usage[1:], strict=False):
             assert hit >= previous // 16 * 16
-    firsts = sorted(usage[0][1] for usage in usages)
-    assert firsts[0] == 0  # the first prompt of the three met a cold cache
+    firsts = [usage[0][1] for usage in usages]
+    # the first conversation met a cold cache; the later ones reuse the system prompt it left there
+    assert firsts[0] == 0 and all(hit > 0 for hit in firsts[1:]), firsts
     total = sum(hit for usage in usages for _, hit in usage)
     assert grew(before, after, "gateway_prefix_cache_cached_tokens_total") == total
     assert grew(before, after, "gateway_prefix_cache_lookups_total") == 9
@@ -104,11 +110,14 @@ def test_streamed_and_completions_usage_report_cached_tokens(server: LiveServer)
     # all of the repeated prompt's full blocks, less the one that holds its last token
     assert warm.usage.prompt_tokens_details.cached_tokens == (warm.usage.prompt_tokens - 1) // 16 * 16
     assert warm.choices[0].text == cold.choices[0].text
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello!"}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Hello!"},
+    ]
     chunks = [
         sdk.chat.completions.create(
             model=model,
-            messages=messages,  # type: ignore[arg-type]
+            messages=messages,
             max_tokens=4,
             temperature=0,
             stream=True,
@@ -117,7 +126,11 @@ def test_streamed_and_completions_usage_report_cached_tokens(server: LiveServer)
         for model in (ON, ON, OFF)
     ]
     usages = [[c.usage for c in stream if c.usage is not None] for stream in chunks]
-    hits = [u[-1].prompt_tokens_details.cached_tokens for u in usages]  # type: ignore[union-attr]
+    hits = []
+    for usage in usages:
+        details = usage[-1].prompt_tokens_details
+        assert details is not None and details.cached_tokens is not None
+        hits.append(details.cached_tokens)
     assert hits[1] > 0 and hits[1] >= hits[0] and hits[2] == 0, hits
 
 
@@ -126,7 +139,7 @@ def test_echoed_prompt_logprobs_of_a_cached_prompt_are_those_of_a_cold_one(serve
     prompt = SYSTEM + " Do you bake on Sundays?"
     sdk.completions.create(model=ON, prompt=prompt, max_tokens=2, temperature=0)  # caches the prompt
 
-    def echoed(model: str) -> tuple[list[str], list[float | None], int]:
+    def echoed(model: str) -> tuple[list[str], list[float], int]:
         reply = sdk.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)
         logprobs = reply.choices[0].logprobs
         assert logprobs is not None and reply.usage is not None and reply.usage.prompt_tokens_details is not None

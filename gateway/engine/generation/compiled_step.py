@@ -15,10 +15,14 @@ generated C++ loops per layer and calls the step as one graph, with no Python be
   cache's capacity are symbols: one graph per kind of step (one row without a mask; several rows,
   always with a mask), both compiled at load (`warm_up`). After that the stance is
   "eager on recompile": a step that would need a new graph runs `_Layers.forward` eagerly instead,
-  so serving never waits for a compile and the graphs are capped at what the warm-up made.
-- Compiling happens on the loading thread, which runs one OpenMP thread (device.py): inductor writes
-  its fused loops for that many. They are small for decode rows; the linears and attention it calls
-  use the compute thread's threads as in eager.
+  so serving never waits for a compile and the graphs are capped at what the warm-up made. Such
+  steps are counted apart (`eager_steps`, the first one logged): `_Layers.forward` counts the calls
+  that ran its Python, which a compiled graph never does.
+- Compiling happens on the loading thread, which runs one OpenMP thread (device.py), but for the
+  compute thread's count of threads: dynamo guards on torch's thread count, so graphs compiled for
+  one thread would fit no step of a compute thread running two (every step ran eagerly). Steps run
+  on a thread with another count (the engine's load-time check on the loading thread) take the eager
+  step.
 - Any failure (no C++ compiler, an operation inductor cannot lower, a fault at run time) logs one
   warning and turns the compiled step off for good: the eager step serves on.
 
@@ -35,8 +39,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch._inductor import config as inductor_config
+from torch.fx.experimental import _config as shapes_config
 
 from gateway.engine.generation.step import StepPlan
+from gateway.engine.runtime.device import compute_threads
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,7 @@ class _Layers(torch.nn.Module):
         self.register_buffer("cos", fused.rope.real.contiguous(), persistent=False)
         self.register_buffer("sin", fused.rope.imag.contiguous(), persistent=False)
         self.packed: dict[str, bool] = {}
+        self.eager_runs = 0  # calls that ran this Python eagerly, not a compiled graph
         for i, w in enumerate(fused.layers):
             for name in ("ln_in", "ln_post", "q_norm", "k_norm"):
                 if w[name] is not None:
@@ -90,6 +97,8 @@ class _Layers(torch.nn.Module):
         values: list[torch.Tensor],
     ) -> torch.Tensor:
         """The final float32 residual stream of rows 0..n-1 (slot i decodes `tokens[i]` at `positions[i]`)."""
+        if not torch.compiler.is_compiling():  # a constant True when traced: only an eager run counts
+            self.eager_runs += 1
         heads, kv_heads, head_dim, group = self.dims
         n, dtype = tokens.shape[0], self.dtype
         slots = torch.arange(n, device=tokens.device)
@@ -124,7 +133,11 @@ class CompiledDecode:
         self.function = torch.compile(self.layers, dynamic=True)
         self.enabled = True
         self.compile_seconds = 0.0
-        self.steps = 0  # decode steps served through the compiled function (the warm-up's not counted)
+        self.threads = compute_threads()  # the compute thread's, which the graphs are compiled for
+        # decode steps served by a compiled graph, and those the stance ran eagerly because no graph
+        # of the warm-up's fitted (the warm-up's not counted); the first such step logs a warning
+        self.steps = 0
+        self.eager_steps = 0
 
     def accepts(self, plan: StepPlan) -> bool:
         count = len(plan.decode_slots)
@@ -132,7 +145,7 @@ class CompiledDecode:
 
     def run(self, plan: StepPlan, *, warming: bool = False) -> torch.Tensor | None:
         """The residual stream of a dense decode-only plan, or None (then the eager step runs it)."""
-        if not self.accepts(plan):
+        if not self.accepts(plan) or torch.get_num_threads() != self.threads:
             return None
         fused = self.fused
         cache = fused.cache
@@ -155,13 +168,22 @@ class CompiledDecode:
             # after the warm-up a step that would need a new graph runs eagerly (`_Layers.forward`
             # as it is) instead of compiling while requests wait
             if warming:  # freezing: the weights become constants (inductor's oneDNN linears need them so);
-                # read when a graph is compiled, which after the warm-up never happens
-                with inductor_config.patch(freezing=True, cpp_wrapper=CPP_WRAPPER):
+                # read when a graph is compiled, which after the warm-up never happens. No "duck
+                # sizing": it would take the warm-up's 2 rows to equal any other size 2 (a model's
+                # 2 KV heads, 2 slots) and the graph would fit no step of 3 rows
+                with (
+                    inductor_config.patch(freezing=True, cpp_wrapper=CPP_WRAPPER),
+                    shapes_config.patch(use_duck_shape=False),  # type: ignore[attr-defined]  # set up at import
+                ):
                     out: torch.Tensor = self.function(*args)
                 return out
+            eager_runs = self.layers.eager_runs
             with torch.compiler.set_stance("eager_on_recompile"):
                 out = self.function(*args)
-            self.steps += 1
+            if self.layers.eager_runs == eager_runs:
+                self.steps += 1
+            else:
+                self._ran_eagerly(len(plan.decode_slots), length)
             return out
         except Exception as exc:
             self.disable(exc)
@@ -170,6 +192,14 @@ class CompiledDecode:
     def warm_up(self) -> None:
         """Compile the two kinds of steps served (one row; several rows, with a mask) at load, before
         any request: slots 0 and 1, positions 0..3 (rewritten by a request before it reads them)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # for the graphs' guards: the loading thread's is restored
+        try:
+            self._compile()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _compile(self) -> None:
         started = time.perf_counter()
         plans = [
             StepPlan(decode_slots=[0], decode_tokens=[0], decode_positions=[3]),
@@ -179,6 +209,16 @@ class CompiledDecode:
             if len(plan.decode_slots) <= self.fused.scratch and self.run(plan, warming=True) is None:
                 return
         self.compile_seconds = time.perf_counter() - started
+
+    def _ran_eagerly(self, rows: int, length: int) -> None:
+        if not self.eager_steps:
+            log.warning(
+                "a decode step (%d rows, %d positions) fitted none of the compiled graphs and ran eagerly; "
+                "later ones are counted, not logged",
+                rows,
+                length,
+            )
+        self.eager_steps += 1
 
     def disable(self, exc: BaseException) -> None:
         if self.enabled:
