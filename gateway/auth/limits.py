@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from gateway.auth.keys import ApiKey, Limit
 from gateway.auth.limits_redis import _SEP, LEASE_MAX, _Batches, _Lease
@@ -27,16 +26,26 @@ _NONE = -1  # no limit, in the Lua script's arguments
 _NEVER = 1 << 62  # no limit, in the in-memory checks: a count never reached
 
 
-@dataclass(slots=True)
 class Admission:
-    """One admitted request's charge, settled when its token count is known."""
+    """One admitted request's charge, settled when its token count is known. (A plain class: one
+    is made per request of a limited key, and its __init__ does no more than store.)"""
 
-    counters: list[str]  # the token counter of each bucket (Redis); empty when no bucket limits tokens
-    reserved: int
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    cells: list[list[int]] = field(default_factory=list)  # each bucket's [requests, tokens] (in memory)
-    lease: _Lease | None = None  # its buckets' lease (Redis), where a settlement may be absorbed
-    settled: bool = False
+    __slots__ = ("counters", "reserved", "headers", "cells", "lease", "settled")
+
+    def __init__(
+        self,
+        counters: list[str],  # the token counter of each bucket (Redis); empty when no bucket limits tokens
+        reserved: int,
+        headers: list[tuple[bytes, bytes]],
+        cells: list[list[int]],  # each bucket's [requests, tokens] (in memory)
+        lease: _Lease | None = None,  # its buckets' lease (Redis), where a settlement may be absorbed
+    ) -> None:
+        self.counters = counters
+        self.reserved = reserved
+        self.headers = headers
+        self.cells = cells
+        self.lease = lease
+        self.settled = False
 
 
 class RateLimited(Exception):
@@ -79,6 +88,7 @@ def _reset_text(seconds: float) -> bytes:
 
 _REQUESTS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
 _TOKENS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+_NO_HEADER = (b"", b"")  # the limit header of a kind no bucket limits: never sent
 
 
 class _Plan:
@@ -97,6 +107,10 @@ class _Plan:
         "cells",
         "kinds",
         "cell_kinds",
+        "here",
+        "ends",
+        "requests_limited",
+        "tokens_limited",
         "fields",
         "lease",
     )
@@ -129,6 +143,14 @@ class _Plan:
             (names, [(self.cells[at >> 1], at & 1, limit, text) for at, limit, text in limited])
             for names, limited in self.kinds
         ]
+        # In memory, per bucket: (cell, rpm, tpm, rpm text, tpm text), a limit absent as one never
+        # reached; the window's end; whether any bucket limits requests, tokens (their headers)
+        self.here = [
+            (cell, rpm, tpm, (_REQUESTS[0], b"%d" % rpm), (_TOKENS[0], b"%d" % tpm)) for (cell, rpm, tpm) in self.checks
+        ]
+        self.ends = (window + 1) * WINDOW
+        self.requests_limited = bool(rpm)
+        self.tokens_limited = bool(tpm)
         # Without a token limit nothing reads the token counts: settlements are skipped.
         self.counters = self.names[1::2] if tpm else []
         self.fields = _SEP.join(str(v) for v in (*bounds, *self.names))  # the script's, after the reservation
@@ -176,40 +198,74 @@ class Limiter:
         self.redis = redis
         self.prefix = prefix
         self._batches = _Batches(redis, WINDOW) if redis is not None else None
+        self.local = redis is None  # counted in this process: `admit_here` answers at once
         self._cells: dict[str, list[int]] = {}  # in memory: [requests, tokens] per bucket this window
         self._leases: dict[str, _Lease] | None = {} if redis is not None else None  # per set of buckets
         self._plans: dict[tuple[int, str], _Plan] = {}
         self._window = -1
-
-    @property
-    def local(self) -> bool:
-        """Counted in this process: `admit_here` answers at once."""
-        return self._batches is None
+        self._reset_second = -1  # in memory: the second `_resets` were made for (one window for all)
+        self._resets = ((_REQUESTS[2], b""), (_TOKENS[2], b""))
 
     def admit_here(self, key: ApiKey, model: str, reserve: int) -> Admission | None:
-        """`admit` when counted in this process (the event loop's thread: no lock), with no await
-        and few calls: this runs on every request of a limited key."""
+        """`admit` when counted in this process (the event loop's thread: no lock). This runs on
+        every request of a limited key, so it is written for few interpreter steps: no await, one
+        loop that charges each bucket and finds the tightest of each kind for the headers."""
         now = time.time()
-        window = int(now // WINDOW)
         plan = self._plans.get((id(key), model))
-        if plan is None or plan.key is not key or plan.window != window:
-            plan = self._plan(key, model, window)
+        if plan is None or plan.key is not key or now >= plan.ends:
+            plan = self._plan(key, model, int(now // WINDOW))
             if plan is None:
                 return None
         elif not plan.names:
             return None
         if reserve < 0:
             reserve = 0
-        reset = (window + 1) * WINDOW - now
-        for cell, rpm, tpm in plan.checks:
-            t = cell[1]
-            if cell[0] >= rpm or t >= tpm or t + (reserve if reserve < tpm else tpm) > tpm:
-                used = [n for counts in plan.cells for n in counts]
-                raise RateLimited(reset, plan.headers_here(reset), _what(plan.limits, used))
+        left_requests = left_tokens = _NEVER
+        requests_limit = tokens_limit = _NO_HEADER
+        for cell, rpm, tpm, rpm_header, tpm_header in plan.here:
+            requests, tokens = cell
+            if requests >= rpm or tokens >= tpm or tokens + (reserve if reserve < tpm else tpm) > tpm:
+                self._refuse(plan, cell, reserve, now)
+            requests += 1
+            tokens += reserve
+            cell[0] = requests
+            cell[1] = tokens
+            if rpm - requests < left_requests:
+                left_requests, requests_limit = rpm - requests, rpm_header
+            if tpm - tokens < left_tokens:
+                left_tokens, tokens_limit = tpm - tokens, tpm_header
+        left = plan.ends - now
+        resets = self._resets if left >= 1 and self._reset_second == int(now) else self._reset(left, now)
+        if plan.requests_limited:
+            requests_left = (_REQUESTS[1], b"%d" % (left_requests if left_requests > 0 else 0))
+            if plan.tokens_limited:
+                tokens_left = (_TOKENS[1], b"%d" % (left_tokens if left_tokens > 0 else 0))
+                headers = [requests_limit, requests_left, resets[0], tokens_limit, tokens_left, resets[1]]
+            else:
+                headers = [requests_limit, requests_left, resets[0]]
+        else:
+            headers = [tokens_limit, (_TOKENS[1], b"%d" % (left_tokens if left_tokens > 0 else 0)), resets[1]]
+        return Admission(plan.counters, reserve, headers, plan.cells)
+
+    def _refuse(self, plan: _Plan, full: list[int], reserve: int, now: float) -> NoReturn:
+        """Refuse in memory: the buckets charged before `full` (the first without room) are
+        uncharged, and the headers say what the buckets hold without this request."""
         for cell in plan.cells:
-            cell[0] += 1
-            cell[1] += reserve
-        return Admission(plan.counters, reserve, plan.headers_here(reset), plan.cells)
+            if cell is full:
+                break
+            cell[0] -= 1
+            cell[1] -= reserve
+        used = [n for counts in plan.cells for n in counts]
+        reset = plan.ends - now
+        raise RateLimited(reset, plan.headers_here(reset), _what(plan.limits, used))
+
+    def _reset(self, left: float, now: float) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+        """The reset headers (requests, tokens) for `left` seconds, kept for the rest of this
+        second (whole seconds: they change once a second, except in a window's last second)."""
+        text = _reset_text(left)
+        self._reset_second = int(now)
+        self._resets = ((_REQUESTS[2], text), (_TOKENS[2], text))
+        return self._resets
 
     async def admit(self, key: ApiKey, model: str, reserve: int) -> Admission | None:
         """Charge one request and `reserve` tokens, or raise RateLimited; None when unlimited."""
