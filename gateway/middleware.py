@@ -361,7 +361,13 @@ class GatewayMiddleware:
         elapsed = time.perf_counter() - started
         children[1].observe(elapsed)
         if context is not None and context.key is not None:
-            self._account(context, model)
+            self.access.account(
+                context.key,
+                context.model,
+                context.prompt_tokens,
+                context.completion_tokens,
+                context.admission,
+            )
         if self.log_requests:
             key = state["key"]
             extra = state["log"]
@@ -379,13 +385,6 @@ class GatewayMiddleware:
                 context,
                 extra,
             )
-
-    def _account(self, context: Any, model: str) -> None:
-        """Usage per key and model, and the limits' reservation settled to the real count."""
-        if context.model is not None:
-            self.access.usage.add(context.key.name, model, context.prompt_tokens, context.completion_tokens)
-        if context.admission is not None:
-            self.access.limiter.settle(context.admission, context.prompt_tokens + context.completion_tokens)
 
     def _capped(self, receive: Receive, sink: list[bytes] | None = None) -> Receive:
         """Refuse bodies over the cap even when no content-length announced them (and keep the

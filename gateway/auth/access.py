@@ -75,6 +75,15 @@ class Access:
         self._version = -1
         self._task: asyncio.Task[None] | None = None
 
+    def account(self, key: ApiKey, model: str | None, prompt: int, completion: int, admission: Any) -> None:
+        """A finished request of `key`: its usage row (when it named a model) and its limits'
+        reservation settled to the real count (`admission`, when limits charged it). One call per
+        request: this runs on every request of a key."""
+        if model is not None:
+            self.usage.add(key.name, model, prompt, completion)
+        if admission is not None:
+            self.limiter.settle(admission, prompt + completion)
+
     async def start(self) -> None:
         if self.store is not None:
             await self.reload()

@@ -378,13 +378,14 @@ class Limiter:
             return
         admission.settled = True
         delta = tokens - admission.reserved
-        if delta == 0 or not admission.counters:
+        if not delta or not admission.counters:
             return
         lease = admission.lease
         if lease is None:
             for cell in admission.cells:  # a past window's cells are no longer counted: no effect
                 cell[1] += delta
-        elif lease.leased:
+            return
+        if lease.leased:
             assert self._batches is not None
             lease.tokens -= delta
             if lease.tokens < 0:  # more than the lease holds: Redis must count it now
