@@ -7,11 +7,11 @@ The writer wakes on its own timer, never per line: waking it per line cost about
 request in a served gateway at concurrency 16 (a futex wake and a handover of the interpreter for
 each). Each of its turns still takes the interpreter from the event loop twice (on waking, and
 after the write), so turns are 0.1 s apart: at 0.02 s the writer cost 1.7 µs of CPU per line,
-at 0.1 s 0.7. The request line itself is formatted from a template (`request_line`), cheaper than
-building a dict for orjson. Every JSON line (request lines and the other logs) goes through that
-one buffer, so lines keep their order; it is flushed at the end of a drain, at shutdown and at
-exit. If the sink stalls (a full pipe), lines past `MAX_PENDING` are dropped and counted, and a
-line saying how many follows.
+at 0.1 s 0.7. A request hands the writer its line's values (`request_line`); the writer formats
+them from a template (`_format_request`), cheaper than building a dict for orjson. Every JSON line
+(request lines and the other logs) goes through that one buffer, so lines keep their order; it is
+flushed at the end of a drain, at shutdown and at exit. If the sink stalls (a full pipe), lines
+past `MAX_PENDING` are dropped and counted, and a line saying how many follows.
 """
 
 from __future__ import annotations
@@ -341,8 +341,8 @@ def _format_request(record: RequestRecord) -> bytes:
         status,
         _json(key),
         _json(model),
-        b"%.3f" % (elapsed * 1000),
-        _json(deployment if deployment is None or isinstance(deployment, str) else str(deployment)),
+        _ms(elapsed),
+        _json(deployment),
         prompt,
         completion,
         _ms(ttft),

@@ -103,10 +103,8 @@ class _Plan:
         "limits",
         "names",
         "counters",
-        "checks",
         "cells",
         "kinds",
-        "cell_kinds",
         "here",
         "ends",
         "requests_limited",
@@ -130,24 +128,17 @@ class _Plan:
         self.names = [f"{prefix}{name}:{window}:{kind}" for name, _ in chosen for kind in ("r", "t")]
         bounds = [_arg(v) for lim in self.limits for v in (lim.rpm, lim.tpm)]  # -1: none
         self.cells = [cells.setdefault(name, [0, 0]) for name in self.names[::2]]
-        # (cell, rpm, tpm) per bucket for the in-memory check; an absent limit is one never reached
-        self.checks = [
-            (cell, _never(lim.rpm), _never(lim.tpm)) for cell, lim in zip(self.cells, self.limits, strict=True)
-        ]
         # (index in `used`, limit, its header text) of the buckets with a request or token limit
         rpm = [(2 * i, lim.rpm, b"%d" % lim.rpm) for i, lim in enumerate(self.limits) if lim.rpm is not None]
         tpm = [(2 * i + 1, lim.tpm, b"%d" % lim.tpm) for i, lim in enumerate(self.limits) if lim.tpm is not None]
         self.kinds = [(names, limited) for names, limited in ((_REQUESTS, rpm), (_TOKENS, tpm)) if limited]
-        # the same read from the cells (in memory): (cell, 0 requests / 1 tokens, limit, its text)
-        self.cell_kinds = [
-            (names, [(self.cells[at >> 1], at & 1, limit, text) for at, limit, text in limited])
-            for names, limited in self.kinds
-        ]
         # In memory, per bucket: (cell, rpm, tpm, rpm text, tpm text), a limit absent as one never
         # reached; the window's end; whether any bucket limits requests, tokens (their headers)
-        self.here = [
-            (cell, rpm, tpm, (_REQUESTS[0], b"%d" % rpm), (_TOKENS[0], b"%d" % tpm)) for (cell, rpm, tpm) in self.checks
-        ]
+        self.here = []
+        for cell, lim in zip(self.cells, self.limits, strict=True):
+            most_requests, most_tokens = _never(lim.rpm), _never(lim.tpm)
+            limit_headers = (_REQUESTS[0], b"%d" % most_requests), (_TOKENS[0], b"%d" % most_tokens)
+            self.here.append((cell, most_requests, most_tokens, *limit_headers))
         self.ends = (window + 1) * WINDOW
         self.requests_limited = bool(rpm)
         self.tokens_limited = bool(tpm)
@@ -157,18 +148,6 @@ class _Plan:
         self.lease = None if leases is None else leases.get(self.fields)
         if self.lease is None and leases is not None:
             self.lease = leases[self.fields] = _Lease(self.names[::2], self.counters)
-
-    def headers_here(self, reset: float) -> list[tuple[bytes, bytes]]:
-        """`headers` from the cells (in memory), as they stand."""
-        reset_text = _reset_text(reset)
-        out: list[tuple[bytes, bytes]] = []
-        for (limit_name, remaining_name, reset_name), limited in self.cell_kinds:
-            left, text = _NEVER, b""
-            for cell, i, limit, limit_text in limited:
-                if limit - cell[i] < left:
-                    left, text = limit - cell[i], limit_text
-            out += ((limit_name, text), (remaining_name, b"%d" % (left if left > 0 else 0)), (reset_name, reset_text))
-        return out
 
     def headers(self, used: list[int], reset: float) -> list[tuple[bytes, bytes]]:
         """x-ratelimit-* for the tightest bucket of each kind (used: requests, tokens per bucket)."""
@@ -257,7 +236,7 @@ class Limiter:
             cell[1] -= reserve
         used = [n for counts in plan.cells for n in counts]
         reset = plan.ends - now
-        raise RateLimited(reset, plan.headers_here(reset), _what(plan.limits, used))
+        raise RateLimited(reset, plan.headers(used, reset), _what(plan.limits, used))
 
     def _reset(self, left: float, now: float) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
         """The reset headers (requests, tokens) for `left` seconds, kept for the rest of this
@@ -269,7 +248,7 @@ class Limiter:
 
     async def admit(self, key: ApiKey, model: str, reserve: int) -> Admission | None:
         """Charge one request and `reserve` tokens, or raise RateLimited; None when unlimited."""
-        if self._batches is None:
+        if self.local:
             return self.admit_here(key, model, reserve)
         now = time.time()
         window = int(now // WINDOW)
