@@ -69,13 +69,13 @@ class _Exchange:
         if message["type"] == "http.response.start":
             self.started = True
             self.status = message["status"]
-            extra = [(b"x-request-id", self.request_id)]
-            context = self.state.get("context")
-            if context is not None and context.response_headers:
-                extra += context.response_headers
             headers = message.get("headers") or []
             self.sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
-            message["headers"] = [*headers, *extra]
+            context = self.state.get("context")
+            if context is not None and context.response_headers:
+                message["headers"] = [*headers, (b"x-request-id", self.request_id), *context.response_headers]
+            else:
+                message["headers"] = [*headers, (b"x-request-id", self.request_id)]
         elif self.body is not None and message["type"] == "http.response.body":
             self.body.append(message.get("body", b""))
         await self.send(message)
@@ -187,8 +187,9 @@ class GatewayMiddleware:
         reset = request_id_var.set(request_id)
         state: dict[str, Any] = scope.setdefault("state", {})
         if self.log_requests:
-            state["log"] = {}
-            request_fields.set(state["log"])
+            fields: dict[str, Any] = {}
+            state["log"] = fields
+            request_fields.set(fields)
         state["request_id"] = request_id
         state["received_at"] = started
         state["key"] = None
@@ -343,7 +344,10 @@ class GatewayMiddleware:
     async def _finish(self, scope: Scope, state: dict[str, Any], exchange: _Exchange, started: float) -> None:
         route = scope.get("route")
         label = getattr(route, "path", None) or "unmatched"
-        context = state.get("context")  # the RequestContext; services.resolve names its model
+        # The RequestContext (services.resolve names its model), taken out of the state: it holds
+        # the request's receive channel, which holds uvicorn's cycle, which holds the scope and so
+        # this state: left there, the request's objects all wait for the garbage collector.
+        context = state.pop("context", None)
         if context is not None:
             context.release()  # the model leases resolve took: the response is over
         if context is not None and context.model is not None:

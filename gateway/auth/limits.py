@@ -182,7 +182,7 @@ class Limiter:
         self._leases: dict[str, _Lease] | None = {} if redis is not None else None  # per set of buckets
         self._plans: dict[tuple[int, str], _Plan] = {}
         self._window = -1
-        self._reset_second = -1  # in memory: the second `_resets` were made for (one window for all)
+        self._resets_until = 0.0  # in memory: until when `_resets` hold (one window for all)
         self._resets = ((_REQUESTS[2], b""), (_TOKENS[2], b""))
 
     def admit_here(self, key: ApiKey, model: str, reserve: int) -> Admission | None:
@@ -202,19 +202,20 @@ class Limiter:
         left_requests = left_tokens = _NEVER
         requests_limit = tokens_limit = _NO_HEADER
         for cell, rpm, tpm, rpm_header, tpm_header in plan.here:
-            requests, tokens = cell
-            if requests >= rpm or tokens >= tpm or tokens + (reserve if reserve < tpm else tpm) > tpm:
+            requests = cell[0] + 1
+            used = cell[1]
+            tokens = used + reserve
+            # refused: no request left, no token left, or the reservation (capped at the limit:
+            # a larger one is admitted into an empty bucket) does not fit
+            if requests > rpm or used >= tpm or (tokens > tpm and used):
                 self._refuse(plan, cell, reserve, now)
-            requests += 1
-            tokens += reserve
             cell[0] = requests
             cell[1] = tokens
             if rpm - requests < left_requests:
                 left_requests, requests_limit = rpm - requests, rpm_header
             if tpm - tokens < left_tokens:
                 left_tokens, tokens_limit = tpm - tokens, tpm_header
-        left = plan.ends - now
-        resets = self._resets if left >= 1 and self._reset_second == int(now) else self._reset(left, now)
+        resets = self._resets if now < self._resets_until else self._reset(plan.ends - now, now)
         if plan.requests_limited:
             requests_left = (_REQUESTS[1], b"%d" % (left_requests if left_requests > 0 else 0))
             if plan.tokens_limited:
@@ -240,9 +241,10 @@ class Limiter:
 
     def _reset(self, left: float, now: float) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
         """The reset headers (requests, tokens) for `left` seconds, kept for the rest of this
-        second (whole seconds: they change once a second, except in a window's last second)."""
+        second (whole seconds: they change once a second, except in a window's last second, in
+        milliseconds, where they are made anew each time)."""
         text = _reset_text(left)
-        self._reset_second = int(now)
+        self._resets_until = math.floor(now) + 1.0 if left > 1 else 0.0
         self._resets = ((_REQUESTS[2], text), (_TOKENS[2], text))
         return self._resets
 

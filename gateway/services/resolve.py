@@ -107,9 +107,9 @@ async def admit(state: AppState, ctx: RequestContext, cost: int) -> None:
     except Exception as exc:  # Redis unreachable: refuse rather than serve past a budget nobody counts
         log.warning("per-key limits unavailable: %s", exc)
         raise LimiterUnavailable("Per-key limits cannot be checked right now; retry shortly.") from None
-    if admission is not None:
+    if admission is not None:  # the first and only charge of this request (checked above)
         ctx.admission = admission
-        ctx.response_headers += admission.headers
+        ctx.response_headers = admission.headers
 
 
 def name_model(state: AppState, ctx: RequestContext, name: object, task: Task | None = None) -> None:

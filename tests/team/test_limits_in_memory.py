@@ -61,3 +61,18 @@ def test_window_roll_starts_over(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unlimited_key_is_not_counted() -> None:
     assert Limiter().admit_here(ApiKey("id2", "free", digest("f")), "m", 10) is None
+
+
+def test_reset_header_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole seconds are kept for the rest of their second; the window's last second counts down
+    in milliseconds on every request."""
+    now = [600.0 + 57.2]
+    monkeypatch.setattr(limits.time, "time", lambda: now[0])
+    limiter, key = Limiter(), ApiKey("id3", "clock", digest("c"), limit=Limit(rpm=1000))
+    seen = []
+    for t in (57.2, 57.9, 58.0, 58.6, 59.0, 59.2, 59.7, 60.1):
+        now[0] = 600.0 + t
+        admission = limiter.admit_here(key, "m", 0)
+        assert admission is not None
+        seen.append(dict(admission.headers)[b"x-ratelimit-reset-requests"])
+    assert seen == [b"3s", b"3s", b"2s", b"2s", b"1s", b"800ms", b"300ms", b"1m0s"]

@@ -153,3 +153,29 @@ def test_request_line_is_valid_json_whatever_the_names(tmp_path: Path) -> None:
     assert first["request_id"] == "req-1" and first["msg"] == "request" and first["ts"].endswith("Z")
     assert second["key"] is None and second["model"] is None and second["deployment"] is None
     assert second["prompt_tokens"] == 0 and second["ttft_ms"] is None and second["total_ms"] == 1500.0
+
+
+def test_request_lines_follow_the_access_loggers_level(tmp_path: Path) -> None:
+    """`gateway.access` set above INFO silences request lines (checked by the writer), not the others."""
+    import logging
+
+    from gateway import logs
+
+    out = tmp_path / "lines.log"
+    stream = out.open("w")
+    logs.configure("info", json_lines=True, stream=stream)
+    access = logging.getLogger("gateway.access")
+    try:
+        logs.request_line(b"req-1", "GET", "/v1/models", "/v1/models", 200, None, None, 0.001, None, {})
+        logs.flush()
+        access.setLevel(logging.WARNING)
+        logs.request_line(b"req-2", "GET", "/v1/models", "/v1/models", 200, None, None, 0.001, None, {})
+        logging.getLogger("gateway.other").info("still here")
+        logs.flush()
+    finally:
+        access.setLevel(logging.NOTSET)
+        logs.configure("info", json_lines=False)
+        stream.close()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x.get("request_id") for x in lines if x["msg"] == "request"] == ["req-1"]
+    assert [x["msg"] for x in lines if x["logger"] == "gateway.other"] == ["still here"]
