@@ -1,6 +1,6 @@
 """What the team features cost per request: auth + per-key limits + JSON logs, in memory and with Redis.
 
-    python bench/team_overhead.py [--rounds 40] [--requests 1000] [--processes 5]
+    python bench/team_overhead.py [--rounds 40] [--requests 1000] [--processes 10]
 
 Starts nginx (the canned upstream of bench/upstream_overhead.py), a redis-server, and three
 `gateway serve` processes in front of nginx, all on loopback:
@@ -124,8 +124,8 @@ def measure(
     pids: dict[str, int] | None = None,
     redis_port: int | None = None,
 ) -> dict[str, dict[int, list[dict[str, float]]]]:
-    """Each round's figures per target and concurrency. `pids`: the gateway processes by target, and "redis-server": their CPU per request is
-    recorded with each drive (`cpu_us`, `redis_cpu_us`; warm-up requests included), and the
+    """Each round's figures per target and concurrency. `pids`: the gateway processes by target,
+    and "redis-server": their CPU per request is recorded with each drive (`cpu_us`, `redis_cpu_us`; warm-up requests included), and the
     script calls per request (`redis_calls`) when `redis_port` is given."""
     raw: dict[str, dict[int, list[dict[str, float]]]] = {name: {1: [], 16: []} for name in ports}
     names = list(ports)
@@ -199,7 +199,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=320)
     parser.add_argument(
-        "--processes", type=int, default=5, help="fresh gateway processes per target, one after another"
+        "--processes", type=int, default=10, help="fresh gateway processes per target, one after another"
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "team_overhead.json"))
     args = parser.parse_args()
