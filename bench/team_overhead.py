@@ -57,7 +57,23 @@ def start_redis(tmp: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_gateway(tmp: Path, name: str, port: int, upstream: str, server: dict[str, Any]) -> subprocess.Popen[bytes]:
+def pin_cpus() -> set[int] | None:
+    """With two CPUs or more: the gateways get the first, this process (the load generator) and
+    what it starts from now on (nginx, redis-server) the others; returns the gateways' CPUs. Left
+    to the scheduler, where each process ran changed from one process to the next, and with it
+    the CPU a request took: identical gateways differed by up to ~50%."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    os.sched_setaffinity(0, set(cpus[1:]))
+    return {cpus[0]}
+
+
+def start_gateway(
+    tmp: Path, name: str, port: int, upstream: str, server: dict[str, Any], cpus: set[int] | None = None
+) -> subprocess.Popen[bytes]:
     config = {
         "server": {"log_level": "info", "access_log": False, **server},
         "models": [
@@ -72,7 +88,8 @@ def start_gateway(tmp: Path, name: str, port: int, upstream: str, server: dict[s
     path.write_text(json.dumps(config))  # JSON is YAML
     log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port), "--host", "127.0.0.1"]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)  # noqa: PLW1509
 
 
 def wait_answering(port: int, token: str, timeout: float = 60) -> None:
@@ -168,11 +185,15 @@ def summarize(raw: dict[str, dict[int, list[dict[str, float]]]]) -> dict[str, An
 
 
 def start_gateways(
-    tmp: Path, ports: dict[str, int], servers: dict[str, dict[str, Any]], tokens: dict[str, str]
+    tmp: Path,
+    ports: dict[str, int],
+    servers: dict[str, dict[str, Any]],
+    tokens: dict[str, str],
+    cpus: set[int] | None,
 ) -> list[subprocess.Popen[bytes]]:
     """A fresh gateway process per target, answering."""
     upstream = f"http://127.0.0.1:{ports['nginx']}"
-    gateways = [start_gateway(tmp, name, ports[name], upstream, servers[name]) for name in TARGETS]
+    gateways = [start_gateway(tmp, name, ports[name], upstream, servers[name], cpus) for name in TARGETS]
     for name in TARGETS:
         try:
             wait_answering(ports[name], tokens[name])
@@ -204,6 +225,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "team_overhead.json"))
     args = parser.parse_args()
     ports = {name: free_port() for name in ("nginx", "redis-server", *TARGETS)}
+    cpus = pin_cpus()
     with tempfile.TemporaryDirectory(prefix="bench-team-") as tmpdir:
         tmp = Path(tmpdir)
         store = KeyStore(str(tmp / "keys.db"))
@@ -223,7 +245,7 @@ def main() -> int:
             for number in range(args.processes):
                 print(f"gateways {number + 1}/{args.processes}", file=sys.stderr)
                 block = argparse.Namespace(**{**vars(args), "rounds": args.rounds // args.processes})
-                gateways = start_gateways(tmp, ports, servers, tokens)
+                gateways = start_gateways(tmp, ports, servers, tokens, cpus)
                 try:
                     pids = {"redis-server": procs[1].pid, **{n: p.pid for n, p in zip(TARGETS, gateways, strict=True)}}
                     got = measure({n: ports[n] for n in TARGETS}, tokens, block, pids, ports["redis-server"])
