@@ -118,7 +118,4 @@ class KeyRing:
             if key is not None and len(self._by_header) < self.CACHED:
                 self._by_header[value] = key
             return key
-        # `usable`, inline (this is the path of every request after a client's first)
-        if key.revoked or (key.expires_at is not None and (time.time() if now is None else now) >= key.expires_at):
-            return None
-        return key
+        return key if key.usable(time.time() if now is None else now) else None
