@@ -44,12 +44,14 @@ class Usage:
                 out[name] = (r - r0, p - p0, c - c0)
         return out
 
-    def take(self) -> list[UsageRow]:
-        rows = [(k, m, r, p, c) for (k, m), (r, p, c) in self.pending.items()]
+    def pending_rows(self) -> list[UsageRow]:
+        return [(k, m, r, p, c) for (k, m), (r, p, c) in self.pending.items()]
+
+    def mark_flushed(self, rows: list[UsageRow]) -> None:
+        """`rows` (from `pending_rows`) are stored: they are no longer pending."""
         for k, m, r, p, c in rows:
             r0, p0, c0 = self._flushed.get((k, m), (0, 0, 0))
             self._flushed[(k, m)] = (r0 + r, p0 + p, c0 + c)
-        return rows
 
 
 def merge(*sources: Iterable[UsageRow]) -> list[UsageRow]:
@@ -74,6 +76,9 @@ class Access:
         self.usage = Usage()
         self._version = -1
         self._task: asyncio.Task[None] | None = None
+        # A flush and a read of the usage exclude each other: rows being written are in neither the
+        # store nor `pending` from the read's point of view otherwise (or in both, just after).
+        self._usage_lock = asyncio.Lock()
 
     def account(self, key: ApiKey, model: str | None, prompt: int, completion: int, admission: Any) -> None:
         """A finished request of `key`: its usage row (when it named a model) and its limits'
@@ -103,9 +108,15 @@ class Access:
         self.ring.replace([*self.config_keys, *stored])
 
     async def flush(self) -> None:
-        rows = self.usage.take()
-        if rows and self.store is not None:
-            await asyncio.to_thread(self.store.add_usage, rows)
+        """Write the pending usage to the store. Rows count as flushed only once written, so a
+        failed write (a locked file) leaves them pending for the next flush instead of losing them."""
+        if self.store is None:
+            return
+        async with self._usage_lock:
+            rows = self.usage.pending_rows()
+            if rows:
+                await asyncio.to_thread(self.store.add_usage, rows)
+                self.usage.mark_flushed(rows)
 
     async def _keep_fresh(self) -> None:
         assert self.store is not None
@@ -121,8 +132,9 @@ class Access:
                 log.exception("key store refresh failed")
 
     async def usage_rows(self) -> list[UsageRow]:
-        stored = await asyncio.to_thread(self.store.usage) if self.store is not None else []
-        return merge(stored, [(k, m, r, p, c) for (k, m), (r, p, c) in self.usage.pending.items()])
+        async with self._usage_lock:
+            stored = await asyncio.to_thread(self.store.usage) if self.store is not None else []
+            return merge(stored, self.usage.pending_rows())
 
     def keys(self) -> list[ApiKey]:
         return self.ring.all()

@@ -124,13 +124,17 @@ class KeyStore:
     def add_usage(self, rows: Iterable[UsageRow]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_name, model) DO UPDATE SET "
-                "requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                "completion_tokens = completion_tokens + excluded.completion_tokens",
-                list(rows),
-            )
-            self._db.execute("COMMIT")
+            try:
+                self._db.executemany(
+                    "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_name, model) DO UPDATE SET "
+                    "requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                    "completion_tokens = completion_tokens + excluded.completion_tokens",
+                    list(rows),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")  # else the connection stays inside this transaction for good
+                raise
 
     def usage(self) -> list[UsageRow]:
         with self._lock:
