@@ -8,7 +8,7 @@ import concurrent.futures
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -143,7 +143,7 @@ def _until_settled(url: str, key_id: str, used: int) -> None:
     client = redis.Redis.from_url(url)
     try:
         deadline = time.monotonic() + 20
-        while int(client.get(f"gateway:rl:k:{key_id}:{int(time.time() // 60)}:t") or 0) != used:
+        while int(cast(bytes | None, client.get(f"gateway:rl:k:{key_id}:{int(time.time() // 60)}:t")) or 0) != used:
             assert time.monotonic() < deadline, "the settlement never reached Redis"
             time.sleep(0.01)
     finally:
