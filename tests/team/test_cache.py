@@ -4,12 +4,14 @@ and misses as metrics; and shared by two gateways through a real Redis."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import redis
 
 from tests.conftest import FAKE_MODELS
 from tests.helpers import LiveServer, gateway_process, settings_for
@@ -117,9 +119,23 @@ def test_shared_through_redis(tmp_path: Path) -> None:
         body = {**CHAT, "temperature": 0}
         with gateway_process(config, tmp_path) as one, gateway_process(config, tmp_path) as two:
             first = httpx.post(f"{one}/v1/chat/completions", json=body)
+            # `one` stores its answer after sending it: asking `two` at once raced that write
+            _until_stored(url)
             second = httpx.post(f"{two}/v1/chat/completions", json=body)
             assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
             assert first.json() == second.json()
+
+
+def _until_stored(url: str) -> None:
+    """Until the response cache in Redis holds an entry (a guard against hangs: 20 s)."""
+    client = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + 20
+        while not client.keys("gateway:cache:*"):
+            assert time.monotonic() < deadline, "the answer never reached the shared cache"
+            time.sleep(0.01)
+    finally:
+        client.close()
 
 
 def test_no_answer_outlives_its_model() -> None:

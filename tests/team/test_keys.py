@@ -6,11 +6,13 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 
+from gateway.auth import keys
 from tests.conftest import FAKE_MODELS
 from tests.helpers import LiveServer, settings_for
 from tests.team.conftest import ADMIN, bearer, create_key, team_server
@@ -90,7 +92,7 @@ def test_metrics_can_be_public(tmp_path: Path) -> None:
         assert httpx.get(f"{server.url}/v1/models").status_code == 401
 
 
-def test_revoked_and_expired_keys(team: LiveServer) -> None:
+def test_revoked_and_expired_keys(team: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     url = team.url
     made = create_key(url, name="bob")
     assert httpx.get(f"{url}/v1/models", headers=bearer(made["key"])).status_code == 200
@@ -101,10 +103,17 @@ def test_revoked_and_expired_keys(team: LiveServer) -> None:
     assert revoked.status_code == 200 and revoked.json()["revoked"] is True
     assert httpx.get(f"{url}/v1/models", headers=bearer(made["key"])).status_code == 401
     assert httpx.delete(f"{url}/admin/keys/nope", headers=bearer(ADMIN)).status_code == 404
-    short = create_key(url, name="carol", expires_in=0.5)
-    assert httpx.get(f"{url}/v1/models", headers=bearer(short["key"])).status_code == 200
-    time.sleep(0.7)
-    assert httpx.get(f"{url}/v1/models", headers=bearer(short["key"])).status_code == 401
+    # Expiry without racing the wall clock (a 0.5 s key once had to be used within 0.5 s of its
+    # creation, on a slow CI machine): the key lives a minute, then the clock the key check
+    # reads (keys.time.time; the server runs in this process) moves past its end.
+    short = create_key(url, name="carol", expires_in=60)
+    assert httpx.get(f"{url}/v1/models", headers=bearer(short["key"])).status_code == 200  # also remembered
+    later = time.time() + 61
+    monkeypatch.setattr(keys, "time", SimpleNamespace(time=lambda: later))
+    assert httpx.get(f"{url}/v1/models", headers=bearer(short["key"])).status_code == 401  # remembered, still checked
+    other = create_key(url, name="carol2", expires_in=120)  # a first look-up (not remembered): not expired yet
+    assert httpx.get(f"{url}/v1/models", headers=bearer(other["key"])).status_code == 200
+    monkeypatch.undo()
     past = create_key(url, name="dave", expires_at=time.time() - 1)
     assert httpx.get(f"{url}/v1/models", headers=bearer(past["key"])).status_code == 401
 

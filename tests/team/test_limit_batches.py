@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import redis.asyncio
 
+from gateway.auth import limits
 from gateway.auth.keys import ApiKey, Limit
 from gateway.auth.limits import Admission, Limiter, RateLimited
 from tests.team.redis_server import redis_server
@@ -76,7 +78,14 @@ async def tokens_admit(limiter: Limiter, key: ApiKey) -> Admission | None:
         return None
 
 
-def test_concurrent_admissions_batched_and_exact(tmp_path: Path) -> None:
+def test_concurrent_admissions_batched_and_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One window for the whole test: its rounds of admissions count against one budget, which a
+    # minute rolling over between them (real time) would renew. The counters' TTLs are Redis's.
+    class Clock:
+        def time(self) -> float:
+            return 1_000_000 * limits.WINDOW + 10  # 10 s into a window
+
+    monkeypatch.setattr(limits, "time", Clock())
     with redis_server(tmp_path) as url:
         asyncio.run(_batched(url))
 

@@ -8,11 +8,12 @@ import concurrent.futures
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
 import pytest
+import redis
 
 from tests.helpers import LiveServer, free_port, gateway_process
 from tests.team.conftest import ADMIN, bearer, create_key, team_server
@@ -103,12 +104,9 @@ def test_two_gateways_share_one_budget_in_redis(tmp_path: Path) -> None:
     with redis_server(tmp_path) as url:
         config = _config(url, tmp_path / "keys.db")
         with gateway_process(config, tmp_path) as one, gateway_process(config, tmp_path) as two:
-            wait_for_minute_room(15)
             token = create_key(one, name="shared", limits={"rpm": 10})["key"]
-            deadline = time.monotonic() + 10  # the other replica sees the key within its reload interval
-            while httpx.get(f"{two}/v1/models", headers=bearer(token)).status_code != 200:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            _until_known(two, token)
+            wait_for_minute_room()  # each counted round within one window, guarded just before it
 
             def call(i: int) -> int:
                 target = one if i % 2 else two
@@ -118,14 +116,38 @@ def test_two_gateways_share_one_budget_in_redis(tmp_path: Path) -> None:
                 statuses = list(pool.map(call, range(30)))
             assert statuses.count(200) == 10 and statuses.count(429) == 20, statuses
             # tokens: reserved on one replica, settled there, seen by the other
-            tpm = create_key(one, name="tokens", limits={"tpm": 100})["key"]
-            while httpx.get(f"{two}/v1/models", headers=bearer(tpm)).status_code != 200:
-                time.sleep(0.2)
+            made = create_key(one, name="tokens", limits={"tpm": 100})
+            tpm = made["key"]
+            _until_known(two, tpm)
+            wait_for_minute_room()
             first = httpx.post(f"{one}/v1/chat/completions", json=CHAT, headers=bearer(tpm))
             assert first.headers["x-ratelimit-remaining-tokens"] == "96"  # 4 reserved
             used = first.json()["usage"]["total_tokens"]
+            # `one` settles after its answer is sent, in its next batch to Redis: asking `two` at
+            # once raced that call. Wait for Redis to count the real total (never, on the bug).
+            _until_settled(url, made["id"], used)
             second = httpx.post(f"{two}/v1/chat/completions", json=CHAT, headers=bearer(tpm))
             assert second.headers["x-ratelimit-remaining-tokens"] == str(100 - used - 4)
+
+
+def _until_known(url: str, token: str) -> None:
+    """The other replica sees a new key within its reload interval (2 s); 20 s guard against hangs."""
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{url}/v1/models", headers=bearer(token)).status_code != 200:
+        assert time.monotonic() < deadline, "the other replica never saw the key"
+        time.sleep(0.1)
+
+
+def _until_settled(url: str, key_id: str, used: int) -> None:
+    """Until the key's token count in Redis (this window's) is `used` (20 s guard against hangs)."""
+    client = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + 20
+        while int(cast(bytes | None, client.get(f"gateway:rl:k:{key_id}:{int(time.time() // 60)}:t")) or 0) != used:
+            assert time.monotonic() < deadline, "the settlement never reached Redis"
+            time.sleep(0.01)
+    finally:
+        client.close()
 
 
 def test_redis_down_refuses_limited_keys_and_cache_still_serves(tmp_path: Path) -> None:
