@@ -33,6 +33,7 @@ class FaultUpstream:
         self.script: dict[str, deque[str]] = defaultdict(deque)
         self.hits: Counter[str] = Counter()
         self.arrivals: dict[str, list[float]] = defaultdict(list)  # time.monotonic() of each hit
+        self.hung_up: list[float] = []  # time.monotonic() at which the gateway gave up on each "hang"
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.healthy = True
@@ -164,6 +165,7 @@ class FaultUpstream:
         async with asyncio.timeout(60):
             while (await request.receive())["type"] != "http.disconnect":
                 pass
+        self.hung_up.append(time.monotonic())
         return Response(status_code=500)  # nobody is left to read it
 
     async def openai(self, request: Request, behaviour: str, body: dict[str, Any]) -> Response:
