@@ -4,6 +4,8 @@ Each request pops the next behaviour queued for its path (default "ok"), so a te
 states exactly what the upstream does, then counts the hits it received. A stream that
 goes bad mid-way (malformed event, error event, stall) then stays open, as a real
 upstream may: only the gateway closing it ends it, which is what the tests check.
+"hang" never answers: the request ends only when the gateway hangs up, so a test can time
+the gateway's own limits without an answer that would come at some point anyway.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class FaultUpstream:
     def __init__(self) -> None:
         self.script: dict[str, deque[str]] = defaultdict(deque)
         self.hits: Counter[str] = Counter()
+        self.arrivals: dict[str, list[float]] = defaultdict(list)  # time.monotonic() of each hit
+        self.hung_up: list[float] = []  # time.monotonic() at which the gateway gave up on each "hang"
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.healthy = True
@@ -85,6 +89,7 @@ class FaultUpstream:
     async def _intake(self, request: Request) -> tuple[str, dict[str, Any]]:
         path = request.url.path
         self.hits[path] += 1
+        self.arrivals[path].append(time.monotonic())
         body = orjson.loads(await request.body())
         self.bodies.append(body)
         self.headers.append(dict(request.headers))
@@ -155,7 +160,17 @@ class FaultUpstream:
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
+    async def _until_hung_up(self, request: Request) -> Response:
+        """Answer nothing until the client (the gateway) closes the connection (at most a minute)."""
+        async with asyncio.timeout(60):
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        self.hung_up.append(time.monotonic())
+        return Response(status_code=500)  # nobody is left to read it
+
     async def openai(self, request: Request, behaviour: str, body: dict[str, Any]) -> Response:
+        if behaviour == "hang":
+            return await self._until_hung_up(request)
         if behaviour == "slow":
             await asyncio.sleep(self.slow_seconds)
         path = request.url.path

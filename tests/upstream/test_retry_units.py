@@ -52,8 +52,11 @@ def test_breaker_opens_after_consecutive_failures_only() -> None:
     breaker.success()  # a success in between resets the count
     assert not breaker.failure() and not breaker.failure()
     assert breaker.failure() and breaker.open
-    assert not breaker.probe_due() and 0 < breaker.retry_after() <= 0.05
-    time.sleep(0.06)
+    opened = breaker.opened_at
+    assert opened is not None  # read on the breaker's own clock, so a slow machine cannot pass its time
+    assert not breaker.probe_due(now=opened + 0.04) and breaker.retry_after(now=opened + 0.04) == pytest.approx(0.01)
+    assert breaker.probe_due(now=opened + 0.05) and breaker.retry_after(now=opened + 0.05) == 0
+    time.sleep(0.06)  # and on the real clock: at least 0.06 s later, the probe is due
     assert breaker.probe_due()
     assert breaker.success() and not breaker.open
 

@@ -161,18 +161,21 @@ def test_single_deployment_cooled_down_answers_503_at_once(fault) -> None:
     fault.queue("/v1/chat/completions", "503")
     model = routed(
         [{"name": "remote", "backend": upstream(f"{fault.url}/v1", retry={"max_retries": 0})}],
-        cooldown={"failures": 1, "seconds": 5, "probe_interval": 1},
+        cooldown={"failures": 1, "seconds": 10, "probe_interval": 5},
     )
     with front([model]) as gw:
         gw.wait_ready(10)
+        client = sdk(gw)
         with pytest.raises(openai.InternalServerError):
-            sdk(gw).chat.completions.create(model="m", messages=CHAT)
+            client.chat.completions.create(model="m", messages=CHAT)
         started = time.monotonic()
         with pytest.raises(openai.InternalServerError) as info:
-            sdk(gw).chat.completions.create(model="m", messages=CHAT)
-        assert time.monotonic() - started < 0.5
+            client.chat.completions.create(model="m", messages=CHAT)
+        # At once: waiting for the cooldown (10 s) or a probe (5 s apart) would take >= 5 s; the upstream
+        # itself was not tried (it would have answered: only one 503 was queued).
+        assert time.monotonic() - started < 2.5
     assert info.value.status_code == 503
-    assert 1 <= int(info.value.response.headers["retry-after"]) <= 5
+    assert 1 <= int(info.value.response.headers["retry-after"]) <= 10
     assert "cooling down" in info.value.message
     assert fault.hits["/v1/chat/completions"] == 1
 
@@ -228,46 +231,53 @@ def test_client_disconnect_closes_a_routed_upstream_stream(fault) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_one_deadline_per_request_across_upstream_fallbacks(stream) -> None:
-    def limits(retries: int) -> dict:
-        return {"timeouts": {"per_try": 0.3, "total": 1.0}, "retry": {"max_retries": retries}}
+    # Every upstream hangs until the gateway gives up on it. The request's deadline is 4 s (each
+    # upstream's total); a gives up after its one 2.5 s try, b has what is left of the 4 s (1.5 s),
+    # and c is not tried. With a deadline of its own b would wait 4 s (6.5 s in all), and c too (10.5 s).
+    def limits(per_try: float) -> dict:
+        return {"timeouts": {"per_try": per_try, "total": 4.0}, "retry": {"max_retries": 0}}
 
     with ExitStack() as stack:
         a, b, c = (stack.enter_context(FaultUpstream()) for _ in range(3))
         for server in (a, b, c):
-            server.queue("/v1/chat/completions", *["slow"] * 10)
+            server.queue("/v1/chat/completions", *["hang"] * 10)
         model = routed(
             [
-                {"name": "a", "backend": upstream(f"{a.url}/v1", **limits(1))},  # two tries: 0.6 s
-                {"name": "b", "backend": upstream(f"{b.url}/v1", **limits(10))},
-                {"name": "c", "backend": upstream(f"{c.url}/v1", **limits(10))},
+                {"name": "a", "backend": upstream(f"{a.url}/v1", **limits(2.5))},
+                {"name": "b", "backend": upstream(f"{b.url}/v1", **limits(4.0))},
+                {"name": "c", "backend": upstream(f"{c.url}/v1", **limits(4.0))},
             ],
             fallback=["b", "c"],
         )
         with front([model]) as gw:
             gw.wait_ready(10)
-            started = time.monotonic()
             with pytest.raises(openai.InternalServerError) as info:
                 result = sdk(gw).chat.completions.create(model="m", messages=CHAT, stream=stream)
                 list(result) if stream else None
-            elapsed = time.monotonic() - started
+            # b is tried unless a's 2.5 s try overran by 1.5 s
             assert metric(gw, "gateway_upstream_fallbacks_total", deployment="m/b", model="m") == 1
             assert metric(gw, "gateway_upstream_fallbacks_total", deployment="m/c", model="m") == 0
         assert info.value.status_code == 504
-        # One 1 s deadline for the request: b gets what a left of it (not 1 s of its own), c nothing.
-        assert elapsed < 1.35
-        assert a.hits["/v1/chat/completions"] == 2 and b.hits["/v1/chat/completions"] >= 1
+        assert a.hits["/v1/chat/completions"] == 1 and b.hits["/v1/chat/completions"] == 1
         assert c.hits["/v1/chat/completions"] == 0
+        # Timed by the upstreams (no client overhead): from a's request to when the gateway gave up on
+        # b, the one 4 s deadline (it began just before a's request), not 6.5 s.
+        assert wait_until(lambda: len(b.hung_up) == 1, timeout=10)
+        assert b.hung_up[0] - a.arrivals["/v1/chat/completions"][0] < 5.0
 
 
 def test_a_local_fallback_is_still_tried_once_the_deadline_has_passed(fault) -> None:
-    fault.queue("/v1/chat/completions", *["slow"] * 10)
-    remote = upstream(f"{fault.url}/v1", timeouts={"per_try": 0.3, "total": 0.6}, retry={"max_retries": 10})
+    fault.queue("/v1/chat/completions", *["hang"] * 10)
+    remote = upstream(f"{fault.url}/v1", timeouts={"per_try": 0.5, "total": 1.0}, retry={"max_retries": 10})
     model = routed([{"name": "remote", "backend": remote}, {"name": "local", "backend": FAKE}], fallback=["local"])
     with front([model]) as gw:
         gw.wait_ready(10)
+        client = sdk(gw)
         started = time.monotonic()
-        reply = sdk(gw).chat.completions.create(model="m", messages=ECHO, temperature=0)
-        assert 0.55 <= time.monotonic() - started < 1.2
+        reply = client.chat.completions.create(model="m", messages=ECHO, temperature=0)
+        # The remote's tries used up its 1 s deadline first; unbounded by it, its eleven 0.5 s tries
+        # would take 5.5 s before the local fallback.
+        assert 1.0 <= time.monotonic() - started < 3.5
         assert metric(gw, "gateway_upstream_fallbacks_total", deployment="m/local", model="m") == 1
     assert reply.choices[0].message.content == "served locally"
 
