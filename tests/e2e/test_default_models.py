@@ -113,14 +113,14 @@ def test_health_answers_while_generating_and_disconnect_stops_generation(server_
             waited = time.perf_counter() - started
             assert health.status_code == 200
             before = _steps(server_url)
-            deadline = time.monotonic() + 60  # a guard against a hang only
-            while (after := _steps(server_url))[1] < before[1] + 10:  # the generation's own pace, warmed up
+            deadline = time.monotonic() + 120  # a guard against a hang only
+            while (after := _steps(server_url))[1] < before[1] + 5:  # the generation's own pace, warmed up
                 assert time.monotonic() < deadline, "the generation stalled"
                 time.sleep(0.05)
             assert _running(server_url) == 1  # still under way: hundreds of tokens to go
             step = (after[0] - before[0]) / (after[1] - before[1])
             # Counted in generation steps, so the bound scales with the machine and its load (measured
-            # on a 2-core EPYC shared with other test runs: /health 2-16 ms, a step 0.5-0.65 s). An
+            # on a 2-core EPYC shared with other test runs: /health 2-16 ms, a step 0.4-2.4 s). An
             # event loop held by the generation would keep /health waiting for the rest of it, ~390
             # steps; 50 steps (and at least 1 s) is the line.
             print(f"/health answered in {waited * 1000:.1f} ms; a step takes {step * 1000:.1f} ms")
