@@ -91,11 +91,14 @@ def test_unload_waits_for_the_stream_and_refuses_new_requests(tmp_path: Path) ->
         )
         first = next(iter(stream))
         unloaded: dict[str, Any] = {}
+        ended = 'gateway_requests_total{model="slow",route="/v1/chat/completions",status="200"} 1.0'
 
         def unload() -> None:
-            unloaded["at"] = time.monotonic()
             unloaded["body"] = httpx.post(f"{server.url}/admin/models/slow/unload", headers=HEADERS, timeout=30)
-            unloaded["done"] = time.monotonic()
+            # Ordered on the server, not by when this test's threads got to read: the middleware counts
+            # a response right as its lease is released (no await between), so an unload that waited
+            # for the stream finds it counted; one that did not returns ~2 s (80 x 30 ms) before.
+            unloaded["stream ended first"] = ended in httpx.get(f"{server.url}/metrics", headers=HEADERS).text
 
         thread = threading.Thread(target=unload)
         thread.start()
@@ -113,12 +116,11 @@ def test_unload_waits_for_the_stream_and_refuses_new_requests(tmp_path: Path) ->
         # the other model is untouched
         assert client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
         chunks = [first, *stream]
-        stream_end = time.monotonic()
-        thread.join(10)
+        thread.join(30)
         assert unloaded["body"].status_code == 200
         finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         assert finish == ["length"] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 80
-        assert unloaded["done"] >= stream_end - 0.05
+        assert unloaded["stream ended first"]
 
 
 def test_config_reload_applies_only_the_differences(tmp_path: Path) -> None:

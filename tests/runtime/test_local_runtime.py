@@ -5,7 +5,9 @@ adapters served as models (outputs equal to peft's own greedy forward)."""
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.backends import registry
 from gateway.backends.local.memory import give_back_memory, rss_bytes
 from gateway.config import Settings
 from tests.engine.test_continuous_batching import busy_device
@@ -40,6 +43,36 @@ def use(url: str, model: str, **extra: Any) -> httpx.Response:
 
 def states(url: str) -> dict[str, str]:
     return {m["name"]: m["state"] for m in httpx.get(f"{url}/admin/models").json()["data"]}
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Poll `condition`; the deadline only guards against a hang (the gateway's own checks run every 0.25 s)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still not {what} after {timeout}s"
+        time.sleep(0.05)
+
+
+def in_flight(url: str, model: str) -> int:
+    return int(httpx.get(f"{url}/admin/models/{model}").json()["in_flight"])
+
+
+class ManualClock:
+    """Stands in for the `time` module inside gateway.backends.registry (keep_alive counts on its
+    monotonic clock): frozen, moved only by `advance`, so a slow lazy load cannot spend a keep_alive
+    and a reaper pass comes after a known clock value. Other modules keep the real clock."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:  # the wall clock of the admin listing's `last_used`
+        return time.time()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def measured(tiny: str) -> int:
@@ -82,7 +115,7 @@ def test_a_model_that_cannot_fit_gets_a_503_naming_why(tiny: str) -> None:
         assert use(server.url, "busy").status_code == 200
         with busy_device():  # busy's next request waits in its queue: it is in flight, not idle
             pending = pool.submit(use, server.url, "busy")
-            time.sleep(0.3)
+            wait_until(lambda: in_flight(server.url, "busy") >= 1, "in flight")  # its lease is held till it ends
             refused = use(server.url, "other")
         assert pending.result().status_code == 200
         assert refused.status_code == 503 and refused.headers["retry-after"]
@@ -91,21 +124,31 @@ def test_a_model_that_cannot_fit_gets_a_503_naming_why(tiny: str) -> None:
         assert use(server.url, "other").status_code == 200  # busy is idle now: evicted
 
 
-def test_keep_alive_per_model_and_per_request(tiny: str) -> None:
+def test_keep_alive_per_model_and_per_request(tiny: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = ManualClock()
+    monkeypatch.setattr(registry, "time", clock)
     models = [local("short", tiny, keep_alive="1s"), local("long", tiny)]
     with LiveServer(settings_for(models)) as server:
         url = server.url
+
+        def unloaded(name: str) -> Callable[[], bool]:
+            return lambda: states(url)[name] == "pending"
+
         assert use(url, "short").status_code == 200
         assert use(url, "long", keep_alive=0.5).status_code == 200  # the request's own keep_alive
-        assert states(url) == {"short": "ready", "long": "ready"}
-        deadline = time.monotonic() + 10
-        while states(url) != {"short": "pending", "long": "pending"}:
-            assert time.monotonic() < deadline, states(url)
-            time.sleep(0.1)
+        assert states(url) == {"short": "ready", "long": "ready"}  # no time has passed on the registry's clock
+        clock.advance(0.75)  # past long's 0.5 s, short of short's 1 s
+        wait_until(unloaded("long"), "unloaded (idle past the request's keep_alive)")
+        # each reaper pass reads the clock once and checks every model: short was checked at 0.75 s too
+        assert states(url) == {"short": "ready", "long": "pending"}
+        clock.advance(0.5)  # 1.25 s: past short's own keep_alive
+        wait_until(unloaded("short"), "unloaded (idle past the model's keep_alive)")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         client.completions.create(model="long", prompt="the", max_tokens=1, extra_body={"keep_alive": "-1"})
-        time.sleep(1.0)
-        assert states(url)["long"] == "ready"  # negative: kept
+        assert use(url, "short").status_code == 200  # a witness that the reaper ran after the next advance
+        clock.advance(10**6)
+        wait_until(unloaded("short"), "unloaded (idle past the model's keep_alive)")
+        assert states(url)["long"] == "ready"  # negative: kept (checked in the pass that unloaded short)
         with pytest.raises(openai.BadRequestError, match="keep_alive"):
             client.completions.create(model="long", prompt="the", max_tokens=1, extra_body={"keep_alive": "soon"})
 
@@ -138,18 +181,22 @@ def test_memory_comes_back_across_load_unload_cycles(tmp_path: Path) -> None:
         assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 20 load/unload cycles"
 
 
-def test_an_unload_past_its_timeout_answers_the_request_left_with_a_503(tiny: str) -> None:
+def test_an_unload_past_its_timeout_answers_the_request_left_with_a_503(
+    tiny: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """A request still running when `unload_timeout` runs out is failed cleanly (503), never a 500."""
+    caplog.set_level(logging.WARNING, logger="gateway.backends.registry")
     settings = Settings(models=[local("stuck", tiny)], server={"port": 0}, runtime={"unload_timeout": 0.2})
     with LiveServer(settings) as server, concurrent.futures.ThreadPoolExecutor(2) as pool:
         assert use(server.url, "stuck").status_code == 200
         with busy_device():  # the request waits in the engine's queue
             pending = pool.submit(use, server.url, "stuck", max_tokens=40)
-            time.sleep(0.3)
+            wait_until(lambda: in_flight(server.url, "stuck") >= 1, "in flight")  # leased before the unload
             unloading = pool.submit(
                 httpx.post, f"{server.url}/admin/models/stuck/unload", headers=JSON_TYPE, timeout=60
             )
-            time.sleep(0.5)
+            # the device is held until the timeout has run out with the request still queued
+            wait_until(lambda: any("still running after" in r.getMessage() for r in caplog.records), "timed out")
         assert unloading.result().status_code == 200
         answer = pending.result()
         print("left request:", answer.status_code, answer.text[:160])
