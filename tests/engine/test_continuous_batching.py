@@ -74,7 +74,12 @@ def test_batched_greedy_output_equals_unbatched(server: LiveServer) -> None:
         alone = [texts([await ask(client, p)])[0] for p in PROMPTS]
         steps = metric(server, "gateway_batch_size_count")
         sequences = metric(server, "gateway_batch_size_sum")
-        together = texts(await asyncio.gather(*(ask(client, p) for p in PROMPTS)))
+        # all of them queue while the device is held, so they are admitted into one batch together
+        # (max_batch_size 8), however the requests happened to arrive
+        with busy_device():
+            pending = [asyncio.create_task(ask(client, p)) for p in PROMPTS]
+            await asyncio.to_thread(wait_for_queue, server, CHAT, len(PROMPTS))
+        together = texts(await asyncio.gather(*pending))
         mean_batch = (metric(server, "gateway_batch_size_sum") - sequences) / (
             metric(server, "gateway_batch_size_count") - steps
         )
@@ -304,9 +309,9 @@ def busy_device() -> Iterator[None]:
 
 
 def wait_for_queue(live: LiveServer, model: str, depth: int) -> None:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20  # only a guard against a hang
     while model_samples(live.url, model).get("gateway_queue_depth") != depth:
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, f"{model}: never {depth} requests queued"
         time.sleep(0.02)
 
 

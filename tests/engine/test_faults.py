@@ -99,7 +99,7 @@ def run_together(live: LiveServer, calls: list[Callable[[], Any]]) -> list[Any]:
     with busy_device():
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20  # only a guard against a hang
         while engine.queue_depth() < len(calls):
             assert time.monotonic() < deadline, "the requests never reached the queue"
             time.sleep(0.01)
@@ -125,31 +125,29 @@ def counting_forwards(live: LiveServer) -> Iterator[list[int]]:
         step_model.forward = forward
 
 
-def round_of_neighbours(live: LiveServer) -> tuple[list[str], int, float]:
-    """The neighbours together, one of them streamed: their texts, the forward passes and the time it took."""
+def round_of_neighbours(live: LiveServer) -> tuple[list[str], int]:
+    """The neighbours together, one of them streamed: their texts and the forward passes they took."""
     calls = [lambda p=p: complete(live, greedy(p)) for p in NEIGHBOURS[:-1]]
     calls.append(lambda: complete(live, greedy(NEIGHBOURS[-1], stream=True)))
     with counting_forwards(live) as forwards:
-        started = time.perf_counter()
         results = run_together(live, calls)
-        seconds = time.perf_counter() - started
     assert all(status == 200 for status, _ in results)
     texts = [body["choices"][0]["text"] for _, body in results[:-1]] + [streamed_text(results[-1][1])]
-    return texts, forwards[0], seconds
+    return texts, forwards[0]
 
 
 @pytest.fixture(scope="module")
 def baseline(server: LiveServer) -> dict[str, Any]:
     alone = [complete(server, greedy(p))[1]["choices"][0]["text"] for p in NEIGHBOURS]
     round_of_neighbours(server)  # warm
-    texts, forwards, seconds = round_of_neighbours(server)
+    texts, forwards = round_of_neighbours(server)
     assert texts == alone
-    return {"alone": alone, "forwards": forwards, "seconds": seconds}
+    return {"alone": alone, "forwards": forwards}
 
 
 def assert_engine_idle(live: LiveServer, model: str = MODEL, slots: int = SLOTS) -> None:
     engine = engine_of(live, model)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20  # only a guard against a hang: a leaked request never leaves
     while engine.running or engine.queue_depth():
         assert time.monotonic() < deadline, "the engine never went idle"
         time.sleep(0.01)
@@ -329,12 +327,11 @@ def test_a_fault_in_one_request_fails_that_request_only(
     assert texts == baseline["alone"], (texts, baseline["alone"])
     assert_engine_idle(server)
 
-    # and the next requests run as before: shared forward passes, no retries, at the usual speed
-    texts, forwards, seconds = round_of_neighbours(server)
+    # and the next requests run as before: shared forward passes, no retries, no slot held. The count of
+    # passes is the check (wall time against the baseline measured what else ran on the shared cores)
+    texts, forwards = round_of_neighbours(server)
     assert texts == baseline["alone"]
     assert forwards == baseline["forwards"]  # the same passes: nothing left over (retries, a held slot)
-    # wall time is a loose second check: this machine's cores are shared
-    assert seconds < 5 * baseline["seconds"] + 2.0, (seconds, baseline["seconds"])
     assert_engine_idle(server)
 
 
@@ -358,6 +355,12 @@ def test_a_cancelled_queued_request_leaves_the_queue_at_once(server: LiveServer)
     device is still busy (not when they reach the front), and the one behind them is served."""
     engine = engine_of(server)
 
+    async def queued(depth: int) -> None:
+        deadline = time.monotonic() + 20  # only a guard against a hang
+        while engine.queue_depth() < depth:
+            assert time.monotonic() < deadline, f"{engine.queue_depth()} of {depth} requests queued"
+            await asyncio.sleep(0.01)
+
     async def run() -> tuple[list[int], dict[str, Any]]:
         depths = []
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
@@ -365,15 +368,15 @@ def test_a_cancelled_queued_request_leaves_the_queue_at_once(server: LiveServer)
                 leaving = [
                     asyncio.create_task(http.post("/v1/completions", json=greedy(p, n=SLOTS))) for p in NEIGHBOURS * 2
                 ]
-                while engine.queue_depth() < len(leaving):
-                    await asyncio.sleep(0.01)
+                await queued(len(leaving))
                 staying = asyncio.create_task(http.post("/v1/completions", json=greedy("paris is the")))
-                while engine.queue_depth() < len(leaving) + 1:
-                    await asyncio.sleep(0.01)
+                await queued(len(leaving) + 1)
                 depths.append(engine.queue_depth())
                 for task in leaving:
                     task.cancel()
-                deadline = time.monotonic() + 1.0
+                # the device stays held (up to 30 s, and until this block ends), so a queue that drops to 1
+                # within 10 s was left at once: requests dropped only on reaching the front would still be here
+                deadline = time.monotonic() + 10
                 while engine.queue_depth() > 1 and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
                 depths.append(engine.queue_depth())

@@ -8,15 +8,15 @@ import base64
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import numpy as np
 import openai
 import pytest
 
-from gateway.engine.runtime.device import device_worker
 from tests.engine.prom import grew, model_samples
+from tests.engine.test_continuous_batching import busy_device
 from tests.helpers import LiveServer, settings_for
 from tests.hf import tiny_models
 
@@ -56,6 +56,19 @@ def mean_batch(before: dict[str, float], after: dict[str, float]) -> float:
     return grew(before, after, "gateway_batch_size_sum") / grew(before, after, "gateway_batch_size_count")
 
 
+def wait_for_gauges(server: LiveServer, model: str, holds: Callable[[float, float], bool]) -> None:
+    """Poll /metrics until `holds(running, waiting)` is true of the model's batcher: requests in the
+    batch being computed, and requests in its queue. The 20 s deadline only guards against a hang."""
+    deadline = time.monotonic() + 20
+    while True:
+        samples = model_samples(server.url, model)
+        running, waiting = samples.get("gateway_running_requests", -1), samples.get("gateway_queue_depth", -1)
+        if holds(running, waiting):
+            return
+        assert time.monotonic() < deadline, f"{model}: {running} running, {waiting} waiting"
+        time.sleep(0.02)
+
+
 def noise_png(seed: int) -> str:
     """A base64 PNG of random pixels: every image, and so every answer, differs."""
     from PIL import Image
@@ -71,9 +84,16 @@ def test_concurrent_embeddings_share_a_batch_and_equal_lone_ones(server: LiveSer
     async def run() -> tuple[list, list]:
         alone = [(await client.embeddings.create(model="embed", input=s)).data[0].embedding for s in SENTENCES]
         before = model_samples(server.url, "embed")
-        together = await asyncio.gather(*(client.embeddings.create(model="embed", input=s) for s in SENTENCES))
+        # all of them arrive while the device is held: the batch worker has taken the first one (or the
+        # first few) and the rest wait in its queue, so they are computed in two forward passes at most
+        # (max_batch_size 16), however the requests happened to arrive
+        with busy_device():
+            pending = [asyncio.create_task(client.embeddings.create(model="embed", input=s)) for s in SENTENCES]
+            await asyncio.to_thread(wait_for_gauges, server, "embed", lambda r, w: r + w == len(SENTENCES))
+        together = await asyncio.gather(*pending)
         after = model_samples(server.url, "embed")
-        assert mean_batch(before, after) > 2, "expected shared forward passes"
+        # one forward pass per request (no sharing) would give 1
+        assert mean_batch(before, after) >= len(SENTENCES) / 2, "expected shared forward passes"
         # each request's time in the queue is observed once, and each forward pass's duration
         assert grew(before, after, "gateway_queue_time_seconds_count") == len(SENTENCES)
         assert grew(before, after, "gateway_queue_time_seconds_sum") > 0
@@ -128,8 +148,11 @@ def test_encoder_tasks_batched_answer_as_alone(server: LiveServer, model: str, b
     async def run() -> list:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             before = model_samples(server.url, model)
-            replies = await asyncio.gather(*(_hf_async(client, model, b) for b in bodies))
-            assert mean_batch(before, model_samples(server.url, model)) > 1
+            with busy_device():  # all queued while the device is held: two forward passes at most
+                pending = [asyncio.create_task(_hf_async(client, model, b)) for b in bodies]
+                await asyncio.to_thread(wait_for_gauges, server, model, lambda r, w: r + w == len(bodies))
+            replies = await asyncio.gather(*pending)
+            assert mean_batch(before, model_samples(server.url, model)) >= len(bodies) / 2  # unshared: 1
             return [r.json() for r in replies]
 
     together = asyncio.run(run())
@@ -165,50 +188,43 @@ def test_a_bad_request_in_a_batch_fails_alone(server: LiveServer) -> None:
 
 
 def test_full_queue_is_429_for_encoders(server: LiveServer) -> None:
-    busy, release = threading.Event(), threading.Event()
-    device_worker("cpu").submit(lambda: (busy.set(), release.wait(30)))
-    assert busy.wait(10)
     results: list[httpx.Response] = []
-    try:
-        # the first request is taken by the batch worker (waiting for the device), the second waits in the queue
-        threads = [
-            threading.Thread(target=lambda: results.append(_hf(server, "small-queue", {"inputs": "i love it"})))
-            for _ in range(2)
-        ]
-        for t in threads:
-            t.start()
-            time.sleep(0.3)
+    threads = [
+        threading.Thread(target=lambda: results.append(_hf(server, "small-queue", {"inputs": "i love it"})))
+        for _ in range(2)
+    ]
+    with busy_device():
+        # the first request is taken by the batch worker (it waits for the device), the second waits
+        # in the queue (max_queue=1): each is seen on /metrics before the next is sent
+        threads[0].start()
+        wait_for_gauges(server, "small-queue", lambda running, waiting: (running, waiting) == (1, 0))
+        threads[1].start()
+        wait_for_gauges(server, "small-queue", lambda running, waiting: (running, waiting) == (1, 1))
         refused = _hf(server, "small-queue", {"inputs": "i love it"})
         assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded"
         assert int(refused.headers["retry-after"]) >= 1
-    finally:
-        release.set()
     for t in threads:
         t.join(60)
     assert [r.status_code for r in results] == [200, 200]
 
 
 def test_openai_embeddings_over_the_limit_is_rate_limit_error(server: LiveServer) -> None:
-    busy, release = threading.Event(), threading.Event()
-    device_worker("cpu").submit(lambda: (busy.set(), release.wait(30)))
-    assert busy.wait(10)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
     answered: list[int] = []
-    try:
-        threads = [
-            threading.Thread(
-                target=lambda: answered.append(len(client.embeddings.create(model="embed-small-queue", input="x").data))
-            )
-            for _ in range(2)
-        ]
-        for t in threads:  # one taken by the batch worker, one waiting in the queue
-            t.start()
-            time.sleep(0.3)
+    threads = [
+        threading.Thread(
+            target=lambda: answered.append(len(client.embeddings.create(model="embed-small-queue", input="x").data))
+        )
+        for _ in range(2)
+    ]
+    with busy_device():  # one taken by the batch worker, then one waiting in the queue
+        threads[0].start()
+        wait_for_gauges(server, "embed-small-queue", lambda running, waiting: (running, waiting) == (1, 0))
+        threads[1].start()
+        wait_for_gauges(server, "embed-small-queue", lambda running, waiting: (running, waiting) == (1, 1))
         with pytest.raises(openai.RateLimitError) as info:
             client.embeddings.create(model="embed-small-queue", input="one too many")
         assert int(info.value.response.headers["retry-after"]) >= 1 and info.value.code == "overloaded"
-    finally:
-        release.set()
     for t in threads:
         t.join(60)
     assert answered == [1, 1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError
 
 from gateway.engine.runtime.prompt_limits import text_bound
+from tests.engine.test_continuous_batching import busy_device
 from tests.helpers import LiveServer, settings_for
 from tests.tiny_models import build_tiny_llama
 
@@ -79,6 +81,13 @@ def idle(server: LiveServer, within: float) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def queued(server: LiveServer, depth: int) -> None:
+    deadline = time.monotonic() + 20  # only a guard against a hang
+    while engine(server).queue_depth() < depth:
+        assert time.monotonic() < deadline, f"{engine(server).queue_depth()} of {depth} requests queued"
+        time.sleep(0.01)
 
 
 def sdk(server: LiveServer) -> openai.OpenAI:
@@ -147,9 +156,24 @@ def test_extreme_valid_seeds_answer_with_n_2(server: LiveServer) -> None:
 
 
 # token IDs -------------------------------------------------------------------------------
-def test_unknown_token_ids_are_refused_on_arrival_and_neighbours_run_on(server: LiveServer) -> None:
+def test_unknown_token_ids_are_refused_on_arrival_and_neighbours_run_on(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     vocab = server.state.registry.lookup(MODEL).backend.vocab_rows
     poisons = [[999999999], [5, -1], [vocab], [[3, 4], [2**70]], [[1, 2], [7, vocab + 5]]]
+    # The device is stopped in the first pass that decodes all three neighbours, until the poisoned
+    # requests have their answers: the neighbours are mid-stream whatever the speed of the machine,
+    # and a refusal that waited for the device (not given on arrival) would time out.
+    step_model = engine(server).scheduler.step_model
+    forward, held, release = step_model.forward, threading.Event(), threading.Event()
+
+    def gated(plan):  # noqa: ANN001, ANN202
+        if len(plan.decode_slots) == 3 and not held.is_set():
+            held.set()
+            release.wait(60)
+        return forward(plan)
+
+    monkeypatch.setattr(step_model, "forward", gated)
 
     async def run() -> None:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
@@ -172,14 +196,19 @@ def test_unknown_token_ids_are_refused_on_arrival_and_neighbours_run_on(server: 
                     used = chunk.usage.completion_tokens
             return pieces, finish, used
 
-        running = [asyncio.create_task(neighbour([5 + i, 6, 7])) for i in range(3)]
-        while engine(server).running < 3:
-            await asyncio.sleep(0.005)
-        for poison in poisons:
-            with pytest.raises(openai.BadRequestError) as info:
-                await client.completions.create(model=MODEL, prompt=poison, max_tokens=5)
-            assert info.value.param == "prompt" and "vocabulary" in info.value.message
-        assert not any(task.done() for task in running), "a neighbour ended before the poisoned requests were tried"
+        with busy_device():  # the neighbours are admitted together once all three are queued
+            running = [asyncio.create_task(neighbour([5 + i, 6, 7])) for i in range(3)]
+            await asyncio.to_thread(queued, server, 3)
+        try:
+            assert await asyncio.to_thread(held.wait, 30), "the three neighbours never decoded together"
+            assert engine(server).running == 3
+            for poison in poisons:
+                with pytest.raises(openai.BadRequestError) as info:
+                    await client.completions.create(model=MODEL, prompt=poison, max_tokens=5, timeout=15)
+                assert info.value.param == "prompt" and "vocabulary" in info.value.message
+            assert not any(task.done() for task in running)
+        finally:
+            release.set()
         for pieces, finish, used in await asyncio.gather(*running):
             assert finish == "length" and used == 400 and pieces > 0
 
