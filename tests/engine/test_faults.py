@@ -433,7 +433,7 @@ def test_when_the_engine_loop_dies_the_model_is_failed_and_every_request_errs_at
             time.sleep(0.01)
     for t in threads:
         t.join(30)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 25  # a hang would wait out the clients' timeouts
     (stream_status, lines), (status, waiting) = results
     assert stream_status == 200 and lines[-1] == "[DONE]"
     assert streamed_text(lines)  # it was running: its first tokens came
@@ -448,7 +448,7 @@ def test_when_the_engine_loop_dies_the_model_is_failed_and_every_request_errs_at
     before = time.monotonic()
     status, reply = complete(doomed, body)  # a new request: an error at once, not a hang
     assert status == 503 and "has failed" in reply["error"]["message"]
-    assert time.monotonic() - before < 2
+    assert time.monotonic() - before < 10  # a hang would wait out the client's timeout
     hf = httpx.post(f"{doomed.url}/models/doomed", json={"inputs": "hello"}, timeout=5)
     assert hf.status_code == 503
     assert engine.running == 0 and engine.queue_depth() == 0
