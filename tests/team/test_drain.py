@@ -73,7 +73,10 @@ def load(url: str, tokens: int, streams: int = 6, wholes: int = 3) -> tuple[list
     while len(opened) < streams:  # every stream has its 200 (the whole requests were sent first)
         assert time.monotonic() < deadline, "streams did not start"
         time.sleep(0.02)
-    time.sleep(0.3)
+    # and every whole request reached the gateway too (holds its model, or is already answered)
+    while httpx.get(f"{url}/admin/models/slow").json()["in_flight"] + len(out) < streams + wholes:
+        assert time.monotonic() < deadline, "the whole requests did not start"
+        time.sleep(0.02)
     return threads, out
 
 
