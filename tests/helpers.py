@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,15 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 20, interval: float = 0.02) -> None:
+    """Poll `condition` until it holds. The deadline only guards against a hang: tests wait on
+    something observable, never on a sleep long enough for the machine at hand."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still not {what} after {timeout:g} s"
+        time.sleep(interval)
 
 
 def wait_ready(url: str, timeout: float = 300, proc: subprocess.Popen[bytes] | None = None) -> None:

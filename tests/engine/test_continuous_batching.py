@@ -15,7 +15,7 @@ import pytest
 
 from gateway.engine.runtime.device import device_worker
 from tests.engine.prom import grew, model_samples
-from tests.helpers import LiveServer, settings_for
+from tests.helpers import LiveServer, settings_for, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -309,10 +309,9 @@ def busy_device() -> Iterator[None]:
 
 
 def wait_for_queue(live: LiveServer, model: str, depth: int) -> None:
-    deadline = time.monotonic() + 20  # only a guard against a hang
-    while model_samples(live.url, model).get("gateway_queue_depth") != depth:
-        assert time.monotonic() < deadline, f"{model}: never {depth} requests queued"
-        time.sleep(0.02)
+    wait_until(
+        lambda: model_samples(live.url, model).get("gateway_queue_depth") == depth, f"{depth} queued for {model}"
+    )
 
 
 def test_full_queue_is_429_with_retry_after(tiny_server: LiveServer) -> None:

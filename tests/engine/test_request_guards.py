@@ -20,7 +20,7 @@ from huggingface_hub.errors import ValidationError
 
 from gateway.engine.runtime.prompt_limits import text_bound
 from tests.engine.test_continuous_batching import busy_device
-from tests.helpers import LiveServer, settings_for
+from tests.helpers import LiveServer, settings_for, wait_until
 from tests.tiny_models import build_tiny_llama
 
 MODEL = "tiny"
@@ -84,10 +84,7 @@ def idle(server: LiveServer, within: float) -> bool:
 
 
 def queued(server: LiveServer, depth: int) -> None:
-    deadline = time.monotonic() + 20  # only a guard against a hang
-    while engine(server).queue_depth() < depth:
-        assert time.monotonic() < deadline, f"{engine(server).queue_depth()} of {depth} requests queued"
-        time.sleep(0.01)
+    wait_until(lambda: engine(server).queue_depth() >= depth, f"{depth} requests queued", interval=0.01)
 
 
 def sdk(server: LiveServer) -> openai.OpenAI:

@@ -19,7 +19,7 @@ from gateway.backends import registry
 from gateway.backends.local.memory import give_back_memory, rss_bytes
 from gateway.config import Settings
 from tests.engine.test_continuous_batching import busy_device
-from tests.helpers import LiveServer, settings_for
+from tests.helpers import LiveServer, settings_for, wait_until
 from tests.tiny_models import build_tiny_llama
 
 JSON_TYPE = {"content-type": "application/json"}  # keyless admin POSTs carry it (no simple cross-origin request)
@@ -43,14 +43,6 @@ def use(url: str, model: str, **extra: Any) -> httpx.Response:
 
 def states(url: str) -> dict[str, str]:
     return {m["name"]: m["state"] for m in httpx.get(f"{url}/admin/models").json()["data"]}
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    """Poll `condition`; the deadline only guards against a hang (the gateway's own checks run every 0.25 s)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"still not {what} after {timeout}s"
-        time.sleep(0.05)
 
 
 def in_flight(url: str, model: str) -> int:

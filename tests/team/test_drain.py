@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import ROOT, free_port, wait_ready
+from tests.helpers import ROOT, free_port, wait_ready, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -69,14 +69,14 @@ def load(url: str, tokens: int, streams: int = 6, wholes: int = 3) -> tuple[list
     threads += [threading.Thread(target=stream, args=(url, tokens, out, opened)) for _ in range(streams)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 15
-    while len(opened) < streams:  # every stream has its 200 (the whole requests were sent first)
-        assert time.monotonic() < deadline, "streams did not start"
-        time.sleep(0.02)
+    # every stream has its 200 (the whole requests were sent first)
+    wait_until(lambda: len(opened) >= streams, "every stream started", timeout=15)
     # and every whole request reached the gateway too (holds its model, or is already answered)
-    while httpx.get(f"{url}/admin/models/slow").json()["in_flight"] + len(out) < streams + wholes:
-        assert time.monotonic() < deadline, "the whole requests did not start"
-        time.sleep(0.02)
+    wait_until(
+        lambda: httpx.get(f"{url}/admin/models/slow").json()["in_flight"] + len(out) >= streams + wholes,
+        "every whole request at the gateway",
+        timeout=15,
+    )
     return threads, out
 
 
