@@ -19,7 +19,8 @@ RELOAD_SECONDS = 2.0  # how soon a key created or revoked by another replica is 
 
 class Usage:
     """Requests and tokens per (key name, model): totals since this process started (exported as
-    metrics at scrape time) and what is not yet in the store (`pending`, taken by each flush).
+    metrics at scrape time) and what is not yet in the store (`pending_rows`, until a flush has
+    written them).
     One dict row per (key, model) updated per request: this runs on every request."""
 
     def __init__(self) -> None:
@@ -34,18 +35,14 @@ class Usage:
         row[1] += prompt
         row[2] += completion
 
-    @property
-    def pending(self) -> dict[tuple[str, str], tuple[int, int, int]]:
-        """Counts since the last `take`, per (key, model) that has any."""
-        out = {}
-        for name, (r, p, c) in list(self.totals.items()):
-            r0, p0, c0 = self._flushed.get(name, (0, 0, 0))
-            if r != r0 or p != p0 or c != c0:
-                out[name] = (r - r0, p - p0, c - c0)
-        return out
-
     def pending_rows(self) -> list[UsageRow]:
-        return [(k, m, r, p, c) for (k, m), (r, p, c) in self.pending.items()]
+        """Counts not yet stored, per (key, model) that has any."""
+        rows = []
+        for (key, model), (r, p, c) in list(self.totals.items()):
+            r0, p0, c0 = self._flushed.get((key, model), (0, 0, 0))
+            if r != r0 or p != p0 or c != c0:
+                rows.append((key, model, r - r0, p - p0, c - c0))
+        return rows
 
     def mark_flushed(self, rows: list[UsageRow]) -> None:
         """`rows` (from `pending_rows`) are stored: they are no longer pending."""

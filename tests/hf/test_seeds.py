@@ -39,7 +39,10 @@ def test_requests_text_generation(hf_server: LiveServer) -> None:
             "parameters": {"max_new_tokens": 50, "temperature": 0.7, "top_p": 0.95, "do_sample": True},
         }
     )
-    assert isinstance(result[0]["generated_text"], str) and result[0]["generated_text"]
+    # A str, maybe empty: the tiny random model samples its end token (or bytes of no whole
+    # character, then the end) first in about 2 runs of 300. Non-empty answers are checked where
+    # decoding is greedy (tests/hf/test_text_generation.py).
+    assert isinstance(result, list) and isinstance(result[0]["generated_text"], str)
 
     data = query("Can you please let us know more details about your ")  # a bare JSON string
     assert isinstance(data, list) and isinstance(data[0]["generated_text"], str)
